@@ -1,0 +1,409 @@
+//! The `dlsm` command line: `serve` runs a node; every other command is a
+//! thin client of a node's control API (`--api`, or `DLSM_API`).
+//!
+//! Errors reach the user as one line on stderr and a non-zero exit.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::nbd::client::{NbdAddr, NbdClient};
+use crate::node::api::{CreateVolume, NodeInfo, VolumeInfo};
+use crate::node::{Node, NodeConfig};
+use crate::size::{format_size, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dlsm",
+    version,
+    about = "Decoupled live storage migration: volumes served over NBD"
+)]
+pub struct Cli {
+    /// The node's control API address (for `serve`: where to listen).
+    #[arg(
+        long,
+        global = true,
+        env = "DLSM_API",
+        default_value = "127.0.0.1:7450"
+    )]
+    pub api: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a storage node.
+    Serve {
+        /// Directory holding this node's volumes.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// NBD over TCP.
+        #[arg(long, default_value = "127.0.0.1:10809")]
+        listen: String,
+        /// NBD over a UNIX socket as well.
+        #[arg(long)]
+        listen_unix: Option<PathBuf>,
+        /// This node's name.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Run the demonstration: a node with a sample volume.
+    Demo {
+        /// Keep serving after the demo until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume (empty, or filled from a raw image file).
+    Create {
+        name: String,
+        /// Size, e.g. 512M, 10G, 1T (default with --from: the file's size).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Raw image to copy into the new volume.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and its data.
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let default_log = if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            data_dir,
+            listen,
+            listen_unix,
+            node,
+        } => {
+            let name = node.unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "node".into())
+            });
+            let cfg = NodeConfig {
+                data_dir,
+                listen: Some(listen),
+                listen_unix,
+                api: cli.api,
+                name,
+            };
+            runtime()?.block_on(serve(cfg))
+        }
+        Command::Volume(cmd) => volume(&Api::new(&cli.api), cmd),
+        Command::Demo { hold } => runtime()?.block_on(crate::demo::run(hold)),
+    }
+}
+
+async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let node = Node::start(cfg).await?;
+    // One machine-readable line so scripts and tests learn the bound ports.
+    println!(
+        "dlsm node {} ready nbd={} api={}",
+        node.state.name,
+        node.state
+            .nbd_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        node.api_addr
+    );
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    node.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// A blocking client of a node's control API.
+pub struct Api {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(addr: &str) -> Self {
+        let base = if addr.starts_with("http://") {
+            addr.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{}", addr.trim_end_matches('/'))
+        };
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(120))
+            .build();
+        Self { base, agent }
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{}", self.base, path);
+        let req = self.agent.request(method, &url);
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let text = match resp {
+            Ok(r) => r.into_string()?,
+            Err(ureq::Error::Status(code, r)) => {
+                let body = r.into_string().unwrap_or_default();
+                let msg = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                    .unwrap_or(body);
+                bail!("{msg} (HTTP {code})");
+            }
+            Err(e) => bail!("cannot reach the node API at {}: {e}", self.base),
+        };
+        let text = if text.is_empty() {
+            "null".to_owned()
+        } else {
+            text
+        };
+        serde_json::from_str(&text).with_context(|| format!("bad answer from {url}"))
+    }
+
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call("GET", path, None::<&()>)
+    }
+    pub fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.call("POST", path, Some(body))
+    }
+    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.call::<serde_json::Value>("DELETE", path, None::<&()>)
+            .map(drop)
+    }
+    /// Host part of the API address (to reach a node listening on 0.0.0.0).
+    fn host(&self) -> &str {
+        let h = self.base.trim_start_matches("http://");
+        h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h)
+    }
+}
+
+fn print_json(v: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn print_volumes(vols: &[VolumeInfo]) {
+    println!(
+        "{:<24} {:>10} {:>10} {:>5}  URI",
+        "NAME", "SIZE", "ALLOCATED", "CONNS"
+    );
+    for v in vols {
+        println!(
+            "{:<24} {:>10} {:>10} {:>5}  {}",
+            v.name,
+            format_size(v.size),
+            format_size(v.allocated_bytes),
+            v.connections,
+            v.uri.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+fn volume(api: &Api, cmd: VolumeCmd) -> anyhow::Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            from,
+            json,
+        } => {
+            let file_len = match &from {
+                Some(p) => Some(
+                    std::fs::metadata(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?
+                        .len(),
+                ),
+                None => None,
+            };
+            let size = match (size, file_len) {
+                (Some(s), Some(f)) if s < f => {
+                    bail!(
+                        "--size {s} is smaller than {} ({f} bytes)",
+                        from.unwrap().display()
+                    )
+                }
+                (Some(s), _) => s,
+                (None, Some(f)) => f.div_ceil(512) * 512,
+                (None, None) => bail!("give --size (or --from FILE)"),
+            };
+            let v: VolumeInfo = api.post(
+                "/v1/volumes",
+                &CreateVolume {
+                    name: name.clone(),
+                    size,
+                },
+            )?;
+            if let Some(path) = from {
+                let node: NodeInfo = api.get("/v1/node")?;
+                let nbd = node
+                    .nbd
+                    .ok_or_else(|| anyhow!("the node has no TCP NBD listener"))?;
+                let nbd = match nbd.rsplit_once(':') {
+                    Some(("0.0.0.0" | "[::]", port)) => format!("{}:{port}", api.host()),
+                    _ => nbd,
+                };
+                let uploaded = runtime()?.block_on(upload(
+                    &path,
+                    &nbd.parse().map_err(|e: String| anyhow!(e))?,
+                    &name,
+                ));
+                if let Err(e) = uploaded {
+                    let _ = api.delete(&format!("/v1/volumes/{name}"));
+                    return Err(e.context(format!(
+                        "upload of {} failed; volume removed",
+                        path.display()
+                    )));
+                }
+            }
+            let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", v.name))?;
+            if json {
+                print_json(&v)
+            } else {
+                println!("created {} ({})", v.name, format_size(v.size));
+                Ok(())
+            }
+        }
+        VolumeCmd::List { json } => {
+            let vols: Vec<VolumeInfo> = api.get("/v1/volumes")?;
+            if json {
+                print_json(&vols)
+            } else {
+                print_volumes(&vols);
+                Ok(())
+            }
+        }
+        VolumeCmd::Show { name, json } => {
+            let v: VolumeInfo = api.get(&format!("/v1/volumes/{name}"))?;
+            if json {
+                print_json(&v)
+            } else {
+                print_volumes(&[v]);
+                Ok(())
+            }
+        }
+        VolumeCmd::Rm { name, json } => {
+            api.delete(&format!("/v1/volumes/{name}"))?;
+            if json {
+                print_json(&serde_json::json!({ "removed": name }))
+            } else {
+                println!("removed {name}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Copies a raw image into a volume over NBD, skipping all-zero blocks
+/// (the new volume reads zero there already).
+async fn upload(path: &std::path::Path, addr: &NbdAddr, name: &str) -> anyhow::Result<()> {
+    const CHUNK: usize = 1 << 20;
+    const IN_FLIGHT: usize = 8;
+    let client = NbdClient::connect(addr, name).await?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut offset = 0u64;
+    loop {
+        let mut buf = vec![0u8; CHUNK];
+        let mut n = 0;
+        while n < CHUNK {
+            let r = file.read(&mut buf[n..])?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        if n == 0 {
+            break;
+        }
+        buf.truncate(n);
+        if buf.iter().any(|b| *b != 0) {
+            if tasks.len() >= IN_FLIGHT {
+                tasks.join_next().await.expect("non-empty")??;
+            }
+            let c = client.clone();
+            let at = offset;
+            tasks.spawn(async move { c.write(at, &buf, false).await });
+        }
+        offset += n as u64;
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    client.flush().await?;
+    client.disconnect().await?;
+    Ok(())
+}

@@ -1,0 +1,14 @@
+//! dlsm: Decoupled Live Storage Migration on a distributed device-mapper.
+//!
+//! Every host runs a node ([`node`]) that owns volumes and serves them over
+//! NBD ([`nbd`]). A volume is a small mapping table of stacked targets
+//! ([`target`]). The CLI ([`cli`]) is a thin client of the node's control
+//! API. See `DESIGN.md` in the repository for the architecture and its
+//! invariants.
+
+pub mod cli;
+pub mod demo;
+pub mod nbd;
+pub mod node;
+pub mod size;
+pub mod target;

@@ -1,0 +1,573 @@
+//! An NBD client: how one node reads another node's export.
+//!
+//! It negotiates fixed newstyle, structured replies and `base:allocation`,
+//! then pipelines requests: any number of tasks may call it at once; each
+//! request gets a cookie, a background reader task matches replies to
+//! cookies and wakes the caller. The client is used by the `remote` target
+//! (migration origin) and by the CLI to upload a file into a volume.
+//!
+//! Every reply is checked: data outside the requested range, unknown
+//! cookies, or malformed chunks end the connection with
+//! [`ClientError::Protocol`], and every waiting request fails with it.
+//! Dropping the last handle closes the connection and fails what was pending.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+
+use super::proto::{self, cmd_flags, opt, rep, tflags, Command, Extent, ReplyHeader, Request};
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for NbdAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            return Ok(NbdAddr::Unix(PathBuf::from(p)));
+        }
+        if s.rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!("{s:?} is not HOST:PORT or unix:PATH"));
+        }
+        Ok(NbdAddr::Tcp(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for NbdAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdAddr::Tcp(a) => write!(f, "{a}"),
+            NbdAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Errors of the client boundary.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ClientError {
+    #[error("connection to NBD server failed: {0}")]
+    Io(String),
+    #[error("NBD server broke the protocol: {0}")]
+    Protocol(String),
+    #[error("NBD server refused option {option}: {message} (reply {reply:#x})")]
+    Refused {
+        option: u32,
+        reply: u32,
+        message: String,
+    },
+    #[error("NBD server returned errno {errno}: {message}")]
+    Server { errno: u32, message: String },
+    #[error("NBD connection closed")]
+    Closed,
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e.to_string())
+    }
+}
+
+impl From<proto::ProtoError> for ClientError {
+    fn from(e: proto::ProtoError) -> Self {
+        ClientError::Protocol(e.to_string())
+    }
+}
+
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// A request waiting for its reply.
+struct Pending {
+    offset: u64,
+    /// For READ: the destination buffer (zero-filled, so holes need nothing).
+    buf: Option<Vec<u8>>,
+    extents: Vec<Extent>,
+    error: Option<ClientError>,
+    tx: oneshot::Sender<Result<Done, ClientError>>,
+}
+
+/// A completed request's result.
+struct Done {
+    data: Option<Vec<u8>>,
+    extents: Vec<Extent>,
+}
+
+struct Inner {
+    writer: tokio::sync::Mutex<Writer>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    /// Set once the connection is dead; new requests fail with it.
+    dead: Mutex<Option<ClientError>>,
+    next_cookie: AtomicU64,
+}
+
+/// A connected NBD client. Cheap to clone; all clones share the connection.
+#[derive(Clone)]
+pub struct NbdClient {
+    inner: Arc<Inner>,
+    size: u64,
+    flags: u16,
+    structured: bool,
+    base_allocation: bool,
+    /// Held only so the reader task stops with the last handle.
+    _reader: Arc<ReaderHandle>,
+}
+
+/// Aborts the reader task when the last client handle goes away.
+struct ReaderHandle(tokio::task::JoinHandle<()>);
+impl Drop for ReaderHandle {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl NbdClient {
+    /// Connects to `addr` and attaches to `export`.
+    pub async fn connect(addr: &NbdAddr, export: &str) -> Result<Self, ClientError> {
+        match addr {
+            NbdAddr::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await?;
+                s.set_nodelay(true)?;
+                Self::handshake(s, export).await
+            }
+            NbdAddr::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p).await?;
+                Self::handshake(s, export).await
+            }
+        }
+    }
+
+    /// Runs the handshake over an established stream.
+    pub async fn handshake<S>(stream: S, export: &str) -> Result<Self, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (rd, mut wr) = tokio::io::split(stream);
+        let mut rd = BufReader::with_capacity(256 << 10, rd);
+        let mut g = [0u8; 18];
+        rd.read_exact(&mut g).await?;
+        let hflags = proto::parse_greeting(&g)?;
+        if hflags & proto::handshake_flags::FIXED_NEWSTYLE == 0 {
+            return Err(ClientError::Protocol("server lacks fixed newstyle".into()));
+        }
+        let mut cflags = proto::client_flags::FIXED_NEWSTYLE;
+        if hflags & proto::handshake_flags::NO_ZEROES != 0 {
+            cflags |= proto::client_flags::NO_ZEROES;
+        }
+        wr.write_all(&cflags.to_be_bytes()).await?;
+
+        let structured = match option(&mut rd, &mut wr, opt::STRUCTURED_REPLY, &[]).await {
+            Ok(_) => true,
+            Err(ClientError::Refused { .. }) => false,
+            Err(e) => return Err(e),
+        };
+        let mut base_allocation = false;
+        if structured {
+            let q = proto::MetaContextQuery {
+                export: export.to_owned(),
+                queries: vec![proto::BASE_ALLOCATION.to_owned()],
+            };
+            if let Ok(replies) = option(&mut rd, &mut wr, opt::SET_META_CONTEXT, &q.encode()).await
+            {
+                base_allocation = replies.iter().any(|(t, d)| {
+                    *t == rep::META_CONTEXT
+                        && proto::parse_rep_meta_context(d)
+                            .is_ok_and(|(_, n)| n == proto::BASE_ALLOCATION)
+                });
+            }
+        }
+        let go = proto::InfoRequest {
+            name: export.to_owned(),
+            requests: vec![proto::info::BLOCK_SIZE],
+        };
+        let replies = option(&mut rd, &mut wr, opt::GO, &go.encode()).await?;
+        let mut export_info = None;
+        for (t, d) in &replies {
+            if *t == rep::INFO {
+                if let proto::InfoItem::Export { size, flags } = proto::InfoItem::parse(d)? {
+                    export_info = Some((size, flags));
+                }
+            }
+        }
+        let (size, flags) = export_info
+            .ok_or_else(|| ClientError::Protocol("GO without NBD_INFO_EXPORT".into()))?;
+        let inner = Arc::new(Inner {
+            writer: tokio::sync::Mutex::new(Box::new(wr)),
+            pending: Mutex::new(HashMap::new()),
+            dead: Mutex::new(None),
+            next_cookie: AtomicU64::new(1),
+        });
+        let reader = tokio::spawn(read_replies(rd, inner.clone()));
+        Ok(Self {
+            inner,
+            size,
+            flags,
+            structured,
+            base_allocation,
+            _reader: Arc::new(ReaderHandle(reader)),
+        })
+    }
+
+    /// Size of the export in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Transmission flags the server advertised.
+    pub fn flags(&self) -> u16 {
+        self.flags
+    }
+    /// Whether the server will answer `block_status`.
+    pub fn has_block_status(&self) -> bool {
+        self.base_allocation
+    }
+    /// Whether the export is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.flags & tflags::READ_ONLY != 0
+    }
+    /// Whether the connection has failed.
+    pub fn is_dead(&self) -> bool {
+        self.inner.dead.lock().unwrap().is_some()
+    }
+
+    async fn submit(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<&[u8]>,
+    ) -> Result<Done, ClientError> {
+        if let Some(e) = self.inner.dead.lock().unwrap().clone() {
+            return Err(e);
+        }
+        let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let buf = (command == Command::Read).then(|| vec![0u8; len as usize]);
+        self.inner.pending.lock().unwrap().insert(
+            cookie,
+            Pending {
+                offset,
+                buf,
+                extents: Vec::new(),
+                error: None,
+                tx,
+            },
+        );
+        let req = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        };
+        let mut hdr = Vec::with_capacity(proto::REQUEST_LEN);
+        req.encode(&mut hdr);
+        let sent = async {
+            let mut w = self.inner.writer.lock().await;
+            w.write_all(&hdr).await?;
+            if let Some(p) = payload {
+                w.write_all(p).await?;
+            }
+            w.flush().await
+        }
+        .await;
+        if let Err(e) = sent {
+            self.inner.pending.lock().unwrap().remove(&cookie);
+            let e = ClientError::from(e);
+            fail_all(&self.inner, e.clone());
+            return Err(e);
+        }
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        let d = self.submit(Command::Read, 0, offset, len, None).await?;
+        d.data
+            .ok_or_else(|| ClientError::Protocol("read without data".into()))
+    }
+
+    /// Writes `data` at `offset`.
+    pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        let flags = if fua { cmd_flags::FUA } else { 0 };
+        self.submit(Command::Write, flags, offset, data.len() as u32, Some(data))
+            .await
+            .map(drop)
+    }
+
+    /// Makes completed writes durable on the server.
+    pub async fn flush(&self) -> Result<(), ClientError> {
+        self.submit(Command::Flush, 0, 0, 0, None).await.map(drop)
+    }
+
+    /// Discards a range.
+    pub async fn trim(&self, offset: u64, len: u32) -> Result<(), ClientError> {
+        self.submit(Command::Trim, 0, offset, len, None)
+            .await
+            .map(drop)
+    }
+
+    /// Writes zeroes (punching holes unless `no_hole`).
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        no_hole: bool,
+    ) -> Result<(), ClientError> {
+        let flags = if no_hole { cmd_flags::NO_HOLE } else { 0 };
+        self.submit(Command::WriteZeroes, flags, offset, len, None)
+            .await
+            .map(drop)
+    }
+
+    /// `base:allocation` extents starting at `offset`.
+    pub async fn block_status(&self, offset: u64, len: u32) -> Result<Vec<Extent>, ClientError> {
+        if !self.base_allocation {
+            return Err(ClientError::Protocol(
+                "base:allocation was not negotiated".into(),
+            ));
+        }
+        let d = self
+            .submit(Command::BlockStatus, 0, offset, len, None)
+            .await?;
+        if d.extents.is_empty() {
+            return Err(ClientError::Protocol("block status without extents".into()));
+        }
+        Ok(d.extents)
+    }
+
+    /// Sends NBD_CMD_DISC; the server closes after answering what is pending.
+    pub async fn disconnect(&self) -> Result<(), ClientError> {
+        let req = Request {
+            flags: 0,
+            command: Command::Disc,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        };
+        let mut hdr = Vec::new();
+        req.encode(&mut hdr);
+        let mut w = self.inner.writer.lock().await;
+        w.write_all(&hdr).await?;
+        w.flush().await?;
+        Ok(())
+    }
+
+    /// Whether structured replies were negotiated.
+    pub fn is_structured(&self) -> bool {
+        self.structured
+    }
+}
+
+/// Sends one option and collects its replies up to the final one. Error
+/// replies become [`ClientError::Refused`].
+async fn option<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    code: u32,
+    data: &[u8],
+) -> Result<Vec<(u32, Vec<u8>)>, ClientError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut b = Vec::new();
+    proto::encode_option(&mut b, code, data);
+    wr.write_all(&b).await?;
+    wr.flush().await?;
+    let mut replies = Vec::new();
+    loop {
+        let mut h = [0u8; proto::OPT_REPLY_HEADER_LEN];
+        rd.read_exact(&mut h).await?;
+        let h = proto::parse_opt_reply_header(&h)?;
+        if h.option != code {
+            return Err(ClientError::Protocol(format!(
+                "reply to option {} while waiting for {code}",
+                h.option
+            )));
+        }
+        if h.len > 1 << 20 {
+            return Err(ClientError::Protocol(format!(
+                "option reply of {} bytes",
+                h.len
+            )));
+        }
+        let mut d = vec![0u8; h.len as usize];
+        rd.read_exact(&mut d).await?;
+        if rep::is_error(h.reply_type) {
+            return Err(ClientError::Refused {
+                option: code,
+                reply: h.reply_type,
+                message: String::from_utf8_lossy(&d).into_owned(),
+            });
+        }
+        if h.reply_type == rep::ACK {
+            return Ok(replies);
+        }
+        replies.push((h.reply_type, d));
+    }
+}
+
+fn fail_all(inner: &Inner, e: ClientError) {
+    inner.dead.lock().unwrap().get_or_insert(e.clone());
+    let drained: Vec<Pending> = inner
+        .pending
+        .lock()
+        .unwrap()
+        .drain()
+        .map(|(_, p)| p)
+        .collect();
+    for p in drained {
+        let _ = p.tx.send(Err(e.clone()));
+    }
+}
+
+async fn read_replies<R: AsyncRead + Unpin>(mut rd: R, inner: Arc<Inner>) {
+    let e = match read_loop(&mut rd, &inner).await {
+        Ok(()) => ClientError::Closed,
+        Err(e) => e,
+    };
+    fail_all(&inner, e);
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &Inner) -> Result<(), ClientError> {
+    loop {
+        let mut hdr = [0u8; proto::CHUNK_HEADER_LEN];
+        match rd.read_exact(&mut hdr[..4]).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let rest = proto::reply_header_rest(magic)?;
+        rd.read_exact(&mut hdr[4..4 + rest]).await?;
+        match proto::parse_reply_header(&hdr[..4 + rest])? {
+            ReplyHeader::Simple { error, cookie } => {
+                let mut p = take_pending(inner, cookie)?;
+                if error != 0 {
+                    let _ = p.tx.send(Err(ClientError::Server {
+                        errno: error,
+                        message: String::new(),
+                    }));
+                    continue;
+                }
+                if let Some(buf) = p.buf.as_mut() {
+                    rd.read_exact(buf).await?;
+                }
+                let _ = p.tx.send(Ok(Done {
+                    data: p.buf,
+                    extents: Vec::new(),
+                }));
+            }
+            ReplyHeader::Structured {
+                flags,
+                ty,
+                cookie,
+                len,
+            } => {
+                let done = flags & proto::chunk::FLAG_DONE != 0;
+                read_chunk(rd, inner, cookie, ty, len).await?;
+                if done {
+                    let p = take_pending(inner, cookie)?;
+                    let r = match p.error {
+                        Some(e) => Err(e),
+                        None => Ok(Done {
+                            data: p.buf,
+                            extents: p.extents,
+                        }),
+                    };
+                    let _ = p.tx.send(r);
+                }
+            }
+        }
+    }
+}
+
+fn take_pending(inner: &Inner, cookie: u64) -> Result<Pending, ClientError> {
+    inner
+        .pending
+        .lock()
+        .unwrap()
+        .remove(&cookie)
+        .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))
+}
+
+/// Reads one structured chunk's payload into the pending request.
+async fn read_chunk<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    inner: &Inner,
+    cookie: u64,
+    ty: u16,
+    len: u32,
+) -> Result<(), ClientError> {
+    if ty == proto::chunk::OFFSET_DATA {
+        if len < 9 {
+            return Err(ClientError::Protocol("short OFFSET_DATA chunk".into()));
+        }
+        let mut o = [0u8; 8];
+        rd.read_exact(&mut o).await?;
+        let offset = u64::from_be_bytes(o);
+        let n = (len - 8) as usize;
+        // Take the buffer out so no lock is held across the socket read.
+        let (req_off, mut buf) = {
+            let mut pend = inner.pending.lock().unwrap();
+            let p = pend.get_mut(&cookie).ok_or_else(|| {
+                ClientError::Protocol(format!("data for unknown cookie {cookie}"))
+            })?;
+            (p.offset, p.buf.take())
+        };
+        let b = buf
+            .as_mut()
+            .ok_or_else(|| ClientError::Protocol("data chunk for a non-read".into()))?;
+        let start = offset
+            .checked_sub(req_off)
+            .filter(|s| s + n as u64 <= b.len() as u64)
+            .ok_or_else(|| ClientError::Protocol("data chunk outside the request".into()))?
+            as usize;
+        rd.read_exact(&mut b[start..start + n]).await?;
+        if let Some(p) = inner.pending.lock().unwrap().get_mut(&cookie) {
+            p.buf = buf;
+        }
+        return Ok(());
+    }
+    if len > 1 << 20 {
+        return Err(ClientError::Protocol(format!("chunk of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len as usize];
+    rd.read_exact(&mut payload).await?;
+    let c = proto::parse_chunk(ty, &payload)?;
+    let mut pend = inner.pending.lock().unwrap();
+    let p = pend
+        .get_mut(&cookie)
+        .ok_or_else(|| ClientError::Protocol(format!("chunk for unknown cookie {cookie}")))?;
+    match c {
+        proto::Chunk::None | proto::Chunk::Unknown(_) | proto::Chunk::OffsetData { .. } => {}
+        proto::Chunk::OffsetHole { offset, len } => {
+            let fits = p.buf.as_ref().is_some_and(|b| {
+                offset >= p.offset && offset - p.offset + len as u64 <= b.len() as u64
+            });
+            if !fits {
+                return Err(ClientError::Protocol(
+                    "hole chunk outside the request".into(),
+                ));
+            }
+            // The buffer starts zeroed; a hole needs no copy.
+        }
+        proto::Chunk::BlockStatus { extents, .. } => p.extents = extents,
+        proto::Chunk::Error { error, msg, .. } => {
+            p.error = Some(ClientError::Server {
+                errno: error,
+                message: msg,
+            })
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,725 @@
+//! The NBD server: handshake, option haggling and the transmission phase of
+//! one connection.
+//!
+//! The server knows nothing about volumes or nodes: it asks an
+//! [`ExportRegistry`] for exports by name and talks to each through the
+//! [`BlockTarget`] trait. It owns per-connection concurrency:
+//!
+//! * the *reader* (the task that called [`serve_connection`]) reads and
+//!   validates requests, answering malformed ones itself, and spawns one task
+//!   per valid request so that many are in flight and replies go out in
+//!   whatever order they complete;
+//! * the *writer* task owns the socket's write half and sends replies, in
+//!   batches, as they come from a channel.
+//!
+//! Memory per connection is bounded: requests in flight hold permits of a
+//! byte budget ([`IN_FLIGHT_BUDGET`]), so a client that pipelines faster than
+//! the target completes is simply not read from. A client that breaks the
+//! protocol (bad magic, truncated frame) is disconnected; requests it already
+//! sent run to completion. Nothing a client sends can panic the server.
+//!
+//! Shutdown: when the `shutdown` signal fires, the reader stops taking new
+//! requests, in-flight ones complete and their replies are sent, then the
+//! connection closes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use super::proto::{self, cmd_flags, errno, opt, rep, tflags, ClientOption, Command, Request};
+use crate::target::{BlockError, BlockTarget, Extent, ZeroFlags};
+
+/// Largest READ or WRITE payload accepted (advertised as the maximum block size).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// Preferred block size advertised to clients.
+pub const PREFERRED_BLOCK: u32 = 4096;
+/// Bytes of request payload a single connection may have in flight.
+pub const IN_FLIGHT_BUDGET: u32 = 64 << 20;
+/// Smallest cost charged against the budget per request.
+const MIN_REQUEST_COST: u32 = 16 << 10;
+/// Option data larger than this is refused (`ERR_TOO_BIG`) without parsing.
+const MAX_OPTION_DATA: u32 = 64 << 10;
+/// Option data larger than this is treated as an attack: disconnect.
+const MAX_OPTION_SKIP: u32 = 16 << 20;
+/// A client must finish the handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Reads at least this large are sent sparsely (holes as `OFFSET_HOLE`).
+const SPARSE_READ_MIN: u32 = 64 << 10;
+
+/// An export handed to a connection.
+pub struct Export {
+    pub name: String,
+    pub description: String,
+    pub target: Arc<dyn BlockTarget>,
+    pub read_only: bool,
+    /// Held for the connection's lifetime; dropping it tells the owner the
+    /// connection ended (the node counts connections per volume with it).
+    pub guard: Box<dyn Send + Sync>,
+}
+
+/// Where the server finds exports. Implemented by the node.
+pub trait ExportRegistry: Send + Sync + 'static {
+    /// Names and descriptions of every export, for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<(String, String)>;
+    /// The export called `name`, or `None` if there is none.
+    fn open(&self, name: &str) -> Option<Export>;
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+impl From<proto::ProtoError> for ConnError {
+    fn from(e: proto::ProtoError) -> Self {
+        ConnError::Protocol(e.to_string())
+    }
+}
+
+/// What the handshake settled.
+struct Negotiated {
+    export: Export,
+    structured: bool,
+    base_allocation: bool,
+}
+
+/// Serves one client connection until it disconnects, breaks the protocol,
+/// or `shutdown` becomes true.
+pub async fn serve_connection<S>(
+    stream: S,
+    registry: Arc<dyn ExportRegistry>,
+    mut shutdown: watch::Receiver<bool>,
+    peer: String,
+) -> Result<(), ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(16 << 10, rd);
+    let mut wr = BufWriter::with_capacity(64 << 10, wr);
+    let negotiated = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &*registry)) => {
+            r.map_err(|_| ConnError::Timeout)??
+        }
+        _ = stopped(&mut shutdown) => return Ok(()),
+    };
+    let Some(n) = negotiated else {
+        return Ok(());
+    };
+    info!(%peer, export = %n.export.name, structured = n.structured, "client attached");
+    let r = transmission(rd, wr, n, shutdown).await;
+    debug!(%peer, "client detached");
+    r
+}
+
+/// Resolves once the shutdown signal is true (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn read_u32<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    rd.read_exact(&mut b).await?;
+    Ok(u32::from_be_bytes(b))
+}
+
+async fn send_opt_reply<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    ty: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(proto::OPT_REPLY_HEADER_LEN + data.len());
+    proto::encode_opt_reply(&mut b, option, ty, data);
+    wr.write_all(&b).await
+}
+
+async fn send_opt_error<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    option: u32,
+    ty: u32,
+    msg: &str,
+) -> std::io::Result<()> {
+    send_opt_reply(wr, option, ty, msg.as_bytes()).await?;
+    wr.flush().await
+}
+
+fn transmission_flags(export: &Export, structured: bool) -> u16 {
+    let caps = export.target.capabilities();
+    let mut f = tflags::HAS_FLAGS
+        | tflags::SEND_FLUSH
+        | tflags::SEND_FUA
+        | tflags::CAN_MULTI_CONN
+        | tflags::SEND_CACHE;
+    if export.read_only || caps.read_only {
+        f |= tflags::READ_ONLY;
+    }
+    if caps.trim {
+        f |= tflags::SEND_TRIM;
+    }
+    if caps.write_zeroes {
+        f |= tflags::SEND_WRITE_ZEROES;
+        if caps.fast_zero {
+            f |= tflags::SEND_FAST_ZERO;
+        }
+    }
+    if structured {
+        f |= tflags::SEND_DF;
+    }
+    f
+}
+
+/// Runs option haggling. `Ok(None)` means the client left cleanly (ABORT).
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    registry: &dyn ExportRegistry,
+) -> Result<Option<Negotiated>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut greeting = Vec::new();
+    proto::encode_greeting(
+        &mut greeting,
+        proto::handshake_flags::FIXED_NEWSTYLE | proto::handshake_flags::NO_ZEROES,
+    );
+    wr.write_all(&greeting).await?;
+    wr.flush().await?;
+    let cflags = read_u32(rd).await?;
+    let known = proto::client_flags::FIXED_NEWSTYLE | proto::client_flags::NO_ZEROES;
+    if cflags & !known != 0 {
+        return Err(ConnError::Protocol(format!(
+            "unknown client flags {cflags:#x}"
+        )));
+    }
+    let no_zeroes = cflags & proto::client_flags::NO_ZEROES != 0;
+    let mut structured = false;
+    // (export name, base:allocation selected) from the last SET_META_CONTEXT.
+    let mut meta: Option<(String, bool)> = None;
+
+    loop {
+        let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
+        rd.read_exact(&mut hdr).await?;
+        let h = proto::parse_option_header(&hdr)?;
+        if h.len > MAX_OPTION_DATA {
+            if h.len > MAX_OPTION_SKIP {
+                return Err(ConnError::Protocol(format!(
+                    "option data of {} bytes",
+                    h.len
+                )));
+            }
+            tokio::io::copy(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink()).await?;
+            send_opt_error(wr, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data).await?;
+        let option = match proto::parse_option(h.code, &data) {
+            Ok(o) => o,
+            Err(e) if h.code == opt::EXPORT_NAME => {
+                return Err(ConnError::Protocol(format!("bad EXPORT_NAME: {e}")));
+            }
+            Err(e) => {
+                send_opt_error(wr, h.code, rep::ERR_INVALID, &e.to_string()).await?;
+                continue;
+            }
+        };
+        match option {
+            ClientOption::ExportName(name) => {
+                let Some(export) = registry.open(&name) else {
+                    // The spec leaves no way to refuse EXPORT_NAME but hanging up.
+                    return Err(ConnError::Protocol(format!("unknown export {name:?}")));
+                };
+                let mut b = Vec::new();
+                let flags = transmission_flags(&export, structured);
+                proto::encode_export_name_reply(&mut b, export.target.size(), flags, no_zeroes);
+                wr.write_all(&b).await?;
+                wr.flush().await?;
+                let base_allocation = matches!(&meta, Some((n, true)) if *n == name);
+                return Ok(Some(Negotiated {
+                    export,
+                    structured,
+                    base_allocation,
+                }));
+            }
+            ClientOption::Abort => {
+                // The client may already be gone; a failed ACK is fine.
+                let _ = send_opt_error(wr, h.code, rep::ACK, "").await;
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for (name, desc) in registry.list() {
+                    send_opt_reply(
+                        wr,
+                        h.code,
+                        rep::SERVER,
+                        &proto::encode_rep_server(&name, &desc),
+                    )
+                    .await?;
+                }
+                send_opt_error(wr, h.code, rep::ACK, "").await?;
+            }
+            ClientOption::StartTls => {
+                send_opt_error(
+                    wr,
+                    h.code,
+                    rep::ERR_POLICY,
+                    "TLS is not configured on this node",
+                )
+                .await?;
+            }
+            ClientOption::StructuredReply => {
+                if structured {
+                    send_opt_error(
+                        wr,
+                        h.code,
+                        rep::ERR_INVALID,
+                        "structured replies already on",
+                    )
+                    .await?;
+                } else {
+                    structured = true;
+                    send_opt_error(wr, h.code, rep::ACK, "").await?;
+                }
+            }
+            ClientOption::Info(req) | ClientOption::Go(req) => {
+                let go = h.code == opt::GO;
+                let Some(export) = registry.open(&req.name) else {
+                    let msg = format!("no volume named {:?} on this node", req.name);
+                    send_opt_error(wr, h.code, rep::ERR_UNKNOWN, &msg).await?;
+                    continue;
+                };
+                let flags = transmission_flags(&export, structured);
+                let items = [
+                    proto::InfoItem::Export {
+                        size: export.target.size(),
+                        flags,
+                    },
+                    proto::InfoItem::BlockSize {
+                        min: 1,
+                        preferred: PREFERRED_BLOCK,
+                        max: MAX_PAYLOAD,
+                    },
+                ];
+                for item in &items {
+                    send_opt_reply(wr, h.code, rep::INFO, &item.encode()).await?;
+                }
+                for r in &req.requests {
+                    let item = match *r {
+                        proto::info::NAME => proto::InfoItem::Name(export.name.clone()),
+                        proto::info::DESCRIPTION => {
+                            proto::InfoItem::Description(export.description.clone())
+                        }
+                        _ => continue,
+                    };
+                    send_opt_reply(wr, h.code, rep::INFO, &item.encode()).await?;
+                }
+                send_opt_error(wr, h.code, rep::ACK, "").await?;
+                if go {
+                    let base_allocation = matches!(&meta, Some((n, true)) if *n == req.name);
+                    return Ok(Some(Negotiated {
+                        export,
+                        structured,
+                        base_allocation,
+                    }));
+                }
+            }
+            ClientOption::ListMetaContext(q) | ClientOption::SetMetaContext(q) => {
+                let set = h.code == opt::SET_META_CONTEXT;
+                if set && !structured {
+                    send_opt_error(
+                        wr,
+                        h.code,
+                        rep::ERR_INVALID,
+                        "SET_META_CONTEXT needs structured replies first",
+                    )
+                    .await?;
+                    continue;
+                }
+                if registry.open(&q.export).is_none() {
+                    let msg = format!("no volume named {:?} on this node", q.export);
+                    send_opt_error(wr, h.code, rep::ERR_UNKNOWN, &msg).await?;
+                    continue;
+                }
+                let selected = if set {
+                    q.queries.iter().any(|s| s == proto::BASE_ALLOCATION)
+                } else {
+                    q.queries.is_empty()
+                        || q.queries
+                            .iter()
+                            .any(|s| s == proto::BASE_ALLOCATION || s == "base:")
+                };
+                if selected {
+                    let d = proto::encode_rep_meta_context(
+                        proto::BASE_ALLOCATION_ID,
+                        proto::BASE_ALLOCATION,
+                    );
+                    send_opt_reply(wr, h.code, rep::META_CONTEXT, &d).await?;
+                }
+                if set {
+                    meta = Some((q.export, selected));
+                }
+                send_opt_error(wr, h.code, rep::ACK, "").await?;
+            }
+            ClientOption::Unknown(code) => {
+                let msg = format!("option {code} is not supported");
+                send_opt_error(wr, code, rep::ERR_UNSUP, &msg).await?;
+            }
+        }
+    }
+}
+
+/// Shared, read-only state of one connection's transmission phase.
+struct Conn {
+    target: Arc<dyn BlockTarget>,
+    size: u64,
+    read_only: bool,
+    structured: bool,
+    base_allocation: bool,
+}
+
+async fn transmission<R, W>(
+    mut rd: BufReader<R>,
+    wr: BufWriter<W>,
+    n: Negotiated,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ConnError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let caps = n.export.target.capabilities();
+    let conn = Arc::new(Conn {
+        size: n.export.target.size(),
+        target: n.export.target.clone(),
+        read_only: n.export.read_only || caps.read_only,
+        structured: n.structured,
+        base_allocation: n.base_allocation,
+    });
+    let _guard = n.export.guard;
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(write_replies(wr, rx));
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET as usize));
+
+    let result = loop {
+        let mut hdr = [0u8; proto::REQUEST_LEN];
+        tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => break Ok(()),
+            r = rd.read_exact(&mut hdr) => match r {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(e.into()),
+            },
+        }
+        let req = match Request::parse(&hdr) {
+            Ok(r) => r,
+            Err(e) => break Err(e.into()),
+        };
+        if req.command == Command::Disc {
+            break Ok(());
+        }
+        // Check the request before reading its payload, so that a bad WRITE
+        // is drained (keeping the stream in sync) rather than buffered.
+        let verdict = validate(&conn, &req);
+        let payload = if req.command == Command::Write {
+            if verdict.is_err() {
+                let r =
+                    tokio::io::copy(&mut (&mut rd).take(req.len as u64), &mut tokio::io::sink())
+                        .await;
+                if let Err(e) = r {
+                    break Err(e.into());
+                }
+                None
+            } else {
+                let mut p = vec![0u8; req.len as usize];
+                if let Err(e) = rd.read_exact(&mut p).await {
+                    break Err(e.into());
+                }
+                Some(p)
+            }
+        } else {
+            None
+        };
+        if let Err((code, msg)) = verdict {
+            debug!(?req, code, msg, "request refused");
+            let _ = tx.send(error_reply(&conn, req.cookie, code, msg));
+            continue;
+        }
+        let cost = req.len.clamp(MIN_REQUEST_COST, IN_FLIGHT_BUDGET);
+        let cost = if matches!(req.command, Command::Read | Command::Write) {
+            cost
+        } else {
+            MIN_REQUEST_COST
+        };
+        let permit = budget
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .expect("semaphore never closed");
+        let conn = conn.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let reply = handle(&conn, req, payload).await;
+            let _ = tx.send(reply);
+            drop(permit);
+        });
+    };
+    // Let every accepted request finish and its reply go out.
+    let _all = budget.acquire_many(IN_FLIGHT_BUDGET).await;
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("writer ended: {e}"),
+        Err(e) => warn!("writer task failed: {e}"),
+    }
+    result
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut wr: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    while let Some(first) = rx.recv().await {
+        wr.write_all(&first).await?;
+        while let Ok(more) = rx.try_recv() {
+            wr.write_all(&more).await?;
+        }
+        wr.flush().await?;
+    }
+    wr.shutdown().await.ok();
+    Ok(())
+}
+
+type Refusal = (u32, &'static str);
+
+/// Checks a request against the protocol and the export, without I/O.
+fn validate(conn: &Conn, req: &Request) -> Result<(), Refusal> {
+    let allowed = match req.command {
+        Command::Read => {
+            if conn.structured {
+                cmd_flags::DF
+            } else {
+                0
+            }
+        }
+        Command::Write => cmd_flags::FUA,
+        Command::Trim => cmd_flags::FUA,
+        Command::WriteZeroes => cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO,
+        Command::BlockStatus => cmd_flags::REQ_ONE,
+        Command::Flush | Command::Cache | Command::Disc => 0,
+        Command::Unknown(_) => return Err((errno::EINVAL, "unknown command")),
+    };
+    // FUA is harmless on any command; clients (the Linux kernel) send it.
+    if req.flags & !(allowed | cmd_flags::FUA) != 0 {
+        return Err((errno::EINVAL, "unsupported command flags"));
+    }
+    let writes = matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    );
+    if writes && conn.read_only {
+        return Err((errno::EPERM, "export is read-only"));
+    }
+    if matches!(req.command, Command::Read | Command::Write) && req.len > MAX_PAYLOAD {
+        let e = if conn.structured || req.command == Command::Write {
+            errno::EOVERFLOW
+        } else {
+            errno::EINVAL
+        };
+        return Err((e, "request larger than the maximum block size"));
+    }
+    if req.command == Command::BlockStatus && !conn.base_allocation {
+        return Err((errno::EINVAL, "no metadata context negotiated"));
+    }
+    if req.command != Command::Flush {
+        let in_range = req
+            .offset
+            .checked_add(req.len as u64)
+            .is_some_and(|end| end <= conn.size);
+        if !in_range {
+            let e = if matches!(req.command, Command::Write | Command::WriteZeroes) {
+                errno::ENOSPC
+            } else {
+                errno::EINVAL
+            };
+            return Err((e, "request past the end of the volume"));
+        }
+        if req.len == 0
+            && matches!(
+                req.command,
+                Command::BlockStatus | Command::Trim | Command::WriteZeroes
+            )
+        {
+            return Err((errno::EINVAL, "zero-length request"));
+        }
+    }
+    Ok(())
+}
+
+fn error_reply(conn: &Conn, cookie: u64, code: u32, msg: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(64);
+    if conn.structured {
+        proto::encode_error_chunk(&mut b, cookie, code, msg);
+    } else {
+        proto::encode_simple_reply(&mut b, cookie, code);
+    }
+    b
+}
+
+fn block_error_reply(conn: &Conn, cookie: u64, e: &BlockError) -> Vec<u8> {
+    let code = e.nbd_errno();
+    if code == errno::EIO {
+        warn!(cookie, "request failed: {e}");
+    } else {
+        debug!(cookie, "request failed: {e}");
+    }
+    error_reply(conn, cookie, code, &e.to_string())
+}
+
+fn ok_reply(cookie: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(proto::SIMPLE_REPLY_LEN);
+    proto::encode_simple_reply(&mut b, cookie, 0);
+    b
+}
+
+/// Carries out one validated request and returns its complete reply.
+async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+    let t = &*conn.target;
+    let fua = req.has(cmd_flags::FUA);
+    let (off, len) = (req.offset, req.len as u64);
+    let r = match req.command {
+        Command::Read => return handle_read(conn, req).await,
+        Command::Write => t.write(off, payload.as_deref().unwrap_or(&[]), fua).await,
+        Command::Flush => t.flush().await,
+        Command::Trim => t.trim(off, len, fua).await,
+        Command::WriteZeroes => {
+            let flags = ZeroFlags {
+                no_hole: req.has(cmd_flags::NO_HOLE),
+                fast: req.has(cmd_flags::FAST_ZERO),
+                fua,
+            };
+            t.write_zeroes(off, len, flags).await
+        }
+        Command::Cache => t.cache(off, len).await,
+        Command::BlockStatus => match t.block_status(off, len).await {
+            Ok(mut ext) => {
+                if req.has(cmd_flags::REQ_ONE) {
+                    ext.truncate(1);
+                }
+                if ext.is_empty() {
+                    return error_reply(conn, req.cookie, errno::EIO, "target gave no extents");
+                }
+                let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * ext.len());
+                proto::encode_block_status(&mut b, req.cookie, proto::BASE_ALLOCATION_ID, &ext);
+                return b;
+            }
+            Err(e) => Err(e),
+        },
+        Command::Disc | Command::Unknown(_) => unreachable!("refused by validate"),
+    };
+    match r {
+        Ok(()) => ok_reply(req.cookie),
+        Err(e) => block_error_reply(conn, req.cookie, &e),
+    }
+}
+
+async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
+    let len = req.len as usize;
+    if !conn.structured {
+        let mut b = vec![0u8; proto::SIMPLE_REPLY_LEN + len];
+        return match conn
+            .target
+            .read(req.offset, &mut b[proto::SIMPLE_REPLY_LEN..])
+            .await
+        {
+            Ok(()) => {
+                proto::write_simple_reply(&mut b, req.cookie, 0);
+                b
+            }
+            Err(e) => block_error_reply(conn, req.cookie, &e),
+        };
+    }
+    if len == 0 {
+        let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN);
+        proto::encode_none_chunk(&mut b, req.cookie);
+        return b;
+    }
+    let sparse = req.len >= SPARSE_READ_MIN
+        && !req.has(cmd_flags::DF)
+        && conn.target.capabilities().block_status;
+    let extents = if sparse {
+        conn.target.block_status(req.offset, len as u64).await.ok()
+    } else {
+        None
+    };
+    match extents {
+        Some(ext) if ext.iter().any(|e| e.flags & proto::alloc_flags::ZERO != 0) => {
+            sparse_read(conn, req, &ext).await
+        }
+        _ => {
+            let mut b = vec![0u8; proto::OFFSET_DATA_PREFIX + len];
+            match conn
+                .target
+                .read(req.offset, &mut b[proto::OFFSET_DATA_PREFIX..])
+                .await
+            {
+                Ok(()) => {
+                    proto::write_offset_data_prefix(&mut b, true, req.cookie, req.offset, req.len);
+                    b
+                }
+                Err(e) => block_error_reply(conn, req.cookie, &e),
+            }
+        }
+    }
+}
+
+/// A structured read whose zero extents are sent as `OFFSET_HOLE` chunks.
+async fn sparse_read(conn: &Conn, req: Request, ext: &[Extent]) -> Vec<u8> {
+    let end = req.offset + req.len as u64;
+    // Extents may cover less than the request; read the rest as data.
+    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+    let mut pos = req.offset;
+    for e in ext {
+        if pos >= end {
+            break;
+        }
+        let n = (e.len as u64).min(end - pos);
+        pieces.push((pos, n, e.flags & proto::alloc_flags::ZERO != 0));
+        pos += n;
+    }
+    if pos < end {
+        pieces.push((pos, end - pos, false));
+    }
+    let data_bytes: u64 = pieces.iter().filter(|p| !p.2).map(|p| p.1).sum();
+    let mut b = Vec::with_capacity(data_bytes as usize + pieces.len() * 32);
+    let last = pieces.len() - 1;
+    for (i, (off, n, zero)) in pieces.into_iter().enumerate() {
+        let done = i == last;
+        if zero {
+            proto::encode_offset_hole(&mut b, done, req.cookie, off, n as u32);
+        } else {
+            let at = b.len();
+            b.resize(at + proto::OFFSET_DATA_PREFIX + n as usize, 0);
+            proto::write_offset_data_prefix(&mut b[at..], done, req.cookie, off, n as u32);
+            if let Err(e) = conn
+                .target
+                .read(off, &mut b[at + proto::OFFSET_DATA_PREFIX..])
+                .await
+            {
+                return block_error_reply(conn, req.cookie, &e);
+            }
+        }
+    }
+    b
+}

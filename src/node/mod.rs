@@ -1,0 +1,234 @@
+//! The node daemon (`dlsm serve`): owns a data directory's volumes, serves
+//! them over NBD (TCP and UNIX sockets) and answers the control API.
+//!
+//! Lifecycle: [`Node::start`] opens the store, binds every listener and
+//! spawns the accept loops; [`Node::shutdown`] stops accepting, lets every
+//! connection finish its in-flight requests, and flushes every volume. The
+//! node never exits with unflushed acknowledged writes when shut down this
+//! way; after a crash, the data files and tables are whatever the page cache
+//! had written, which is what NBD's FLUSH/FUA contract allows.
+
+pub mod api;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::nbd::server::{serve_connection, stopped, Export, ExportRegistry};
+use store::VolumeStore;
+
+/// How a node is started.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub data_dir: PathBuf,
+    /// NBD over TCP (`HOST:PORT`; port 0 picks one).
+    pub listen: Option<String>,
+    /// NBD over a UNIX socket.
+    pub listen_unix: Option<PathBuf>,
+    /// Control API (`HOST:PORT`).
+    pub api: String,
+    /// The node's name, reported by the API.
+    pub name: String,
+}
+
+/// Serves the store's volumes as NBD exports.
+struct Registry(Arc<VolumeStore>);
+
+impl ExportRegistry for Registry {
+    fn list(&self) -> Vec<(String, String)> {
+        self.0
+            .list()
+            .iter()
+            .map(|v| {
+                (
+                    v.table.name.clone(),
+                    format!("dlsm volume, {} bytes", v.table.size),
+                )
+            })
+            .collect()
+    }
+
+    fn open(&self, name: &str) -> Option<Export> {
+        let v = self.0.get(name).ok()?;
+        Some(Export {
+            name: v.table.name.clone(),
+            description: format!("dlsm volume, {} bytes", v.table.size),
+            target: v.target.clone(),
+            read_only: false,
+            guard: Box::new(v.connection_guard()),
+        })
+    }
+}
+
+/// What the API handlers share.
+pub struct NodeState {
+    pub name: String,
+    pub store: Arc<VolumeStore>,
+    pub nbd_addr: Option<SocketAddr>,
+    pub nbd_unix: Option<PathBuf>,
+}
+
+/// A running node.
+pub struct Node {
+    pub state: Arc<NodeState>,
+    pub api_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Node {
+    /// Opens the data directory and starts serving.
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+        let store = Arc::new(
+            VolumeStore::open(&cfg.data_dir)
+                .with_context(|| format!("cannot open data dir {}", cfg.data_dir.display()))?,
+        );
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
+        let mut tasks = JoinSet::new();
+
+        let mut nbd_addr = None;
+        if let Some(listen) = &cfg.listen {
+            let l = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {listen}"))?;
+            nbd_addr = Some(l.local_addr()?);
+            tasks.spawn(accept_tcp(l, registry.clone(), shutdown_rx.clone()));
+        }
+        if let Some(path) = &cfg.listen_unix {
+            // A socket file left by a previous run would make bind fail.
+            if path.exists() {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            }
+            let l = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen for NBD on {}", path.display()))?;
+            tasks.spawn(accept_unix(l, registry.clone(), shutdown_rx.clone()));
+        }
+        if cfg.listen.is_none() && cfg.listen_unix.is_none() {
+            anyhow::bail!("no NBD listener: give --listen or --listen-unix");
+        }
+        let state = Arc::new(NodeState {
+            name: cfg.name.clone(),
+            store,
+            nbd_addr,
+            nbd_unix: cfg.listen_unix.clone(),
+        });
+        let api = TcpListener::bind(&cfg.api)
+            .await
+            .with_context(|| format!("cannot listen for the API on {}", cfg.api))?;
+        let api_addr = api.local_addr()?;
+        let router = api::router(state.clone());
+        let mut api_shutdown = shutdown_rx.clone();
+        tasks.spawn(async move {
+            let r = axum::serve(api, router)
+                .with_graceful_shutdown(async move {
+                    stopped(&mut api_shutdown).await;
+                })
+                .await;
+            if let Err(e) = r {
+                warn!("API server failed: {e}");
+            }
+        });
+        info!(node = %cfg.name, nbd = ?nbd_addr, unix = ?cfg.listen_unix, api = %api_addr, "node started");
+        Ok(Node {
+            state,
+            api_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, waits for connections to finish their in-flight
+    /// requests (at most `grace`), then flushes every volume.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("connections still busy after {grace:?}; closing them");
+            self.tasks.abort_all();
+        }
+        self.state.store.flush_all().await;
+        if let Some(p) = &self.state.nbd_unix {
+            let _ = std::fs::remove_file(p);
+        }
+        info!("node stopped, volumes flushed");
+    }
+}
+
+async fn accept_tcp(
+    l: TcpListener,
+    registry: Arc<dyn ExportRegistry>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = l.accept() => match r {
+                Ok((sock, peer)) => {
+                    let _ = sock.set_nodelay(true);
+                    let reg = registry.clone();
+                    let sd = shutdown.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = serve_connection(sock, reg, sd, peer.to_string()).await {
+                            debug!(%peer, "connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn accept_unix(
+    l: UnixListener,
+    registry: Arc<dyn ExportRegistry>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            r = l.accept() => match r {
+                Ok((sock, _)) => {
+                    let reg = registry.clone();
+                    let sd = shutdown.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = serve_connection(sock, reg, sd, "unix".into()).await {
+                            debug!("unix connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
