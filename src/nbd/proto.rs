@@ -863,7 +863,7 @@ pub fn parse_chunk(ty: u16, payload: &[u8]) -> Result<Chunk, ProtoError> {
         }
         chunk::BLOCK_STATUS => {
             let ctx = r.u32()?;
-            if r.remaining() % 8 != 0 || r.remaining() == 0 {
+            if !r.remaining().is_multiple_of(8) || r.remaining() == 0 {
                 return Err(ProtoError::Invalid(
                     "BLOCK_STATUS payload not whole descriptors",
                 ));

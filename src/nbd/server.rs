@@ -416,11 +416,19 @@ where
         tokio::select! {
             biased;
             _ = stopped(&mut shutdown) => break Ok(()),
-            r = rd.read_exact(&mut hdr) => match r {
+            r = rd.read_exact(&mut hdr[..4]) => match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(e.into()),
             },
+        }
+        // Check the magic before waiting for the rest of the header, so a
+        // client speaking something else is dropped at once.
+        if hdr[..4] != proto::REQUEST_MAGIC.to_be_bytes() {
+            break Err(ConnError::Protocol(format!("bad request magic {:02x?}", &hdr[..4])));
+        }
+        if let Err(e) = rd.read_exact(&mut hdr[4..]).await {
+            break Err(e.into());
         }
         let req = match Request::parse(&hdr) {
             Ok(r) => r,

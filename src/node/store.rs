@@ -172,7 +172,7 @@ impl VolumeStore {
     /// Creates an empty (all-zero, sparse) volume.
     pub fn create(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
         validate_name(name)?;
-        if size == 0 || size % 512 != 0 || size > MAX_VOLUME_SIZE {
+        if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
             return Err(StoreError::InvalidSize(format!(
                 "{size} bytes: a volume must be a non-zero multiple of 512 bytes, at most 4 EiB"
             )));

@@ -1,0 +1,194 @@
+//! Helpers shared by the integration tests: a real `dlsm serve` process on
+//! loopback, and real client tools that must be installed.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DLSM: &str = env!("CARGO_BIN_EXE_dlsm");
+
+/// Panics with a clear message if `tool` is not on PATH: a test that needs a
+/// tool fails without it, it never skips.
+pub fn require(tool: &str) -> PathBuf {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "required tool `{tool}` is missing: run scripts/test.sh, which installs it"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// A `dlsm serve` child process.
+pub struct NodeProc {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub nbd: String,
+    pub api: String,
+    pub unix: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl NodeProc {
+    /// Starts a node on a fresh data directory.
+    pub fn start() -> NodeProc {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let mut n = Self::start_in(&dir);
+        n._tmp = Some(tmp);
+        n
+    }
+
+    /// Starts a node on `dir` (which may hold volumes from an earlier run).
+    pub fn start_in(dir: &Path) -> NodeProc {
+        let unix = dir.join("nbd.sock");
+        let mut child = Command::new(DLSM)
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--node", "test"])
+            .arg("--listen-unix")
+            .arg(&unix)
+            .env("RUST_LOG", std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dlsm serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains(" ready "), "node did not start: {line:?}");
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap()
+                .to_owned()
+        };
+        NodeProc {
+            nbd: field("nbd="),
+            api: field("api="),
+            child: Some(child),
+            data_dir: dir.to_owned(),
+            unix,
+            _tmp: None,
+        }
+    }
+
+    pub fn uri(&self, vol: &str) -> String {
+        format!("nbd://{}/{vol}", self.nbd)
+    }
+
+    pub fn unix_uri(&self, vol: &str) -> String {
+        format!("nbd+unix:///{vol}?socket={}", self.unix.display())
+    }
+
+    /// Runs a `dlsm` CLI command against this node.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(DLSM)
+            .arg("--api")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "dlsm {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    pub fn create(&self, name: &str, size: &str) {
+        self.cli_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Resident memory of the node process, bytes.
+    pub fn rss(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = s
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        kb * 1024
+    }
+
+    /// SIGTERM and wait; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.success();
+            }
+            assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs a command, asserting success; returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
