@@ -16,17 +16,35 @@ fn sigterm_flushes_and_restart_finds_every_volume() {
     let mut node = NodeProc::start_in(dir.path());
     node.create("vm1", "16M");
     node.create("vm2", "1G");
-    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 1M 1M", &node.uri("vm1")]));
+    run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x42 1M 1M",
+        &node.uri("vm1"),
+    ]));
     // A client still attached must not keep the node from stopping.
     let idle = TcpStream::connect(&node.nbd).unwrap();
     assert!(node.stop(), "node did not exit cleanly on SIGTERM");
     drop(idle);
     let node = NodeProc::start_in(dir.path());
-    let list: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "list", "--json"])).unwrap();
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let list: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "list", "--json"])).unwrap();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["vm1", "vm2"]);
     assert_eq!(list[1]["size"].as_u64(), Some(1 << 30));
-    let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x42 1M 1M", &node.uri("vm1")]));
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x42 1M 1M",
+        &node.uri("vm1"),
+    ]));
     assert!(!out.contains("verification failed"), "{out}");
 }
 
@@ -39,7 +57,10 @@ fn volume_commands_and_their_errors() {
     assert_eq!(v["uri"].as_str().unwrap(), node.uri("vm1"));
     assert_eq!(v["table"]["kind"].as_str(), Some("local"));
     let table = node.cli_ok(&["volume", "list"]);
-    assert!(table.contains("vm1") && table.contains("512.0 MiB"), "{table}");
+    assert!(
+        table.contains("vm1") && table.contains("512.0 MiB"),
+        "{table}"
+    );
     assert!(node.cli_ok(&["volume", "show", "vm1"]).contains("vm1"));
 
     let err = |args: &[&str]| {
@@ -71,15 +92,24 @@ fn volume_commands_and_their_errors() {
     assert!(err(&["volume", "rm", "vm1"]).contains("in use by 1 NBD connection"));
     drop(c);
     std::thread::sleep(std::time::Duration::from_millis(200));
-    assert!(node.cli_ok(&["volume", "rm", "vm1"]).contains("removed vm1"));
+    assert!(node
+        .cli_ok(&["volume", "rm", "vm1"])
+        .contains("removed vm1"));
     assert_eq!(node.cli_ok(&["volume", "list", "--json"]).trim(), "[]");
 
     // No node there: a clear error.
-    let o = Command::new(DLSM).args(["--api", "127.0.0.1:1", "volume", "list"]).output().unwrap();
+    let o = Command::new(DLSM)
+        .args(["--api", "127.0.0.1:1", "volume", "list"])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the node API"));
     // DLSM_API is honoured.
-    let o = Command::new(DLSM).env("DLSM_API", &node.api).args(["volume", "list", "--json"]).output().unwrap();
+    let o = Command::new(DLSM)
+        .env("DLSM_API", &node.api)
+        .args(["volume", "list", "--json"])
+        .output()
+        .unwrap();
     assert!(o.status.success());
 }
 
@@ -95,15 +125,29 @@ fn create_from_file_uploads_it() {
     img[tail..].copy_from_slice(&pattern(500, 4));
     std::fs::write(&src, &img).unwrap();
     node.cli_ok(&["volume", "create", "img", "--from", src.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "show", "img", "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "show", "img", "--json"])).unwrap();
     let size = v["size"].as_u64().unwrap();
     assert_eq!(size, (img.len() as u64).div_ceil(512) * 512);
     img.resize(size as usize, 0);
     std::fs::write(&src, &img).unwrap();
-    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(&src).arg(node.uri("img")));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&src)
+            .arg(node.uri("img")),
+    );
     // Zero megabytes were not uploaded.
     assert!(v["allocated_bytes"].as_u64().unwrap() < 2 << 20, "{v}");
-    let o = node.cli(&["volume", "create", "small", "--size", "1M", "--from", src.to_str().unwrap()]);
+    let o = node.cli(&[
+        "volume",
+        "create",
+        "small",
+        "--size",
+        "1M",
+        "--from",
+        src.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
 }
 
@@ -111,9 +155,14 @@ fn create_from_file_uploads_it() {
 fn idle_node_memory_stays_small() {
     let node = NodeProc::start();
     for i in 0..100 {
-        let v: serde_json::Value = serde_json::from_str(
-            &node.cli_ok(&["volume", "create", &format!("vol{i}"), "--size", "1G", "--json"]),
-        )
+        let v: serde_json::Value = serde_json::from_str(&node.cli_ok(&[
+            "volume",
+            "create",
+            &format!("vol{i}"),
+            "--size",
+            "1G",
+            "--json",
+        ]))
         .unwrap();
         assert_eq!(v["size"].as_u64(), Some(1 << 30));
     }
@@ -124,15 +173,23 @@ fn idle_node_memory_stays_small() {
         c.read_exact(&mut g).unwrap();
         c.write_all(&3u32.to_be_bytes()).unwrap();
         let mut opt = Vec::new();
-        dlsm::nbd::proto::encode_option(&mut opt, dlsm::nbd::proto::opt::EXPORT_NAME, format!("vol{i}").as_bytes());
+        dlsm::nbd::proto::encode_option(
+            &mut opt,
+            dlsm::nbd::proto::opt::EXPORT_NAME,
+            format!("vol{i}").as_bytes(),
+        );
         c.write_all(&opt).unwrap();
         let mut r = [0u8; 10];
         c.read_exact(&mut r).unwrap();
         conns.push(c);
     }
-    let v: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "show", "vol3", "--json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "show", "vol3", "--json"])).unwrap();
     assert_eq!(v["connections"].as_u64(), Some(1));
     let rss = node.rss();
-    eprintln!("RSS with 100 volumes and 64 idle connections: {} KiB", rss >> 10);
+    eprintln!(
+        "RSS with 100 volumes and 64 idle connections: {} KiB",
+        rss >> 10
+    );
     assert!(rss < 64 << 20, "RSS {rss} bytes exceeds 64 MiB");
 }

@@ -56,14 +56,32 @@ impl Raw {
             self.send_option(opt::STRUCTURED_REPLY, &[]);
             assert_eq!(self.opt_replies().last().unwrap().0, rep::ACK);
         }
-        let req = InfoRequest { name: name.into(), requests: vec![] };
+        let req = InfoRequest {
+            name: name.into(),
+            requests: vec![],
+        };
         self.send_option(opt::GO, &req.encode());
         assert_eq!(self.opt_replies().last().unwrap().0, rep::ACK);
     }
 
-    fn request(&mut self, command: Command, flags: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+    fn request(
+        &mut self,
+        command: Command,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = Vec::new();
-        Request { flags, command, cookie, offset, len }.encode(&mut b);
+        Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        }
+        .encode(&mut b);
         b.extend_from_slice(payload);
         self.s.write_all(&b).unwrap();
     }
@@ -83,7 +101,12 @@ impl Raw {
         let mut h = [0u8; 20];
         self.s.read_exact(&mut h).unwrap();
         match proto::parse_reply_header(&h).unwrap() {
-            proto::ReplyHeader::Structured { flags, ty, cookie, len } => {
+            proto::ReplyHeader::Structured {
+                flags,
+                ty,
+                cookie,
+                len,
+            } => {
                 let mut p = vec![0u8; len as usize];
                 self.s.read_exact(&mut p).unwrap();
                 (flags, ty, cookie, p)
@@ -186,7 +209,10 @@ fn structured_errors_carry_messages() {
     // A structured read of data: one OFFSET_DATA chunk with DONE.
     c.request(Command::Read, cmd_flags::DF, 3, 0, 4096, &[]);
     let (flags, ty, cookie, p) = c.chunk();
-    assert_eq!((flags, ty, cookie, p.len()), (1, proto::chunk::OFFSET_DATA, 3, 8 + 4096));
+    assert_eq!(
+        (flags, ty, cookie, p.len()),
+        (1, proto::chunk::OFFSET_DATA, 3, 8 + 4096)
+    );
 }
 
 #[test]
@@ -226,10 +252,20 @@ fn option_haggling_rules() {
     c.send_option(opt::GO, &[0, 0, 0, 200, b'x']);
     assert_eq!(c.opt_replies().last().unwrap().0, rep::ERR_INVALID);
     // Unknown export: ERR_UNKNOWN.
-    c.send_option(opt::GO, &InfoRequest { name: "nope".into(), requests: vec![] }.encode());
+    c.send_option(
+        opt::GO,
+        &InfoRequest {
+            name: "nope".into(),
+            requests: vec![],
+        }
+        .encode(),
+    );
     assert_eq!(c.opt_replies().last().unwrap().0, rep::ERR_UNKNOWN);
     // SET_META_CONTEXT before structured replies: ERR_INVALID.
-    let q = proto::MetaContextQuery { export: "vm1".into(), queries: vec!["base:allocation".into()] };
+    let q = proto::MetaContextQuery {
+        export: "vm1".into(),
+        queries: vec!["base:allocation".into()],
+    };
     c.send_option(opt::SET_META_CONTEXT, &q.encode());
     assert_eq!(c.opt_replies().last().unwrap().0, rep::ERR_INVALID);
     // STARTTLS without TLS configured: refused, not fatal.
@@ -304,11 +340,24 @@ fn pipelined_requests_all_answered_with_their_cookies() {
     c.go("vm1", false);
     let mut batch = Vec::new();
     for i in 0..100u64 {
-        Request { flags: 0, command: Command::Write, cookie: 1000 + i, offset: i * 4096, len: 4096 }.encode(&mut batch);
+        Request {
+            flags: 0,
+            command: Command::Write,
+            cookie: 1000 + i,
+            offset: i * 4096,
+            len: 4096,
+        }
+        .encode(&mut batch);
         batch.extend_from_slice(&[i as u8; 4096]);
     }
     c.s.write_all(&batch).unwrap();
-    let mut seen: Vec<u64> = (0..100).map(|_| { let (e, k) = c.simple_reply(); assert_eq!(e, 0); k }).collect();
+    let mut seen: Vec<u64> = (0..100)
+        .map(|_| {
+            let (e, k) = c.simple_reply();
+            assert_eq!(e, 0);
+            k
+        })
+        .collect();
     seen.sort();
     assert_eq!(seen, (1000..1100).collect::<Vec<_>>());
 }

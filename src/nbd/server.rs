@@ -425,7 +425,10 @@ where
         // Check the magic before waiting for the rest of the header, so a
         // client speaking something else is dropped at once.
         if hdr[..4] != proto::REQUEST_MAGIC.to_be_bytes() {
-            break Err(ConnError::Protocol(format!("bad request magic {:02x?}", &hdr[..4])));
+            break Err(ConnError::Protocol(format!(
+                "bad request magic {:02x?}",
+                &hdr[..4]
+            )));
         }
         if let Err(e) = rd.read_exact(&mut hdr[4..]).await {
             break Err(e.into());

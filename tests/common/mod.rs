@@ -51,10 +51,20 @@ impl NodeProc {
         let mut child = Command::new(DLSM)
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--node", "test"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--node",
+                "test",
+            ])
             .arg("--listen-unix")
             .arg(&unix)
-            .env("RUST_LOG", std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -169,7 +179,9 @@ impl Drop for NodeProc {
 
 /// Runs a command, asserting success; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let o = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         o.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
