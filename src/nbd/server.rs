@@ -9,8 +9,11 @@
 //!   validates requests, answering malformed ones itself, and spawns one task
 //!   per valid request so that many are in flight and replies go out in
 //!   whatever order they complete;
-//! * the *writer* task owns the socket's write half and sends replies, in
-//!   batches, as they come from a channel.
+//! * replies go through a [`ReplySink`]: whoever finishes a request queues
+//!   its reply and, if no one is writing, becomes the writer and drains the
+//!   queue in one batch. A request served inline by the reader is answered
+//!   with no task switch at all; under load, replies coalesce into few
+//!   syscalls.
 //!
 //! Memory per connection is bounded: requests in flight hold permits of a
 //! byte budget ([`IN_FLIGHT_BUDGET`]), so a client that pipelines faster than
@@ -22,11 +25,12 @@
 //! requests, in-flight ones complete and their replies are sent, then the
 //! connection closes.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, cmd_flags, errno, opt, rep, tflags, ClientOption, Command, Request};
@@ -94,16 +98,20 @@ struct Negotiated {
 
 /// Serves one client connection until it disconnects, breaks the protocol,
 /// or `shutdown` becomes true.
-pub async fn serve_connection<S>(
-    stream: S,
+///
+/// The stream comes as its two halves (`TcpStream::into_split` and friends
+/// split without a lock; `tokio::io::split` works for any other stream).
+pub async fn serve_connection<R, W>(
+    rd: R,
+    wr: W,
     registry: Arc<dyn ExportRegistry>,
     mut shutdown: watch::Receiver<bool>,
     peer: String,
 ) -> Result<(), ConnError>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(16 << 10, rd);
     let mut wr = BufWriter::with_capacity(64 << 10, wr);
     let negotiated = tokio::select! {
@@ -407,8 +415,7 @@ where
         base_allocation: n.base_allocation,
     });
     let _guard = n.export.guard;
-    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(write_replies(wr, rx));
+    let sink = Arc::new(ReplySink::new(wr));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET as usize));
 
     let result = loop {
@@ -432,6 +439,9 @@ where
         }
         if let Err(e) = rd.read_exact(&mut hdr[4..]).await {
             break Err(e.into());
+        }
+        if sink.is_broken() {
+            break Ok(());
         }
         let req = match Request::parse(&hdr) {
             Ok(r) => r,
@@ -464,7 +474,7 @@ where
         };
         if let Err((code, msg)) = verdict {
             debug!(?req, code, msg, "request refused");
-            let _ = tx.send(error_reply(&conn, req.cookie, code, msg));
+            sink.send(error_reply(&conn, req.cookie, code, msg)).await;
             continue;
         }
         let cost = req.len.clamp(MIN_REQUEST_COST, IN_FLIGHT_BUDGET);
@@ -478,38 +488,99 @@ where
             .acquire_many_owned(cost)
             .await
             .expect("semaphore never closed");
-        let conn = conn.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = handle(&conn, req, payload).await;
-            let _ = tx.send(reply);
+        let task_conn = conn.clone();
+        let task_sink = sink.clone();
+        let mut fut = Box::pin(async move {
+            let reply = handle(&task_conn, req, payload).await;
+            task_sink.send(reply).await;
             drop(permit);
         });
+        // Fast path: most requests to a local target complete on their first
+        // poll (page-cache copies). Finish those right here; only requests
+        // that really wait (fsync, a remote fetch) become tasks of their own,
+        // so they complete, and reply, out of order. The first poll uses a
+        // no-op waker: a pending request is handed to `tokio::spawn`, whose
+        // own poll registers the real waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(fut);
+        }
     };
     // Let every accepted request finish and its reply go out.
     let _all = budget.acquire_many(IN_FLIGHT_BUDGET).await;
-    drop(tx);
-    match writer.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => debug!("writer ended: {e}"),
-        Err(e) => warn!("writer task failed: {e}"),
-    }
+    sink.close().await;
     result
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) -> std::io::Result<()> {
-    while let Some(first) = rx.recv().await {
-        wr.write_all(&first).await?;
-        while let Ok(more) = rx.try_recv() {
-            wr.write_all(&more).await?;
+/// Where replies go. Writers take turns: a reply is queued, and whoever
+/// finds the socket free drains the whole queue, then checks again after
+/// letting go, so no reply is ever stranded in the queue.
+struct ReplySink<W> {
+    queue: std::sync::Mutex<Vec<Vec<u8>>>,
+    writer: tokio::sync::Mutex<BufWriter<W>>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
+    fn new(wr: BufWriter<W>) -> Self {
+        Self {
+            queue: std::sync::Mutex::new(Vec::new()),
+            writer: tokio::sync::Mutex::new(wr),
+            broken: std::sync::atomic::AtomicBool::new(false),
         }
-        wr.flush().await?;
     }
-    wr.shutdown().await.ok();
-    Ok(())
+
+    /// Whether a write to the client has failed (the reader then stops).
+    fn is_broken(&self) -> bool {
+        self.broken.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn send(&self, reply: Vec<u8>) {
+        self.queue.lock().unwrap().push(reply);
+        loop {
+            {
+                let Ok(mut w) = self.writer.try_lock() else {
+                    // The current writer will pick our reply up.
+                    return;
+                };
+                loop {
+                    let batch = std::mem::take(&mut *self.queue.lock().unwrap());
+                    if batch.is_empty() {
+                        break;
+                    }
+                    if self.is_broken() {
+                        continue; // drop replies to a dead client
+                    }
+                    let mut r = Ok(());
+                    for b in &batch {
+                        r = w.write_all(b).await;
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    if r.is_ok() {
+                        r = w.flush().await;
+                    }
+                    if let Err(e) = r {
+                        debug!("cannot send replies: {e}");
+                        self.broken
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            // A reply queued while we held the writer, whose sender saw it
+            // busy, is ours to send.
+            if self.queue.lock().unwrap().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn close(&self) {
+        let mut w = self.writer.lock().await;
+        let _ = w.flush().await;
+        let _ = w.shutdown().await;
+    }
 }
 
 type Refusal = (u32, &'static str);

@@ -186,7 +186,8 @@ async fn accept_tcp(
                     let reg = registry.clone();
                     let sd = shutdown.clone();
                     conns.spawn(async move {
-                        if let Err(e) = serve_connection(sock, reg, sd, peer.to_string()).await {
+                        let (rd, wr) = sock.into_split();
+                        if let Err(e) = serve_connection(rd, wr, reg, sd, peer.to_string()).await {
                             debug!(%peer, "connection ended: {e}");
                         }
                     });
@@ -218,7 +219,8 @@ async fn accept_unix(
                     let reg = registry.clone();
                     let sd = shutdown.clone();
                     conns.spawn(async move {
-                        if let Err(e) = serve_connection(sock, reg, sd, "unix".into()).await {
+                        let (rd, wr) = sock.into_split();
+                        if let Err(e) = serve_connection(rd, wr, reg, sd, "unix".into()).await {
                             debug!("unix connection ended: {e}");
                         }
                     });
