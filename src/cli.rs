@@ -9,11 +9,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::api_client::Api;
+
+use crate::migrate::{MigrationStatus, Phase};
 use crate::nbd::client::{NbdAddr, NbdClient};
 use crate::node::api::{CreateVolume, NodeInfo, VolumeInfo};
+use crate::node::migration::{HandoffRequest, MigrateRequest, RateRequest};
 use crate::node::{Node, NodeConfig};
 use crate::size::{format_size, parse_size};
 
@@ -52,15 +55,82 @@ pub enum Command {
         /// This node's name.
         #[arg(long)]
         node: Option<String>,
+        /// Seconds a request needing an unreachable migration source waits
+        /// before failing with EIO.
+        #[arg(long, default_value_t = 30)]
+        source_timeout: u64,
     },
     /// Manage volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Migrate a volume from this node (--api) to another, live.
+    Migrate {
+        name: String,
+        /// The destination node's API address.
+        #[arg(long)]
+        to: String,
+        /// Region size, e.g. 64K (default), 1M.
+        #[arg(long, value_parser = parse_size)]
+        region_size: Option<u64>,
+        /// Background copy limit in bytes per second (e.g. 100M).
+        #[arg(long, value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Keep the source copy (fenced) after completion instead of deleting it.
+        #[arg(long)]
+        keep_source: bool,
+        /// Wait until hydration completes, showing progress.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and steer migrations.
+    #[command(subcommand)]
+    Migration(MigrationCmd),
     /// Run the demonstration: a node with a sample volume.
     Demo {
         /// Keep serving after the demo until Ctrl-C.
         #[arg(long)]
         hold: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MigrationCmd {
+    /// Show a migration's progress (on either node).
+    Status {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hand the volume off now (on the destination).
+    Handoff {
+        name: String,
+        /// The source is dead: take ownership without fencing it.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause the background copy (on-demand fetches go on).
+    Pause {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resume the background copy.
+    Resume {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the background copy limit (bytes/s; 0 = none).
+    SetRate {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        rate: u64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -134,6 +204,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             listen_unix,
             node,
+            source_timeout,
         } => {
             let name = node.unwrap_or_else(|| {
                 nix::unistd::gethostname()
@@ -146,10 +217,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 listen_unix,
                 api: cli.api,
                 name,
+                source_timeout: Duration::from_secs(source_timeout),
             };
             runtime()?.block_on(serve(cfg))
         }
         Command::Volume(cmd) => volume(&Api::new(&cli.api), cmd),
+        Command::Migrate {
+            name,
+            to,
+            region_size,
+            rate,
+            keep_source,
+            wait,
+            json,
+        } => {
+            let api = Api::new(&cli.api);
+            let req = MigrateRequest {
+                to: to.clone(),
+                region_size,
+                rate,
+                keep_source,
+            };
+            let s: MigrationStatus = api.post(&format!("/v1/volumes/{name}/migrate"), &req)?;
+            if !wait {
+                return print_status(&s, json);
+            }
+            if !json {
+                println!("{name}: prepared on {to}, serving there now; waiting for hydration");
+            }
+            wait_for(&Api::new(&to), &name, json)
+        }
+        Command::Migration(cmd) => migration(&Api::new(&cli.api), cmd),
         Command::Demo { hold } => runtime()?.block_on(crate::demo::run(hold)),
     }
 }
@@ -177,77 +275,125 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A blocking client of a node's control API.
-pub struct Api {
-    base: String,
-    agent: ureq::Agent,
+fn print_status(s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(s)?);
+        return Ok(());
+    }
+    let pct = if s.regions_total > 0 {
+        100.0 * s.regions_present as f64 / s.regions_total as f64
+    } else {
+        0.0
+    };
+    println!(
+        "volume:      {} ({} of the migration, peer {})",
+        s.volume, s.role, s.peer
+    );
+    println!(
+        "phase:       {:?}{}",
+        s.phase,
+        if s.paused { " (paused)" } else { "" }
+    );
+    println!(
+        "regions:     {}/{} present ({pct:.1}%), {} each",
+        s.regions_present,
+        s.regions_total,
+        format_size(s.region_size)
+    );
+    println!(
+        "bytes:       on demand {}, background {}, skipped (zero) {}",
+        format_size(s.bytes_on_demand),
+        format_size(s.bytes_background),
+        format_size(s.bytes_skipped)
+    );
+    let limit = if s.rate_limit == 0 {
+        "unlimited".to_string()
+    } else {
+        format!("{}/s", format_size(s.rate_limit))
+    };
+    println!("rate:        {}/s (limit {limit})", format_size(s.rate));
+    if let Some(eta) = s.eta_seconds {
+        println!("eta:         {eta:.0} s");
+    }
+    if let Some(e) = &s.last_error {
+        println!("last error:  {e}");
+    }
+    Ok(())
 }
 
-impl Api {
-    pub fn new(addr: &str) -> Self {
-        let base = if addr.starts_with("http://") {
-            addr.trim_end_matches('/').to_owned()
+/// Polls the destination until the migration completes or fails.
+fn wait_for(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
+    let bar = (!json).then(|| {
+        let b = indicatif::ProgressBar::new(1);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} regions  {msg}",
+            )
+            .expect("valid template"),
+        );
+        b
+    });
+    loop {
+        let s: MigrationStatus = api.get(&format!("/v1/migrations/{name}"))?;
+        if let Some(b) = &bar {
+            b.set_length(s.regions_total.max(1));
+            b.set_position(s.regions_present);
+            b.set_message(format!(
+                "{:?} {}/s{}",
+                s.phase,
+                format_size(s.rate),
+                s.last_error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            ));
         } else {
-            format!("http://{}", addr.trim_end_matches('/'))
-        };
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .build();
-        Self { base, agent }
-    }
-
-    fn call<T: DeserializeOwned>(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&impl Serialize>,
-    ) -> anyhow::Result<T> {
-        let url = format!("{}{}", self.base, path);
-        let req = self.agent.request(method, &url);
-        let resp = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let text = match resp {
-            Ok(r) => r.into_string()?,
-            Err(ureq::Error::Status(code, r)) => {
-                let body = r.into_string().unwrap_or_default();
-                let msg = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-                    .unwrap_or(body);
-                bail!("{msg} (HTTP {code})");
+            println!("{}", serde_json::to_string(&s)?);
+        }
+        match s.phase {
+            Phase::Complete => {
+                if let Some(b) = &bar {
+                    b.finish_with_message("complete");
+                    print_status(&s, false)?;
+                }
+                return Ok(());
             }
-            Err(e) => bail!("cannot reach the node API at {}: {e}", self.base),
-        };
-        let text = if text.is_empty() {
-            "null".to_owned()
-        } else {
-            text
-        };
-        serde_json::from_str(&text).with_context(|| format!("bad answer from {url}"))
+            Phase::Failed => bail!(
+                "migration of {name} failed: {}",
+                s.last_error.unwrap_or_default()
+            ),
+            _ => std::thread::sleep(Duration::from_millis(if json { 1000 } else { 200 })),
+        }
     }
+}
 
-    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        self.call("GET", path, None::<&()>)
-    }
-    pub fn post<T: DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &impl Serialize,
-    ) -> anyhow::Result<T> {
-        self.call("POST", path, Some(body))
-    }
-    pub fn delete(&self, path: &str) -> anyhow::Result<()> {
-        self.call::<serde_json::Value>("DELETE", path, None::<&()>)
-            .map(drop)
-    }
-    /// Host part of the API address (to reach a node listening on 0.0.0.0).
-    fn host(&self) -> &str {
-        let h = self.base.trim_start_matches("http://");
-        h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h)
-    }
+fn migration(api: &Api, cmd: MigrationCmd) -> anyhow::Result<()> {
+    let (s, json): (MigrationStatus, bool) = match cmd {
+        MigrationCmd::Status { name, json } => (api.get(&format!("/v1/migrations/{name}"))?, json),
+        MigrationCmd::Handoff { name, force, json } => (
+            api.post(
+                &format!("/v1/migrations/{name}/handoff"),
+                &HandoffRequest { force },
+            )?,
+            json,
+        ),
+        MigrationCmd::Pause { name, json } => (
+            api.post(&format!("/v1/migrations/{name}/pause"), &())?,
+            json,
+        ),
+        MigrationCmd::Resume { name, json } => (
+            api.post(&format!("/v1/migrations/{name}/resume"), &())?,
+            json,
+        ),
+        MigrationCmd::SetRate { name, rate, json } => (
+            api.post(
+                &format!("/v1/migrations/{name}/rate"),
+                &RateRequest { rate },
+            )?,
+            json,
+        ),
+    };
+    print_status(&s, json)
 }
 
 fn print_json(v: &impl Serialize) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ pub async fn run(hold: bool) -> anyhow::Result<()> {
         listen_unix: None,
         api: "127.0.0.1:0".into(),
         name: "demo-a".into(),
+        source_timeout: Duration::from_secs(30),
     })
     .await?;
     let size = 256u64 << 20;

@@ -6,8 +6,10 @@
 //! API. See `DESIGN.md` in the repository for the architecture and its
 //! invariants.
 
+pub mod api_client;
 pub mod cli;
 pub mod demo;
+pub mod migrate;
 pub mod nbd;
 pub mod node;
 pub mod size;

@@ -7,21 +7,31 @@
 //! | POST   | /v1/volumes          | create `{name, size}`                |
 //! | GET    | /v1/volumes/{name}   | one volume                           |
 //! | DELETE | /v1/volumes/{name}   | delete (409 while clients attached)  |
+//! | POST   | /v1/volumes/{name}/migrate | source: start a migration     |
+//! | POST   | /v1/volumes/{name}/fence   | source: refuse writes, flush  |
+//! | POST   | /v1/volumes/{name}/release | source: drop the handed-off copy |
+//! | POST   | /v1/migrations             | destination: prepare a clone  |
+//! | GET    | /v1/migrations/{name}      | status, on either node        |
+//! | POST   | /v1/migrations/{name}/handoff, /pause, /resume, /rate |     |
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
-//! place store errors become HTTP statuses.
+//! place errors become HTTP statuses.
 
 use std::sync::Arc;
 
 use axum::extract::{rejection::JsonRejection, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::migration::{
+    self, FenceRequest, HandoffRequest, MigrateRequest, MigrationError, PrepareRequest, RateRequest,
+};
 use super::store::{StoreError, TargetSpec, Volume};
 use super::NodeState;
+use crate::migrate::MigrationStatus;
 
 /// Largest request body the API accepts.
 const MAX_BODY: usize = 64 << 10;
@@ -31,6 +41,15 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/node", get(node_info))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route("/v1/volumes/{name}", get(show_volume).delete(remove_volume))
+        .route("/v1/volumes/{name}/migrate", post(migrate))
+        .route("/v1/volumes/{name}/fence", post(fence))
+        .route("/v1/volumes/{name}/release", post(release))
+        .route("/v1/migrations", post(prepare))
+        .route("/v1/migrations/{name}", get(migration_status))
+        .route("/v1/migrations/{name}/handoff", post(handoff))
+        .route("/v1/migrations/{name}/pause", post(pause))
+        .route("/v1/migrations/{name}/resume", post(resume))
+        .route("/v1/migrations/{name}/rate", post(set_rate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
@@ -39,8 +58,21 @@ pub fn router(state: Arc<NodeState>) -> Router {
 #[derive(Debug)]
 pub struct ApiError(StatusCode, String);
 
-/// The one mapping of store errors to HTTP statuses.
-pub fn status_of(e: &StoreError) -> StatusCode {
+/// The one mapping of errors to HTTP statuses.
+pub fn status_of(e: &MigrationError) -> StatusCode {
+    use crate::target::BlockError;
+    match e {
+        MigrationError::Store(e) => store_status(e),
+        MigrationError::NotMigrating(_) => StatusCode::NOT_FOUND,
+        MigrationError::Conflict(_) => StatusCode::CONFLICT,
+        MigrationError::Peer(_) => StatusCode::BAD_GATEWAY,
+        MigrationError::Block(BlockError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        MigrationError::Block(BlockError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
+        MigrationError::Block(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::InvalidName(_) | StoreError::InvalidSize(_) => StatusCode::BAD_REQUEST,
         StoreError::AlreadyExists(_) | StoreError::Busy(..) => StatusCode::CONFLICT,
@@ -52,9 +84,15 @@ pub fn status_of(e: &StoreError) -> StatusCode {
     }
 }
 
+impl From<MigrationError> for ApiError {
+    fn from(e: MigrationError) -> Self {
+        ApiError(status_of(&e), e.to_string())
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError(status_of(&e), e.to_string())
+        MigrationError::Store(e).into()
     }
 }
 
@@ -92,6 +130,9 @@ pub struct VolumeInfo {
     pub connections: usize,
     /// `nbd://HOST:PORT/NAME`, when the node listens on TCP.
     pub uri: Option<String>,
+    /// Set when this node handed the volume off (writes refused).
+    #[serde(default)]
+    pub fenced_to: Option<String>,
 }
 
 /// Body of `POST /v1/volumes`.
@@ -103,15 +144,15 @@ pub struct CreateVolume {
 }
 
 fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
+    let t = v.table();
     VolumeInfo {
-        name: v.table.name.clone(),
-        size: v.table.size,
-        table: v.table.target.clone(),
-        allocated_bytes: v.target.allocated_bytes(),
+        name: v.name.clone(),
+        size: v.size,
+        table: t.target,
+        allocated_bytes: v.target().allocated_bytes(),
         connections: v.connections(),
-        uri: state
-            .nbd_addr
-            .map(|a| format!("nbd://{a}/{}", v.table.name)),
+        uri: state.nbd_addr.map(|a| format!("nbd://{a}/{}", v.name)),
+        fenced_to: t.fenced_to,
     }
 }
 
@@ -152,8 +193,106 @@ async fn remove_volume(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let store = s.store.clone();
-    tokio::task::spawn_blocking(move || store.remove(&name))
+    tokio::task::spawn_blocking(move || store.remove(&name, false))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
+}
+
+type Named = Path<String>;
+
+async fn migrate(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+    body: Result<Json<MigrateRequest>, JsonRejection>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let Json(req) = body?;
+    if let Some(rs) = req.region_size {
+        if rs < 4096 || !rs.is_power_of_two() || rs > 64 << 20 {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("region size {rs} must be a power of two between 4 KiB and 64 MiB"),
+            ));
+        }
+    }
+    Ok(Json(migration::migrate(&s, &name, req).await?))
+}
+
+async fn fence(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+    body: Result<Json<FenceRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body?;
+    migration::fence(&s, &name, &req.to).await?;
+    Ok(Json(serde_json::json!({ "fenced": name })))
+}
+
+async fn release(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    migration::release(&s, &name).await?;
+    Ok(Json(serde_json::json!({ "released": name })))
+}
+
+async fn prepare(
+    State(s): State<Arc<NodeState>>,
+    body: Result<Json<PrepareRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<MigrationStatus>), ApiError> {
+    let Json(req) = body?;
+    Ok((
+        StatusCode::CREATED,
+        Json(migration::prepare(&s, req).await?),
+    ))
+}
+
+async fn migration_status(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    if let Some(done) = s.completed.lock().unwrap().get(&name) {
+        if s.store.get(&name).is_ok_and(|v| v.clone_target().is_none()) {
+            return Ok(Json(done.clone()));
+        }
+    }
+    Ok(Json(migration::status(&s, &name).await?))
+}
+
+async fn handoff(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+    body: Option<Json<HandoffRequest>>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let force = body.is_some_and(|Json(b)| b.force);
+    Ok(Json(migration::handoff(&s, &name, force).await?))
+}
+
+async fn pause(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let c = migration::clone_of(&s, &name)?;
+    c.pause();
+    Ok(Json(c.status()))
+}
+
+async fn resume(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let c = migration::clone_of(&s, &name)?;
+    c.resume();
+    Ok(Json(c.status()))
+}
+
+async fn set_rate(
+    State(s): State<Arc<NodeState>>,
+    Path(name): Named,
+    body: Result<Json<RateRequest>, JsonRejection>,
+) -> Result<Json<MigrationStatus>, ApiError> {
+    let Json(req) = body?;
+    let c = migration::clone_of(&s, &name)?;
+    c.set_rate(req.rate);
+    Ok(Json(c.status()))
 }

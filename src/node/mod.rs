@@ -9,6 +9,8 @@
 //! had written, which is what NBD's FLUSH/FUA contract allows.
 
 pub mod api;
+pub mod fence;
+pub mod migration;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub struct NodeConfig {
     pub api: String,
     /// The node's name, reported by the API.
     pub name: String,
+    /// How long requests wait for an unreachable migration source.
+    pub source_timeout: Duration,
 }
 
 /// Serves the store's volumes as NBD exports.
@@ -47,21 +51,16 @@ impl ExportRegistry for Registry {
         self.0
             .list()
             .iter()
-            .map(|v| {
-                (
-                    v.table.name.clone(),
-                    format!("dlsm volume, {} bytes", v.table.size),
-                )
-            })
+            .map(|v| (v.name.clone(), format!("dlsm volume, {} bytes", v.size)))
             .collect()
     }
 
     fn open(&self, name: &str) -> Option<Export> {
         let v = self.0.get(name).ok()?;
         Some(Export {
-            name: v.table.name.clone(),
-            description: format!("dlsm volume, {} bytes", v.table.size),
-            target: v.target.clone(),
+            name: v.name.clone(),
+            description: format!("dlsm volume, {} bytes", v.size),
+            target: v.gated_target(),
             read_only: false,
             guard: Box::new(v.connection_guard()),
         })
@@ -74,6 +73,10 @@ pub struct NodeState {
     pub store: Arc<VolumeStore>,
     pub nbd_addr: Option<SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
+    pub api_addr: SocketAddr,
+    /// Status of migrations completed here since start (for `status`).
+    pub completed:
+        std::sync::Mutex<std::collections::HashMap<String, crate::migrate::MigrationStatus>>,
 }
 
 /// A running node.
@@ -89,8 +92,17 @@ impl Node {
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data dir {}", cfg.data_dir.display()))?;
+        let api = TcpListener::bind(&cfg.api)
+            .await
+            .with_context(|| format!("cannot listen for the API on {}", cfg.api))?;
+        let api_addr = api.local_addr()?;
+        let env = store::CloneEnv {
+            source_timeout: cfg.source_timeout,
+            origin_connections: 4,
+            hooks: migration::hooks_factory(api_addr.to_string(), cfg.source_timeout),
+        };
         let store = Arc::new(
-            VolumeStore::open(&cfg.data_dir)
+            VolumeStore::open(&cfg.data_dir, env)
                 .with_context(|| format!("cannot open data dir {}", cfg.data_dir.display()))?,
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -123,11 +135,10 @@ impl Node {
             store,
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),
+            api_addr,
+            completed: Default::default(),
         });
-        let api = TcpListener::bind(&cfg.api)
-            .await
-            .with_context(|| format!("cannot listen for the API on {}", cfg.api))?;
-        let api_addr = api.local_addr()?;
+        migration::resume_all(&state);
         let router = api::router(state.clone());
         let mut api_shutdown = shutdown_rx.clone();
         tasks.spawn(async move {

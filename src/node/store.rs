@@ -29,7 +29,11 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::target::{BlockError, BlockTarget, LocalTarget};
+use super::fence::{Fence, FenceGate};
+use crate::migrate::clone::{CloneConfig, CloneTarget, MigrationHooks};
+use crate::migrate::region_map::RegionMap;
+use crate::nbd::client::NbdAddr;
+use crate::target::{BlockError, BlockTarget, LocalTarget, RemoteTarget};
 
 /// Errors of the store boundary; mapped to HTTP statuses in the API.
 #[derive(Debug, Error)]
@@ -70,6 +74,32 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 pub enum TargetSpec {
     /// A sparse raw file inside the volume's directory.
     Local { file: String },
+    /// Another node's export (a migration's origin).
+    Remote {
+        /// The origin node's NBD address (`HOST:PORT`).
+        nbd: String,
+        export: String,
+        /// The origin node's control API (for fencing and release).
+        api: String,
+    },
+    /// Origin + local file + region map: a volume migrating in.
+    Clone {
+        origin: Box<TargetSpec>,
+        local: Box<TargetSpec>,
+        map: String,
+        region_size: u64,
+        handed_off: bool,
+        #[serde(default)]
+        rate: u64,
+    },
+}
+
+/// An outgoing migration, recorded on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// The destination node's API.
+    pub to: String,
+    pub keep_source: bool,
 }
 
 /// The persisted description of a volume (`table.json`).
@@ -78,12 +108,22 @@ pub struct VolumeTable {
     pub name: String,
     pub size: u64,
     pub target: TargetSpec,
+    /// Set once this node handed the volume off: writes are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_to: Option<String>,
+    /// Set while the volume migrates away from this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outgoing: Option<Outgoing>,
 }
 
 /// A live volume: its table and the stacked target that serves it.
 pub struct Volume {
-    pub table: VolumeTable,
-    pub target: Arc<dyn BlockTarget>,
+    pub name: String,
+    pub size: u64,
+    table: Arc<Mutex<VolumeTable>>,
+    target: std::sync::RwLock<Arc<dyn BlockTarget>>,
+    clone: Mutex<Option<Arc<CloneTarget>>>,
+    pub fence: Arc<Fence>,
     connections: Arc<AtomicUsize>,
     dir: PathBuf,
 }
@@ -104,6 +144,67 @@ impl Volume {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The current table (a copy).
+    pub fn table(&self) -> VolumeTable {
+        self.table.lock().unwrap().clone()
+    }
+
+    /// The current top target.
+    pub fn target(&self) -> Arc<dyn BlockTarget> {
+        self.target.read().unwrap().clone()
+    }
+
+    /// The target an NBD connection gets: the top target behind the fence.
+    pub fn gated_target(&self) -> Arc<dyn BlockTarget> {
+        Arc::new(FenceGate::new(self.target(), self.fence.clone()))
+    }
+
+    /// The migration clone, while this volume migrates in.
+    pub fn clone_target(&self) -> Option<Arc<CloneTarget>> {
+        self.clone.lock().unwrap().clone()
+    }
+
+    /// Changes the table durably, then in memory.
+    pub fn update_table(
+        &self,
+        f: impl FnOnce(&mut VolumeTable),
+    ) -> Result<VolumeTable, StoreError> {
+        update_table(&self.dir, &self.table, f)
+    }
+
+    /// Collapses a completed clone to its local target: table first
+    /// (durable), then the live target; finally the map file goes.
+    pub fn collapse_to_local(&self) -> Result<(), StoreError> {
+        let Some(clone) = self.clone_target() else {
+            return Ok(());
+        };
+        let TargetSpec::Clone { local, map, .. } = self.table().target else {
+            return Ok(());
+        };
+        self.update_table(|t| t.target = *local.clone())?;
+        *self.target.write().unwrap() = clone.local();
+        *self.clone.lock().unwrap() = None;
+        let map_path = self.dir.join(map);
+        let _ = fs::remove_file(&map_path);
+        Ok(())
+    }
+}
+
+/// Makes a clone's hooks from its volume directory and live table.
+pub type HooksFactory =
+    Arc<dyn Fn(&Path, Arc<Mutex<VolumeTable>>) -> Arc<dyn MigrationHooks> + Send + Sync>;
+
+/// Settings the store needs to rebuild migrating volumes.
+#[derive(Clone)]
+pub struct CloneEnv {
+    /// How long a request waits for an unreachable origin before EIO.
+    pub source_timeout: std::time::Duration,
+    /// NBD connections to an origin.
+    pub origin_connections: usize,
+    /// Builds the hooks a clone uses to reach its source; they get the
+    /// volume's directory and live table (to persist the handoff).
+    pub hooks: HooksFactory,
 }
 
 /// Counts a connection while alive.
@@ -137,12 +238,13 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
 pub struct VolumeStore {
     root: PathBuf,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
+    env: CloneEnv,
 }
 
 impl VolumeStore {
     /// Opens (creating if needed) the store under `data_dir`, loading every
     /// volume and sweeping unfinished creations and removals.
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(data_dir: &Path, env: CloneEnv) -> Result<Self, StoreError> {
         let root = data_dir.join("volumes");
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         let mut volumes = BTreeMap::new();
@@ -159,18 +261,73 @@ impl VolumeStore {
                 tracing::warn!(path = %path.display(), "ignoring stray entry in volumes directory");
                 continue;
             }
-            let vol = load_volume(&path, &name)?;
+            let vol = load_volume(&path, &name, &env)?;
             volumes.insert(name, Arc::new(vol));
         }
         tracing::info!(count = volumes.len(), root = %root.display(), "volume store opened");
         Ok(Self {
             root,
             volumes: Mutex::new(volumes),
+            env,
         })
     }
 
     /// Creates an empty (all-zero, sparse) volume.
     pub fn create(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
+        let table = VolumeTable {
+            name: name.to_owned(),
+            size,
+            target: TargetSpec::Local {
+                file: "data.raw".into(),
+            },
+            fenced_to: None,
+            outgoing: None,
+        };
+        self.create_with(table, |_| Ok(()))
+    }
+
+    /// Creates the destination volume of a migration: a sparse data file,
+    /// an all-absent region map and a clone table, in constant time.
+    pub fn create_clone(
+        &self,
+        name: &str,
+        size: u64,
+        origin: TargetSpec,
+        region_size: u64,
+        rate: u64,
+    ) -> Result<Arc<Volume>, StoreError> {
+        let table = VolumeTable {
+            name: name.to_owned(),
+            size,
+            target: TargetSpec::Clone {
+                origin: Box::new(origin),
+                local: Box::new(TargetSpec::Local {
+                    file: "data.raw".into(),
+                }),
+                map: "regions.map".into(),
+                region_size,
+                handed_off: false,
+                rate,
+            },
+            fenced_to: None,
+            outgoing: None,
+        };
+        self.create_with(table, |dir| {
+            RegionMap::create(&dir.join("regions.map"), size, region_size)
+                .map(drop)
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
+                    _ => StoreError::Block(BlockError::from_io(e)),
+                })
+        })
+    }
+
+    fn create_with(
+        &self,
+        table: VolumeTable,
+        extra: impl FnOnce(&Path) -> Result<(), StoreError>,
+    ) -> Result<Arc<Volume>, StoreError> {
+        let (name, size) = (table.name.as_str(), table.size);
         validate_name(name)?;
         if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
             return Err(StoreError::InvalidSize(format!(
@@ -187,19 +344,13 @@ impl VolumeStore {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         let built = (|| {
-            let table = VolumeTable {
-                name: name.to_owned(),
-                size,
-                target: TargetSpec::Local {
-                    file: "data.raw".into(),
-                },
-            };
             drop(LocalTarget::create(&tmp.join("data.raw"), size)?);
+            extra(&tmp)?;
             write_table(&tmp, &table)?;
             let dir = self.root.join(name);
             fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
             sync_dir(&self.root)?;
-            load_volume(&dir, name)
+            load_volume(&dir, name, &self.env)
         })();
         let vol = match built {
             Ok(v) => Arc::new(v),
@@ -228,15 +379,20 @@ impl VolumeStore {
         self.volumes.lock().unwrap().values().cloned().collect()
     }
 
-    /// Deletes a volume and its data. Refused while clients are attached.
-    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+    /// Deletes a volume and its data. Refused while clients are attached,
+    /// unless `force` (a released migration source: its remaining clients
+    /// keep reading the unlinked file until they go).
+    pub fn remove(&self, name: &str, force: bool) -> Result<(), StoreError> {
         let mut vols = self.volumes.lock().unwrap();
         let vol = vols
             .get(name)
             .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
         let n = vol.connections();
-        if n > 0 {
+        if n > 0 && !force {
             return Err(StoreError::Busy(name.to_owned(), n));
+        }
+        if let Some(c) = vol.clone_target() {
+            c.stop();
         }
         let doomed = self.root.join(format!(".tmp-rm-{name}"));
         fs::rename(vol.dir(), &doomed).map_err(io_err(vol.dir()))?;
@@ -251,14 +407,17 @@ impl VolumeStore {
     /// Flushes every volume (used at shutdown).
     pub async fn flush_all(&self) {
         for v in self.list() {
-            if let Err(e) = v.target.flush().await {
-                tracing::error!(volume = %v.table.name, "flush at shutdown failed: {e}");
+            if let Some(c) = v.clone_target() {
+                c.stop();
+            }
+            if let Err(e) = v.target().flush().await {
+                tracing::error!(volume = %v.name, "flush at shutdown failed: {e}");
             }
         }
     }
 }
 
-fn load_volume(dir: &Path, name: &str) -> Result<Volume, StoreError> {
+fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         name: name.to_owned(),
         reason,
@@ -270,25 +429,95 @@ fn load_volume(dir: &Path, name: &str) -> Result<Volume, StoreError> {
     if table.name != name {
         return Err(corrupt(format!("table names volume {:?}", table.name)));
     }
+    let open_local = |spec: &TargetSpec| -> Result<Arc<LocalTarget>, StoreError> {
+        let TargetSpec::Local { file } = spec else {
+            return Err(corrupt(format!("expected a local target, found {spec:?}")));
+        };
+        let t = LocalTarget::open(&dir.join(file), false)?;
+        if t.size() != table.size {
+            return Err(corrupt(format!(
+                "data file is {} bytes, table says {}",
+                t.size(),
+                table.size
+            )));
+        }
+        Ok(Arc::new(t))
+    };
+    let shared = Arc::new(Mutex::new(table.clone()));
+    let mut clone = None;
     let target: Arc<dyn BlockTarget> = match &table.target {
-        TargetSpec::Local { file } => {
-            let t = LocalTarget::open(&dir.join(file), false)?;
-            if t.size() != table.size {
-                return Err(corrupt(format!(
-                    "data file is {} bytes, table says {}",
-                    t.size(),
-                    table.size
-                )));
-            }
-            Arc::new(t)
+        TargetSpec::Local { .. } => open_local(&table.target)?,
+        TargetSpec::Remote { .. } => {
+            return Err(corrupt("a bare remote volume is not supported".into()))
+        }
+        TargetSpec::Clone {
+            origin,
+            local,
+            map,
+            handed_off,
+            rate,
+            ..
+        } => {
+            let TargetSpec::Remote { nbd, export, api } = origin.as_ref() else {
+                return Err(corrupt("clone origin must be remote".into()));
+            };
+            let addr: NbdAddr = nbd.parse().map_err(corrupt)?;
+            let origin = Arc::new(RemoteTarget::lazy(
+                addr,
+                export,
+                table.size,
+                env.origin_connections,
+                env.source_timeout,
+            ));
+            let map =
+                RegionMap::open(&dir.join(map)).map_err(|e| corrupt(format!("region map: {e}")))?;
+            let cfg = CloneConfig {
+                rate: *rate,
+                ..CloneConfig::default()
+            };
+            let c = CloneTarget::new(
+                name,
+                api,
+                origin,
+                open_local(local)?,
+                map,
+                *handed_off,
+                (env.hooks)(dir, shared.clone()),
+                cfg,
+            )
+            .map_err(BlockError::from_io)?;
+            clone = Some(c.clone());
+            c
         }
     };
+    let fence = match &table.fenced_to {
+        Some(to) => Fence::closed(to),
+        None => Fence::default(),
+    };
     Ok(Volume {
-        table,
-        target,
+        name: table.name.clone(),
+        size: table.size,
+        table: shared,
+        target: std::sync::RwLock::new(target),
+        clone: Mutex::new(clone),
+        fence: Arc::new(fence),
         connections: Arc::new(AtomicUsize::new(0)),
         dir: dir.to_owned(),
     })
+}
+
+/// Changes a volume's table durably (`table.json`), then in memory.
+pub fn update_table(
+    dir: &Path,
+    table: &Mutex<VolumeTable>,
+    f: impl FnOnce(&mut VolumeTable),
+) -> Result<VolumeTable, StoreError> {
+    let mut t = table.lock().unwrap();
+    let mut new = t.clone();
+    f(&mut new);
+    write_table(dir, &new)?;
+    *t = new.clone();
+    Ok(new)
 }
 
 /// Writes `table.json` atomically and durably.
@@ -318,6 +547,25 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 mod tests {
     use super::*;
 
+    struct NoHooks;
+    #[async_trait::async_trait]
+    impl MigrationHooks for NoHooks {
+        async fn fence_source(&self) -> Result<(), String> {
+            Err("no source in this test".into())
+        }
+        fn persist_handoff(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn test_env() -> CloneEnv {
+        CloneEnv {
+            source_timeout: std::time::Duration::from_secs(1),
+            origin_connections: 1,
+            hooks: Arc::new(|_, _| Arc::new(NoHooks) as Arc<dyn MigrationHooks>),
+        }
+    }
+
     #[test]
     fn names_are_checked() {
         for ok in ["vm1", "a", "disk-0.raw", "A_b"] {
@@ -332,9 +580,9 @@ mod tests {
     async fn volumes_survive_reopen_and_leftovers_are_swept() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = VolumeStore::open(dir.path()).unwrap();
+            let s = VolumeStore::open(dir.path(), test_env()).unwrap();
             let v = s.create("vm1", 1 << 20).unwrap();
-            v.target.write(4096, b"hello", true).await.unwrap();
+            v.target().write(4096, b"hello", true).await.unwrap();
             s.create("vm2", 4096).unwrap();
             assert!(matches!(
                 s.create("vm1", 4096),
@@ -348,19 +596,22 @@ mod tests {
                 s.create("vm3", 0),
                 Err(StoreError::InvalidSize(_))
             ));
-            s.remove("vm2").unwrap();
-            assert!(matches!(s.remove("vm2"), Err(StoreError::NotFound(_))));
+            s.remove("vm2", false).unwrap();
+            assert!(matches!(
+                s.remove("vm2", false),
+                Err(StoreError::NotFound(_))
+            ));
         }
         // A crash mid-create leaves a .tmp- directory behind.
         fs::create_dir(dir.path().join("volumes/.tmp-vm9-1")).unwrap();
-        let s = VolumeStore::open(dir.path()).unwrap();
-        let names: Vec<_> = s.list().iter().map(|v| v.table.name.clone()).collect();
+        let s = VolumeStore::open(dir.path(), test_env()).unwrap();
+        let names: Vec<_> = s.list().iter().map(|v| v.name.clone()).collect();
         assert_eq!(names, ["vm1"]);
         assert!(!dir.path().join("volumes/.tmp-vm9-1").exists());
         let mut b = [0u8; 5];
         s.get("vm1")
             .unwrap()
-            .target
+            .target()
             .read(4096, &mut b)
             .await
             .unwrap();
@@ -370,23 +621,26 @@ mod tests {
     #[test]
     fn busy_volume_is_not_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let s = VolumeStore::open(dir.path()).unwrap();
+        let s = VolumeStore::open(dir.path(), test_env()).unwrap();
         let v = s.create("vm1", 4096).unwrap();
         let g = v.connection_guard();
-        assert!(matches!(s.remove("vm1"), Err(StoreError::Busy(_, 1))));
+        assert!(matches!(
+            s.remove("vm1", false),
+            Err(StoreError::Busy(_, 1))
+        ));
         drop(g);
-        s.remove("vm1").unwrap();
+        s.remove("vm1", false).unwrap();
     }
 
     #[test]
     fn corrupt_table_is_reported() {
         let dir = tempfile::tempdir().unwrap();
-        VolumeStore::open(dir.path())
+        VolumeStore::open(dir.path(), test_env())
             .unwrap()
             .create("vm1", 4096)
             .unwrap();
         fs::write(dir.path().join("volumes/vm1/table.json"), b"{nope").unwrap();
-        let e = VolumeStore::open(dir.path()).err().unwrap();
+        let e = VolumeStore::open(dir.path(), test_env()).err().unwrap();
         assert!(e.to_string().contains("corrupt"), "{e}");
     }
 }

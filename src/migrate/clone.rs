@@ -1,0 +1,767 @@
+//! `clone`: the destination side of a migration.
+//!
+//! ```text
+//!   CloneTarget
+//!     origin: RemoteTarget  ──NBD──►  source node's export
+//!     local:  LocalTarget   (sparse data file, same size)
+//!     map:    RegionMap     (present regions, durable)
+//!     locks:  RegionLocks   (fetch vs client write, per region)
+//! ```
+//!
+//! **Before handoff** (passthrough) reads go to the origin and nothing is
+//! kept: the source may still change those blocks (invariant 2). The first
+//! write triggers the handoff: [`MigrationHooks::fence_source`] makes the
+//! source refuse writes and flush; then the source's zero ranges are marked
+//! present (they never cross the network), the map is committed and the
+//! handoff persisted ([`MigrationHooks::persist_handoff`]) before the write
+//! proceeds. A write that cannot hand off (source unreachable) fails: this
+//! node never accepts a write while another might (invariant 1).
+//!
+//! **After handoff** (hydrating): a read of absent regions fetches them on
+//! demand under their region lock; a write covering whole regions needs no
+//! fetch; a partial write to an absent region fetches it first; the
+//! background hydrator copies the rest in large batches, several at once,
+//! paced by the rate limit, skipping ranges a client holds. Every fetch
+//! checks, under the lock, that the region is still absent, so fetched data
+//! never lands over a client's write (invariant 3). Regions are marked
+//! present only after their data is written locally; FLUSH and FUA commit
+//! the map after syncing the data (invariant 4).
+//!
+//! **Cancellation**: dropping an operation's future at an await releases its
+//! region lock; a region is marked present only after its data is fully
+//! written, so a dropped fetch leaves the region absent, to be fetched again.
+//!
+//! The hydrator is a task owned by the target (spawned by
+//! [`CloneTarget::start`]); it stops when the volume completes or
+//! [`CloneTarget::stop`] is called, leaving on disk at most uncommitted
+//! regions, which are fetched again later.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::region_map::RegionMap;
+use super::{MigrationStatus, Phase, RateLimiter, RegionLocks};
+use crate::nbd::proto::alloc_flags;
+use crate::target::{
+    check_range, BlockError, BlockResult, BlockTarget, Capabilities, Extent, LocalTarget,
+    RemoteTarget, ZeroFlags,
+};
+
+/// What the clone needs from the node: talking to the source, and
+/// persisting its own table. Implemented in `node::migration`.
+#[async_trait]
+pub trait MigrationHooks: Send + Sync + 'static {
+    /// Asks the source to refuse writes from now on and make the ones it
+    /// accepted durable. Returns once it has.
+    async fn fence_source(&self) -> Result<(), String>;
+    /// Records durably that this node now owns the volume.
+    fn persist_handoff(&self) -> Result<(), String>;
+}
+
+/// Tunables of a clone.
+#[derive(Debug, Clone)]
+pub struct CloneConfig {
+    /// Largest background fetch, bytes.
+    pub batch_bytes: u64,
+    /// Background fetches in flight.
+    pub parallel: usize,
+    /// Background copy limit, bytes/s (0: none).
+    pub rate: u64,
+    /// How often the hydrator commits the map.
+    pub commit_interval: Duration,
+    /// Regions prefetched after a sequential on-demand read.
+    pub prefetch_regions: u64,
+}
+
+impl Default for CloneConfig {
+    fn default() -> Self {
+        Self {
+            batch_bytes: 4 << 20,
+            parallel: 8,
+            rate: 0,
+            commit_interval: Duration::from_secs(1),
+            prefetch_regions: 16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FetchKind {
+    OnDemand,
+    Background,
+}
+
+#[derive(Default)]
+struct Stats {
+    on_demand: AtomicU64,
+    background: AtomicU64,
+    skipped: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    handoff_at: Mutex<Option<Instant>>,
+    completed_at: Mutex<Option<Instant>>,
+    /// (time, background bytes) samples for the measured rate.
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+}
+
+/// The migration target. See the module docs.
+pub struct CloneTarget {
+    name: String,
+    peer: String,
+    size: u64,
+    region_size: u64,
+    origin: Arc<RemoteTarget>,
+    local: Arc<LocalTarget>,
+    map: Mutex<RegionMap>,
+    map_file: File,
+    commit_lock: tokio::sync::Mutex<()>,
+    locks: RegionLocks,
+    handed_off: AtomicBool,
+    handoff_lock: tokio::sync::Mutex<()>,
+    hooks: Arc<dyn MigrationHooks>,
+    cfg: CloneConfig,
+    limiter: RateLimiter,
+    paused: AtomicBool,
+    stopped: AtomicBool,
+    failed: Mutex<Option<String>>,
+    wake: Notify,
+    complete: AtomicBool,
+    completed: Notify,
+    hints: Mutex<VecDeque<(u64, u64)>>,
+    last_on_demand_end: AtomicU64,
+    started: Instant,
+    stats: Stats,
+}
+
+impl CloneTarget {
+    /// Builds a clone over an existing data file and region map.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        peer: &str,
+        origin: Arc<RemoteTarget>,
+        local: Arc<LocalTarget>,
+        map: RegionMap,
+        handed_off: bool,
+        hooks: Arc<dyn MigrationHooks>,
+        cfg: CloneConfig,
+    ) -> std::io::Result<Arc<Self>> {
+        let map_file = map.file().try_clone()?;
+        let complete = handed_off && map.is_complete();
+        Ok(Arc::new(Self {
+            name: name.to_owned(),
+            peer: peer.to_owned(),
+            size: local.size(),
+            region_size: map.region_size(),
+            origin,
+            local,
+            map_file,
+            map: Mutex::new(map),
+            commit_lock: Default::default(),
+            locks: RegionLocks::default(),
+            handed_off: AtomicBool::new(handed_off),
+            handoff_lock: Default::default(),
+            hooks,
+            limiter: RateLimiter::new(cfg.rate),
+            cfg,
+            paused: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            failed: Mutex::new(None),
+            wake: Notify::new(),
+            complete: AtomicBool::new(complete),
+            completed: Notify::new(),
+            hints: Mutex::new(VecDeque::new()),
+            last_on_demand_end: AtomicU64::new(u64::MAX),
+            started: Instant::now(),
+            stats: Stats::default(),
+        }))
+    }
+
+    /// Spawns the hydrator. It waits for handoff, copies, and returns when
+    /// every region is present (or on [`CloneTarget::stop`]).
+    pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let me = self.clone();
+        tokio::spawn(async move { me.hydrate().await })
+    }
+
+    pub fn is_handed_off(&self) -> bool {
+        self.handed_off.load(Ordering::SeqCst)
+    }
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::SeqCst)
+    }
+    /// Resolves once every region is present and committed.
+    pub async fn wait_complete(&self) {
+        loop {
+            let n = self.completed.notified();
+            if self.is_complete() {
+                return;
+            }
+            n.await;
+        }
+    }
+    /// The local data target (what the volume becomes on completion).
+    pub fn local(&self) -> Arc<LocalTarget> {
+        self.local.clone()
+    }
+    /// The origin link (dropped on completion).
+    pub fn origin(&self) -> Arc<RemoteTarget> {
+        self.origin.clone()
+    }
+
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+    pub fn set_rate(&self, rate: u64) {
+        self.limiter.set_rate(rate);
+    }
+    /// Stops the hydrator (volume released or removed).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.wake.notify_waiters();
+    }
+    /// Marks the migration failed for good (e.g. the source released it).
+    pub fn fail(&self, why: String) {
+        *self.failed.lock().unwrap() = Some(why);
+        self.stop();
+    }
+
+    fn region_of(&self, offset: u64) -> u64 {
+        offset / self.region_size
+    }
+
+    /// Byte range of region `r` (the last one may be short).
+    fn region_span(&self, r: u64) -> (u64, u64) {
+        let start = r * self.region_size;
+        (start, (start + self.region_size).min(self.size))
+    }
+
+    fn note_error(&self, e: &dyn std::fmt::Display) {
+        *self.stats.last_error.lock().unwrap() = Some(e.to_string());
+    }
+
+    /// Fetches regions `first..first+count`, which the caller holds locked,
+    /// skipping any already present. Data is written (or, if all zero,
+    /// punched) locally before the regions are marked present.
+    async fn fetch_locked(&self, first: u64, count: u64, kind: FetchKind) -> BlockResult<()> {
+        let mut r = first;
+        let end = first + count;
+        while r < end {
+            // Find the next run of absent regions, bounded by the batch size.
+            let (run_start, run_len) = {
+                let map = self.map.lock().unwrap();
+                while r < end && map.is_present(r) {
+                    r += 1;
+                }
+                let start = r;
+                let max = (self.cfg.batch_bytes / self.region_size).max(1);
+                while r < end && !map.is_present(r) && r - start < max {
+                    r += 1;
+                }
+                (start, r - start)
+            };
+            if run_len == 0 {
+                break;
+            }
+            let (off, _) = self.region_span(run_start);
+            let (_, stop) = self.region_span(run_start + run_len - 1);
+            let mut buf = vec![0u8; (stop - off) as usize];
+            self.origin.read_into(off, &mut buf).await?;
+            for (i, chunk) in buf.chunks(self.region_size as usize).enumerate() {
+                let at = off + i as u64 * self.region_size;
+                if chunk.iter().all(|b| *b == 0) {
+                    // The local range of an absent region is normally a hole
+                    // already; punching also clears data whose present bit a
+                    // crash lost before any flush.
+                    self.local.trim(at, chunk.len() as u64, false).await?;
+                } else {
+                    self.local.write(at, chunk, false).await?;
+                }
+            }
+            {
+                let mut map = self.map.lock().unwrap();
+                for reg in run_start..run_start + run_len {
+                    map.mark_present(reg);
+                }
+            }
+            let bytes = stop - off;
+            match kind {
+                FetchKind::OnDemand => self.stats.on_demand.fetch_add(bytes, Ordering::Relaxed),
+                FetchKind::Background => self.stats.background.fetch_add(bytes, Ordering::Relaxed),
+            };
+        }
+        Ok(())
+    }
+
+    /// Makes regions `first..=last` present, fetching what is absent.
+    async fn ensure_present(&self, first: u64, last: u64, kind: FetchKind) -> BlockResult<()> {
+        if self.map.lock().unwrap().all_present(first, last) {
+            return Ok(());
+        }
+        let _g = self.locks.lock(first, last).await;
+        self.fetch_locked(first, last - first + 1, kind).await
+    }
+
+    /// Commits the region map: snapshot, sync data, write changed pages,
+    /// sync map (see `region_map`). Serialised by `commit_lock`.
+    pub async fn commit(&self) -> BlockResult<usize> {
+        let _c = self.commit_lock.lock().await;
+        let batch = self.map.lock().unwrap().snapshot();
+        self.local.flush().await?;
+        let pages = batch.pages();
+        if pages == 0 {
+            return Ok(0);
+        }
+        let file = self.map_file.try_clone().map_err(BlockError::from_io)?;
+        let written = tokio::task::spawn_blocking(move || batch.write(&file).map(|_| batch))
+            .await
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+        match written {
+            Ok(_) => Ok(pages),
+            Err(e) => {
+                // The bits are still set in memory; the next commit rewrites
+                // every page, so nothing the failed write missed is lost.
+                self.map.lock().unwrap().mark_all_dirty();
+                Err(BlockError::from_io(e))
+            }
+        }
+    }
+
+    /// The handoff (see module docs). Idempotent; `force` skips fencing the
+    /// source (an operator's decision that the source is dead).
+    pub async fn handoff(&self, force: bool) -> BlockResult<()> {
+        if self.is_handed_off() {
+            return Ok(());
+        }
+        let _h = self.handoff_lock.lock().await;
+        if self.is_handed_off() {
+            return Ok(());
+        }
+        if let Some(why) = self.failed.lock().unwrap().clone() {
+            return Err(BlockError::Unavailable(why));
+        }
+        if force {
+            warn!(volume = %self.name, "forced handoff: the source is not fenced");
+        } else {
+            self.hooks.fence_source().await.map_err(|e| {
+                self.note_error(&e);
+                BlockError::Unavailable(format!("cannot hand off {}: {e}", self.name))
+            })?;
+        }
+        match self.mark_source_zeroes().await {
+            Ok(()) => {}
+            Err(e) if force => warn!(volume = %self.name, "zero scan skipped: {e}"),
+            Err(e) => return Err(e),
+        }
+        self.commit().await?;
+        self.hooks
+            .persist_handoff()
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+        self.handed_off.store(true, Ordering::SeqCst);
+        *self.stats.handoff_at.lock().unwrap() = Some(Instant::now());
+        info!(volume = %self.name, skipped = self.stats.skipped.load(Ordering::Relaxed), "handoff complete: hydrating");
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Marks present every region the (fenced) source reports as reading
+    /// zero: those bytes never cross the network.
+    async fn mark_source_zeroes(&self) -> BlockResult<()> {
+        let mut pos = 0u64;
+        while pos < self.size {
+            let len = (self.size - pos).min(1 << 30);
+            let ext = self.origin.block_status(pos, len).await?;
+            for e in ext {
+                let (start, end) = (pos, (pos + e.len as u64).min(self.size));
+                if e.flags & alloc_flags::ZERO != 0 {
+                    let first = start.div_ceil(self.region_size);
+                    let mut map = self.map.lock().unwrap();
+                    let mut r = first;
+                    while r < map.regions() && self.region_span(r).1 <= end {
+                        if !map.is_present(r) {
+                            map.mark_present(r);
+                            let (a, b) = self.region_span(r);
+                            self.stats.skipped.fetch_add(b - a, Ordering::Relaxed);
+                        }
+                        r += 1;
+                    }
+                }
+                pos = end;
+                if pos >= self.size {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A write-like change to `[offset, offset+len)`: hands off if needed,
+    /// fetches partially covered absent regions, applies `op` locally and
+    /// marks every touched region present.
+    async fn modify<'a>(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        op: LocalOp<'a>,
+    ) -> BlockResult<()> {
+        check_range(offset, len, self.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.handoff(false).await?;
+        let (first, last) = (self.region_of(offset), self.region_of(offset + len - 1));
+        if self.map.lock().unwrap().all_present(first, last) {
+            op.apply(&self.local, offset, len).await?;
+        } else {
+            let _g = self.locks.lock(first, last).await;
+            for r in [first, last] {
+                let (a, b) = self.region_span(r);
+                let covered = offset <= a && offset + len >= b;
+                if !covered && !self.map.lock().unwrap().is_present(r) {
+                    self.fetch_locked(r, 1, FetchKind::OnDemand).await?;
+                }
+            }
+            op.apply(&self.local, offset, len).await?;
+            let mut map = self.map.lock().unwrap();
+            for r in first..=last {
+                map.mark_present(r);
+            }
+        }
+        if fua {
+            self.commit().await?;
+        }
+        if self.map.lock().unwrap().is_complete() {
+            self.wake.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// The hydrator loop.
+    async fn hydrate(self: Arc<Self>) {
+        // Wait for handoff.
+        while !self.is_handed_off() {
+            let n = self.wake.notified();
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.is_handed_off() {
+                break;
+            }
+            n.await;
+        }
+        let mut cursor = 0u64;
+        let mut inflight: JoinSet<BlockResult<()>> = JoinSet::new();
+        let mut last_commit = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let batch_regions = (self.cfg.batch_bytes / self.region_size).max(1);
+        loop {
+            if self.stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            if last_commit.elapsed() >= self.cfg.commit_interval {
+                if let Err(e) = self.commit().await {
+                    warn!(volume = %self.name, "map commit failed: {e}");
+                    self.note_error(&e);
+                }
+                last_commit = Instant::now();
+            }
+            while let Some(done) = inflight.try_join_next() {
+                match done {
+                    Ok(Ok(())) => backoff = Duration::from_millis(100),
+                    Ok(Err(e)) => {
+                        warn!(volume = %self.name, "background fetch failed: {e}");
+                        self.note_error(&e);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => warn!("fetch task failed: {e}"),
+                }
+            }
+            if self.paused.load(Ordering::SeqCst) {
+                let n = self.wake.notified();
+                if self.paused.load(Ordering::SeqCst) && !self.stopped.load(Ordering::SeqCst) {
+                    let _ = tokio::time::timeout(self.cfg.commit_interval, n).await;
+                }
+                continue;
+            }
+            if inflight.len() >= self.cfg.parallel {
+                let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                    if let Some(Ok(Err(e))) = inflight.join_next().await {
+                        self.note_error(&e);
+                    }
+                })
+                .await;
+                continue;
+            }
+            // Prefetch hints first, then the next absent run from the cursor.
+            let hint = self.hints.lock().unwrap().pop_front();
+            let next = hint.or_else(|| {
+                let map = self.map.lock().unwrap();
+                let start = map.next_absent(cursor)?;
+                let mut n = 1;
+                while n < batch_regions && start + n < map.regions() && !map.is_present(start + n) {
+                    n += 1;
+                }
+                cursor = start + n;
+                Some((start, n))
+            });
+            let Some((first, count)) = next else {
+                if inflight.is_empty() {
+                    break;
+                }
+                let _ = inflight.join_next().await;
+                continue;
+            };
+            let Some(guard) = self.locks.try_lock(first, first + count - 1) else {
+                // A client holds part of it; its own fetch covers it, and
+                // the cursor comes back around for anything left.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            };
+            let bytes = count * self.region_size;
+            self.limiter.acquire(bytes).await;
+            let me = self.clone();
+            inflight.spawn(async move {
+                let r = me.fetch_locked(first, count, FetchKind::Background).await;
+                drop(guard);
+                me.sample_rate();
+                r
+            });
+        }
+        while inflight.join_next().await.is_some() {}
+        if self.stopped.load(Ordering::SeqCst) {
+            let _ = self.commit().await;
+            debug!(volume = %self.name, "hydrator stopped");
+            return;
+        }
+        // Every region present: commit, then announce completion.
+        loop {
+            match self.commit().await {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(volume = %self.name, "final commit failed, retrying: {e}");
+                    self.note_error(&e);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        *self.stats.completed_at.lock().unwrap() = Some(Instant::now());
+        self.complete.store(true, Ordering::SeqCst);
+        self.completed.notify_waiters();
+        info!(volume = %self.name, "hydration complete");
+    }
+
+    fn sample_rate(&self) {
+        let mut s = self.stats.samples.lock().unwrap();
+        let now = Instant::now();
+        s.push_back((now, self.stats.background.load(Ordering::Relaxed)));
+        while s.len() > 2 && now.duration_since(s.front().unwrap().0) > Duration::from_secs(3) {
+            s.pop_front();
+        }
+    }
+
+    /// Status for the API.
+    pub fn status(&self) -> MigrationStatus {
+        let (total, present) = {
+            let m = self.map.lock().unwrap();
+            (m.regions(), m.present_count())
+        };
+        let rate = {
+            let s = self.stats.samples.lock().unwrap();
+            match (s.front(), s.back()) {
+                (Some(a), Some(b)) if b.0 > a.0 => {
+                    ((b.1 - a.1) as f64 / (b.0 - a.0).as_secs_f64()) as u64
+                }
+                _ => 0,
+            }
+        };
+        let phase = if self.failed.lock().unwrap().is_some() {
+            Phase::Failed
+        } else if self.is_complete() {
+            Phase::Complete
+        } else if self.is_handed_off() {
+            Phase::Hydrating
+        } else {
+            Phase::Passthrough
+        };
+        let remaining = (total - present) * self.region_size;
+        let handoff_at = *self.stats.handoff_at.lock().unwrap();
+        let completed_at = *self.stats.completed_at.lock().unwrap();
+        MigrationStatus {
+            volume: self.name.clone(),
+            phase,
+            role: "destination".into(),
+            peer: self.peer.clone(),
+            region_size: self.region_size,
+            regions_total: total,
+            regions_present: present,
+            bytes_on_demand: self.stats.on_demand.load(Ordering::Relaxed),
+            bytes_background: self.stats.background.load(Ordering::Relaxed),
+            bytes_skipped: self.stats.skipped.load(Ordering::Relaxed),
+            rate_limit: self.limiter.rate(),
+            rate,
+            eta_seconds: (rate > 0 && phase == Phase::Hydrating)
+                .then(|| remaining as f64 / rate as f64),
+            paused: self.paused.load(Ordering::SeqCst),
+            handoff_after_seconds: handoff_at.map(|h| h.duration_since(self.started).as_secs_f64()),
+            hydrate_seconds: match (handoff_at, completed_at) {
+                (Some(h), Some(c)) => Some(c.duration_since(h).as_secs_f64()),
+                _ => None,
+            },
+            last_error: self
+                .failed
+                .lock()
+                .unwrap()
+                .clone()
+                .or_else(|| self.stats.last_error.lock().unwrap().clone()),
+        }
+    }
+}
+
+/// The local half of a write-like operation.
+enum LocalOp<'a> {
+    Write(&'a [u8]),
+    Trim,
+    Zero(ZeroFlags),
+}
+
+impl LocalOp<'_> {
+    async fn apply(&self, local: &LocalTarget, offset: u64, len: u64) -> BlockResult<()> {
+        match self {
+            LocalOp::Write(d) => local.write(offset, d, false).await,
+            LocalOp::Trim => local.trim(offset, len, false).await,
+            LocalOp::Zero(f) => {
+                let f = ZeroFlags { fua: false, ..*f };
+                local.write_zeroes(offset, len, f).await
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BlockTarget for CloneTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            read_only: false,
+            trim: true,
+            write_zeroes: true,
+            fast_zero: false,
+            block_status: true,
+            cache: true,
+        }
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if !self.is_handed_off() {
+            // Passthrough: nothing read before handoff is kept.
+            return self.origin.read_into(offset, buf).await;
+        }
+        let end = offset + buf.len() as u64;
+        let (first, last) = (self.region_of(offset), self.region_of(end - 1));
+        if !self.map.lock().unwrap().all_present(first, last) {
+            self.ensure_present(first, last, FetchKind::OnDemand)
+                .await?;
+            // Sequential on-demand reads: ask the hydrator for what follows.
+            let prev = self.last_on_demand_end.swap(last + 1, Ordering::Relaxed);
+            if prev == first && self.cfg.prefetch_regions > 0 {
+                let regions = self.map.lock().unwrap().regions();
+                let start = last + 1;
+                if start < regions {
+                    let n = self.cfg.prefetch_regions.min(regions - start);
+                    let mut h = self.hints.lock().unwrap();
+                    if h.len() < 64 {
+                        h.push_back((start, n));
+                    }
+                }
+                self.wake.notify_waiters();
+            }
+        }
+        self.local.read(offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        self.modify(offset, data.len() as u64, fua, LocalOp::Write(data))
+            .await
+    }
+
+    async fn flush(&self) -> BlockResult<()> {
+        if !self.is_handed_off() {
+            return Ok(());
+        }
+        self.commit().await.map(drop)
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        self.modify(offset, len, fua, LocalOp::Trim).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        self.modify(offset, len, flags.fua, LocalOp::Zero(flags))
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        check_range(offset, len, self.size)?;
+        if !self.is_handed_off() {
+            return self.origin.block_status(offset, len).await;
+        }
+        // One run of same-state regions: present runs as the local file
+        // sees them, absent runs as data (their content is the origin's).
+        let end = offset + len;
+        let first = self.region_of(offset);
+        let present = self.map.lock().unwrap().is_present(first);
+        let mut r = first;
+        {
+            let map = self.map.lock().unwrap();
+            while r * self.region_size < end && map.is_present(r) == present {
+                r += 1;
+            }
+        }
+        let run_end = (r * self.region_size).min(end);
+        if present {
+            self.local.extents(offset, run_end - offset)
+        } else {
+            Ok(vec![Extent {
+                len: (run_end - offset).min(u32::MAX as u64 & !4095) as u32,
+                flags: 0,
+            }])
+        }
+    }
+
+    async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        check_range(offset, len, self.size)?;
+        if self.is_handed_off() && len > 0 {
+            self.ensure_present(
+                self.region_of(offset),
+                self.region_of(offset + len - 1),
+                FetchKind::OnDemand,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn allocated_bytes(&self) -> u64 {
+        self.local.allocated_bytes()
+    }
+}

@@ -1,0 +1,147 @@
+//! Fencing: how a source node stops accepting writes at handoff.
+//!
+//! Every NBD connection's target is wrapped in a [`FenceGate`]. A write-like
+//! request enters the gate (counted as in flight) and is refused with EPERM
+//! once the volume is fenced. [`Fence::fence`] sets the flag, waits for the
+//! writes already admitted to finish, and flushes: when it returns, no write
+//! can land here any more and every write this node acknowledged is durable.
+//! That is the source's half of the single-writer invariant.
+//!
+//! The gate also counts *writing* connections (those that wrote at least
+//! once), so the node can hand off when the last writer disconnects.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::target::{BlockError, BlockResult, BlockTarget, Capabilities, Extent, ZeroFlags};
+
+/// The fence state of one volume.
+#[derive(Default)]
+pub struct Fence {
+    fenced: AtomicBool,
+    in_flight: AtomicUsize,
+    writers: AtomicUsize,
+    to: Mutex<String>,
+}
+
+impl Fence {
+    /// A fence that is already closed (a volume loaded as fenced).
+    pub fn closed(to: &str) -> Self {
+        let f = Self::default();
+        f.fenced.store(true, Ordering::SeqCst);
+        *f.to.lock().unwrap() = to.to_owned();
+        f
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Connections that have written and are still open.
+    pub fn writers(&self) -> usize {
+        self.writers.load(Ordering::SeqCst)
+    }
+
+    /// Refuses writes from now on, waits for admitted writes, flushes `target`.
+    pub async fn fence(&self, to: &str, target: &dyn BlockTarget) -> BlockResult<()> {
+        *self.to.lock().unwrap() = to.to_owned();
+        self.fenced.store(true, Ordering::SeqCst);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        target.flush().await
+    }
+
+    fn enter(&self) -> BlockResult<InFlight<'_>> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let g = InFlight(self);
+        if self.is_fenced() {
+            return Err(BlockError::Fenced(format!(
+                "volume handed off to {}",
+                self.to.lock().unwrap()
+            )));
+        }
+        Ok(g)
+    }
+}
+
+struct InFlight<'a>(&'a Fence);
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection's view of a volume: the volume's target behind its fence.
+pub struct FenceGate {
+    inner: Arc<dyn BlockTarget>,
+    fence: Arc<Fence>,
+    wrote: AtomicBool,
+}
+
+impl FenceGate {
+    pub fn new(inner: Arc<dyn BlockTarget>, fence: Arc<Fence>) -> Self {
+        Self {
+            inner,
+            fence,
+            wrote: AtomicBool::new(false),
+        }
+    }
+
+    fn note_write(&self) {
+        if !self.wrote.swap(true, Ordering::SeqCst) {
+            self.fence.writers.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for FenceGate {
+    fn drop(&mut self) {
+        if self.wrote.load(Ordering::SeqCst) {
+            self.fence.writers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[async_trait]
+impl BlockTarget for FenceGate {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.inner.read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+        let _g = self.fence.enter()?;
+        self.note_write();
+        self.inner.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> BlockResult<()> {
+        self.inner.flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        let _g = self.fence.enter()?;
+        self.note_write();
+        self.inner.trim(offset, len, fua).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        let _g = self.fence.enter()?;
+        self.note_write();
+        self.inner.write_zeroes(offset, len, flags).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        self.inner.block_status(offset, len).await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.inner.cache(offset, len).await
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.inner.allocated_bytes()
+    }
+}
