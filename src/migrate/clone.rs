@@ -524,14 +524,15 @@ impl CloneTarget {
                 let _ = inflight.join_next().await;
                 continue;
             };
+            // Pace before locking: a region lock is never held while the
+            // copier sleeps, so on-demand fetches never wait for the limit.
+            self.limiter.acquire(count * self.region_size).await;
             let Some(guard) = self.locks.try_lock(first, first + count - 1) else {
                 // A client holds part of it; its own fetch covers it, and
                 // the cursor comes back around for anything left.
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue;
             };
-            let bytes = count * self.region_size;
-            self.limiter.acquire(bytes).await;
             let me = self.clone();
             inflight.spawn(async move {
                 let r = me.fetch_locked(first, count, FetchKind::Background).await;

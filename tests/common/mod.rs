@@ -47,18 +47,17 @@ impl NodeProc {
 
     /// Starts a node on `dir` (which may hold volumes from an earlier run).
     pub fn start_in(dir: &Path) -> NodeProc {
+        Self::start_with(dir, "127.0.0.1:0", "127.0.0.1:0", &[])
+    }
+
+    /// Starts a node on fixed addresses with extra `serve` flags.
+    pub fn start_with(dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
         let unix = dir.join("nbd.sock");
         let mut child = Command::new(DLSM)
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--node",
-                "test",
-            ])
+            .args(["--listen", nbd, "--api", api, "--node", "test"])
+            .args(extra)
             .arg("--listen-unix")
             .arg(&unix)
             .env(
@@ -121,6 +120,42 @@ impl NodeProc {
 
     pub fn create(&self, name: &str, size: &str) {
         self.cli_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    /// Migration status as JSON (from this node's API).
+    pub fn status(&self, vol: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["migration", "status", vol, "--json"])).unwrap()
+    }
+
+    /// Waits until the migration of `vol` reports `phase` (max `secs`).
+    pub fn wait_phase(&self, vol: &str, phase: &str, secs: u64) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let o = self.cli(&["migration", "status", vol, "--json"]);
+            if o.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                if v["phase"] == phase {
+                    return v;
+                }
+                assert!(v["phase"] != "failed", "migration failed: {v}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no phase {phase} after {secs}s: {v}"
+                );
+            } else {
+                assert!(
+                    Instant::now() < deadline,
+                    "status failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether the volume exists on this node.
+    pub fn has_volume(&self, vol: &str) -> bool {
+        self.cli(&["volume", "show", vol]).status.success()
     }
 
     pub fn pid(&self) -> i32 {

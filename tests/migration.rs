@@ -1,0 +1,488 @@
+//! Live migration between real nodes: the six invariants of DESIGN.md, the
+//! handoff triggers, hydration control, crash and source loss, chains, and
+//! interop with real clients during hydration.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{pattern, require, run_ok, NodeProc};
+use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
+
+const MIB: u64 = 1 << 20;
+
+async fn client(node: &NodeProc, vol: &str) -> NbdClient {
+    NbdClient::connect(&NbdAddr::Tcp(node.nbd.clone()), vol)
+        .await
+        .unwrap()
+}
+
+/// A model of a volume's bytes.
+struct Model(Vec<u8>);
+
+impl Model {
+    fn new(size: u64) -> Self {
+        Model(vec![0; size as usize])
+    }
+    async fn write(&mut self, c: &NbdClient, off: u64, data: &[u8]) {
+        for (i, piece) in data.chunks(8 << 20).enumerate() {
+            c.write(off + (i << 23) as u64, piece, false).await.unwrap();
+        }
+        self.0[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+    /// Reads the whole volume through `c` and compares.
+    async fn check(&self, c: &NbdClient) {
+        let chunk = 8 * MIB as usize;
+        for (i, want) in self.0.chunks(chunk).enumerate() {
+            let got = c.read((i * chunk) as u64, want.len() as u32).await.unwrap();
+            if got != want {
+                let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                panic!("mismatch at byte {}", i * chunk + at);
+            }
+        }
+    }
+}
+
+/// Writes 1 MiB of data every 10 MiB: a 10%-allocated volume.
+async fn fill_sparse(c: &NbdClient, m: &mut Model, seed: u64) -> u64 {
+    let mut allocated = 0;
+    let size = m.0.len() as u64;
+    let mut off = 0;
+    while off + MIB <= size {
+        m.write(c, off, &pattern(MIB as usize, seed + off)).await;
+        allocated += MIB;
+        off += 10 * MIB;
+    }
+    c.flush().await.unwrap();
+    allocated
+}
+
+fn migrate(a: &NodeProc, b: &NodeProc, vol: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["migrate", vol, "--to", &b.api, "--json"];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&a.cli_ok(&args)).unwrap()
+}
+
+fn errno_of(e: ClientError) -> u32 {
+    match e {
+        ClientError::Server { errno, .. } => errno,
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_fencing_no_stale_reads_and_release() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "100M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(100 * MIB);
+    let allocated = fill_sparse(&ca, &mut model, 1).await;
+
+    let s = migrate(&a, &b, "vm1", &[]);
+    assert_eq!(s["phase"], "passthrough");
+    assert_eq!(s["role"], "source");
+    let cb = client(&b, "vm1").await;
+
+    // Passthrough: B serves A's bytes and keeps nothing (invariant 2).
+    assert_eq!(cb.read(0, 4096).await.unwrap(), model.0[..4096]);
+    model.write(&ca, 0, &[0xab; 4096]).await; // A is still the writer
+    assert_eq!(
+        cb.read(0, 4096).await.unwrap(),
+        vec![0xab; 4096],
+        "stale read at B"
+    );
+    assert_eq!(b.status("vm1")["regions_present"], 0);
+
+    // The first write at B hands off; from then on A refuses writes (invariant 1).
+    model.write(&cb, 5 * MIB + 100, b"written at B").await;
+    let e = ca.write(0, b"late write at A", false).await.unwrap_err();
+    assert_eq!(
+        errno_of(e),
+        1,
+        "a write at the source after handoff must fail with EPERM"
+    );
+    let e = ca.trim(0, 4096).await.unwrap_err();
+    assert_eq!(errno_of(e), 1);
+    assert!(a
+        .cli_ok(&["volume", "show", "vm1", "--json"])
+        .contains(&b.api));
+
+    let done = b.wait_phase("vm1", "complete", 60);
+    // Holes never cross the wire; allocated bytes cross once (invariant 5).
+    let wire =
+        done["bytes_on_demand"].as_u64().unwrap() + done["bytes_background"].as_u64().unwrap();
+    assert!(
+        wire as f64 <= allocated as f64 * 1.01 + 65536.0,
+        "{wire} bytes moved for {allocated} allocated: {done}"
+    );
+    assert!(
+        done["bytes_skipped"].as_u64().unwrap() >= 80 * MIB,
+        "{done}"
+    );
+    // The source copy is released, the destination is plain local.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.has_volume("vm1") {
+        assert!(Instant::now() < deadline, "source copy not released");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
+    assert_eq!(v["table"]["kind"], "local");
+    drop(cb);
+    model.check(&client(&b, "vm1").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_when_the_last_source_writer_leaves() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "32M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(32 * MIB);
+    fill_sparse(&ca, &mut model, 2).await;
+    migrate(&a, &b, "vm1", &["--keep-source"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        b.status("vm1")["phase"],
+        "passthrough",
+        "handoff before the writer left"
+    );
+    ca.disconnect().await.unwrap();
+    drop(ca);
+    b.wait_phase("vm1", "complete", 60);
+    // --keep-source: A keeps its copy, fenced.
+    std::thread::sleep(Duration::from_millis(500));
+    let v: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
+    assert_eq!(v["fenced_to"].as_str(), Some(b.api.as_str()));
+    let ca = client(&a, "vm1").await;
+    assert_eq!(errno_of(ca.write(0, b"x", false).await.unwrap_err()), 1);
+    model.check(&client(&b, "vm1").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_handoff_pause_resume_and_rate() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "64M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(64 * MIB);
+    for i in 0..32 {
+        model
+            .write(&ca, i * 2 * MIB, &pattern(MIB as usize, i))
+            .await;
+    }
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "4M"]);
+    let s: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["migration", "handoff", "vm1", "--json"])).unwrap();
+    assert_eq!(s["phase"], "hydrating");
+    assert_eq!(s["rate_limit"], 4 * MIB);
+    b.cli_ok(&["migration", "pause", "vm1"]);
+    std::thread::sleep(Duration::from_millis(600));
+    let p1 = b.status("vm1")["regions_present"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let s2 = b.status("vm1");
+    assert_eq!(s2["paused"], true);
+    assert_eq!(
+        s2["regions_present"].as_u64().unwrap(),
+        p1,
+        "copying while paused"
+    );
+    assert!(p1 < 1024, "finished before pause: rate limit ignored");
+    // On-demand reads go on while paused.
+    let cb = client(&b, "vm1").await;
+    assert_eq!(
+        cb.read(62 * MIB, 4096).await.unwrap(),
+        model.0[62 * MIB as usize..][..4096]
+    );
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.cli_ok(&["migration", "resume", "vm1"]);
+    let done = b.wait_phase("vm1", "complete", 60);
+    assert!(done["bytes_on_demand"].as_u64().unwrap() >= 65536, "{done}");
+    model.check(&cb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_never_lose_to_fetches() {
+    // Invariant 3 under concurrency: many clients write partial regions that
+    // are still absent while the hydrator and on-demand fetches run.
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "32M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(32 * MIB);
+    model.write(&ca, 0, &pattern(32 * MIB as usize, 9)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "8M", "--region-size", "16K"]);
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        let c = client(&b, "vm1").await;
+        tasks.push(tokio::spawn(async move {
+            let mut writes = Vec::new();
+            for i in 0..200u64 {
+                // Client t owns bytes [t*4M, (t+1)*4M); writes are unaligned
+                // and span regions.
+                let off = t * 4 * MIB + (i * 20_011) % (4 * MIB - 5000);
+                let data = pattern(1000 + (i as usize * 37) % 3000, t * 1000 + i);
+                c.write(off, &data, i % 50 == 0).await.unwrap();
+                writes.push((off, data));
+                let r = c.read(off, 10).await.unwrap();
+                assert_eq!(r, writes.last().unwrap().1[..10]);
+            }
+            c.flush().await.unwrap();
+            writes
+        }));
+    }
+    for t in tasks {
+        for (off, data) in t.await.unwrap() {
+            model.0[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+    }
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&client(&b, "vm1").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_killed_and_restarted_resumes_without_loss() {
+    let a = NodeProc::start();
+    let bdir = tempfile::tempdir().unwrap();
+    let mut b = NodeProc::start_with(bdir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let (bnbd, bapi) = (b.nbd.clone(), b.api.clone());
+    a.create("vm1", "48M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(48 * MIB);
+    model.write(&ca, 0, &pattern(48 * MIB as usize, 5)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "6M"]);
+    let mut written = Vec::new();
+    for round in 0..3u64 {
+        let cb = client(&b, "vm1").await;
+        // Flushed writes, some on absent regions, must survive kill -9.
+        for i in 0..20u64 {
+            let off = (round * 7 + i * 2_399_999) % (48 * MIB - 9000);
+            model.write(&cb, off, &pattern(9000, round * 100 + i)).await;
+            written.push(off);
+        }
+        cb.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300 + round * 200)).await;
+        drop(cb);
+        b.kill();
+        b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &[]);
+        let s = b.status("vm1");
+        assert_eq!(s["phase"], "hydrating", "round {round}: {s}");
+        // Every flushed write so far is there (reading only those ranges,
+        // so that most of the volume stays absent for the next round).
+        let cb = client(&b, "vm1").await;
+        for &off in &written {
+            let got = cb.read(off, 9000).await.unwrap();
+            assert!(
+                got == model.0[off as usize..off as usize + 9000],
+                "round {round}: write at {off} lost"
+            );
+        }
+    }
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&client(&b, "vm1").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_loss_is_contained_and_migration_resumes() {
+    let adir = tempfile::tempdir().unwrap();
+    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
+    let b = NodeProc::start_with(
+        tempfile::tempdir().unwrap().keep().as_path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--source-timeout", "2"],
+    );
+    a.create("vm1", "32M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(32 * MIB);
+    model.write(&ca, 0, &pattern(32 * MIB as usize, 7)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "1M"]);
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    let cb = client(&b, "vm1").await;
+    // Make the first MiB present, then lose the source.
+    assert_eq!(
+        cb.read(0, MIB as u32).await.unwrap(),
+        model.0[..MIB as usize]
+    );
+    a.kill();
+    let t = Instant::now();
+    assert_eq!(
+        cb.read(4096, 4096).await.unwrap(),
+        model.0[4096..8192],
+        "present region failed"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "present region waited for the source"
+    );
+    let t = Instant::now();
+    let e = cb.read(30 * MIB, 4096).await.unwrap_err();
+    assert_eq!(errno_of(e), 5, "absent region must fail with EIO");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    // Writes to present regions still work without the source.
+    model.write(&cb, 100, b"still writable").await;
+    cb.flush().await.unwrap();
+    // The source returns: everything resumes by itself.
+    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    assert_eq!(
+        cb.read(30 * MIB, 4096).await.unwrap(),
+        model.0[30 * MIB as usize..][..4096]
+    );
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&cb).await;
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chain_a_to_b_to_c_while_b_still_hydrates() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    let c = NodeProc::start();
+    a.create("vm1", "40M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(40 * MIB);
+    model.write(&ca, 0, &pattern(40 * MIB as usize, 11)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "2M"]);
+    let cb = client(&b, "vm1").await;
+    model.write(&cb, 3 * MIB, b"written at B").await;
+    cb.flush().await.unwrap();
+    drop(cb);
+    assert_eq!(b.status("vm1")["phase"], "hydrating");
+    migrate(&b, &c, "vm1", &[]);
+    let cc = client(&c, "vm1").await;
+    model.write(&cc, 7 * MIB, b"written at C").await;
+    c.wait_phase("vm1", "complete", 60);
+    model.check(&cc).await;
+    // B released (and, as it no longer needs A, released A too).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.has_volume("vm1") || a.has_volume("vm1") {
+        assert!(Instant::now() < deadline, "chain sources not released");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_clients_read_the_destination_during_hydration() {
+    require("qemu-img");
+    require("nbdcopy");
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "32M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(32 * MIB);
+    fill_sparse(&ca, &mut model, 3).await;
+    model
+        .write(&ca, 15 * MIB, &pattern(3 * MIB as usize, 4))
+        .await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &["--rate", "1M"]);
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    let s = b.status("vm1");
+    assert_eq!(s["phase"], "hydrating", "{s}");
+    assert!(
+        s["regions_present"].as_u64() < s["regions_total"].as_u64(),
+        "{s}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let expect = tmp.path().join("expect.raw");
+    std::fs::write(&expect, &model.0).unwrap();
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&expect)
+            .arg(b.uri("vm1")),
+    );
+    let copy = tmp.path().join("copy.raw");
+    run_ok(Command::new("nbdcopy").arg(b.uri("vm1")).arg(&copy));
+    assert!(
+        std::fs::read(&copy).unwrap() == model.0,
+        "nbdcopy read wrong bytes"
+    );
+    let s = b.status("vm1");
+    assert!(
+        s["bytes_on_demand"].as_u64().unwrap() > 0,
+        "reads were not served on demand: {s}"
+    );
+}
+
+#[test]
+fn one_tib_sparse_volume_migrates_in_constant_time_and_small_memory() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("big", "1T");
+    run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 7 512G 1M", &a.uri("big")]));
+    let t = Instant::now();
+    migrate(&a, &b, "big", &[]);
+    let prepare = t.elapsed();
+    assert!(prepare < Duration::from_secs(5), "prepare took {prepare:?}");
+    b.cli_ok(&["migration", "handoff", "big"]);
+    let done = b.wait_phase("big", "complete", 120);
+    assert_eq!(
+        done["bytes_background"].as_u64().unwrap() + done["bytes_on_demand"].as_u64().unwrap(),
+        MIB,
+        "{done}"
+    );
+    let rss = b.rss();
+    assert!(
+        rss < 100 << 20,
+        "destination RSS {rss} during a 1 TiB migration"
+    );
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read -P 7 512G 1M",
+        "-c",
+        "read -P 0 0 1M",
+        &b.uri("big"),
+    ]));
+    assert!(!out.contains("verification failed"), "{out}");
+}
+
+#[test]
+fn bad_migration_requests_get_clear_errors() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "8M");
+    let err = |n: &NodeProc, args: &[&str]| {
+        let o = n.cli(args);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        String::from_utf8(o.stderr).unwrap()
+    };
+    assert!(err(&a, &["migrate", "nope", "--to", &b.api]).contains("HTTP 404"));
+    assert!(err(&a, &["migrate", "vm1", "--to", "127.0.0.1:1"]).contains("HTTP 502"));
+    assert!(a
+        .cli_ok(&["volume", "show", "vm1", "--json"])
+        .contains("\"fenced_to\": null"));
+    assert!(err(
+        &a,
+        &["migrate", "vm1", "--to", &b.api, "--region-size", "1000"]
+    )
+    .contains("power of two"));
+    b.create("vm1", "8M");
+    assert!(err(&a, &["migrate", "vm1", "--to", &b.api]).contains("already exists"));
+    assert!(err(&b, &["migration", "status", "vm1"]).contains("not migrating"));
+    assert!(err(&b, &["migration", "pause", "vm2"]).contains("HTTP 404"));
+}
