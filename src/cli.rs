@@ -87,7 +87,7 @@ pub enum Command {
     /// Inspect and steer migrations.
     #[command(subcommand)]
     Migration(MigrationCmd),
-    /// Run the demonstration: a node with a sample volume.
+    /// Run the demonstration: a live migration between two nodes on loopback.
     Demo {
         /// Keep serving after the demo until Ctrl-C.
         #[arg(long)]
@@ -170,7 +170,7 @@ pub enum VolumeCmd {
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let default_log = if matches!(cli.command, Command::Serve { .. } | Command::Demo { .. }) {
+    let default_log = if matches!(cli.command, Command::Serve { .. }) {
         "info"
     } else {
         "warn"
