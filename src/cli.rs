@@ -59,6 +59,10 @@ pub enum Command {
         /// before failing with EIO.
         #[arg(long, default_value_t = 30)]
         source_timeout: u64,
+        /// Fault injection for tests: milliseconds added to every read from
+        /// a migration source.
+        #[arg(long, default_value_t = 0, hide = true)]
+        inject_origin_delay_ms: u64,
     },
     /// Manage volumes.
     #[command(subcommand)]
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen_unix,
             node,
             source_timeout,
+            inject_origin_delay_ms,
         } => {
             let name = node.unwrap_or_else(|| {
                 nix::unistd::gethostname()
@@ -218,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 api: cli.api,
                 name,
                 source_timeout: Duration::from_secs(source_timeout),
+                inject_origin_delay: Duration::from_millis(inject_origin_delay_ms),
             };
             runtime()?.block_on(serve(cfg))
         }

@@ -59,6 +59,7 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         api: "127.0.0.1:0".into(),
         name: name.into(),
         source_timeout: Duration::from_secs(30),
+        inject_origin_delay: Duration::ZERO,
     })
     .await
 }

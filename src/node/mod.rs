@@ -41,6 +41,8 @@ pub struct NodeConfig {
     pub name: String,
     /// How long requests wait for an unreachable migration source.
     pub source_timeout: Duration,
+    /// Fault injection (tests only): latency added to every origin read.
+    pub inject_origin_delay: Duration,
 }
 
 /// Serves the store's volumes as NBD exports.
@@ -99,6 +101,7 @@ impl Node {
         let env = store::CloneEnv {
             source_timeout: cfg.source_timeout,
             origin_connections: 4,
+            origin_read_delay: cfg.inject_origin_delay,
             hooks: migration::hooks_factory(api_addr.to_string(), cfg.source_timeout),
         };
         let store = Arc::new(

@@ -202,6 +202,8 @@ pub struct CloneEnv {
     pub source_timeout: std::time::Duration,
     /// NBD connections to an origin.
     pub origin_connections: usize,
+    /// Fault injection for tests: latency added to every origin read.
+    pub origin_read_delay: std::time::Duration,
     /// Builds the hooks a clone uses to reach its source; they get the
     /// volume's directory and live table (to persist the handoff).
     pub hooks: HooksFactory,
@@ -462,13 +464,16 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
                 return Err(corrupt("clone origin must be remote".into()));
             };
             let addr: NbdAddr = nbd.parse().map_err(corrupt)?;
-            let origin = Arc::new(RemoteTarget::lazy(
-                addr,
-                export,
-                table.size,
-                env.origin_connections,
-                env.source_timeout,
-            ));
+            let origin = Arc::new(
+                RemoteTarget::lazy(
+                    addr,
+                    export,
+                    table.size,
+                    env.origin_connections,
+                    env.source_timeout,
+                )
+                .with_read_delay(env.origin_read_delay),
+            );
             let map =
                 RegionMap::open(&dir.join(map)).map_err(|e| corrupt(format!("region map: {e}")))?;
             let cfg = CloneConfig {
@@ -562,6 +567,7 @@ mod tests {
         CloneEnv {
             source_timeout: std::time::Duration::from_secs(1),
             origin_connections: 1,
+            origin_read_delay: std::time::Duration::ZERO,
             hooks: Arc::new(|_, _| Arc::new(NoHooks) as Arc<dyn MigrationHooks>),
         }
     }
