@@ -7,6 +7,7 @@
 //! invariants.
 
 pub mod api_client;
+pub mod bufpool;
 pub mod cli;
 pub mod demo;
 pub mod migrate;

@@ -259,7 +259,11 @@ async fn destination_matches_model_through_kills() {
     let c = NbdClient::connect(&NbdAddr::Tcp(b.nbd.clone()), "vm1")
         .await
         .unwrap();
-    let m = Arc::try_unwrap(model).ok().expect("clients are done").into_inner().unwrap();
+    let m = Arc::try_unwrap(model)
+        .ok()
+        .expect("clients are done")
+        .into_inner()
+        .unwrap();
     let mut checked = 0u64;
     for start in (0..SIZE).step_by(1 << 20) {
         let got = c.read(start, 1 << 20).await.unwrap();

@@ -93,6 +93,10 @@ impl Default for CloneConfig {
     }
 }
 
+/// Background-copied bytes allowed in writeback before the oldest are
+/// waited for and dropped from the page cache.
+const WRITE_BEHIND: u64 = 32 << 20;
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum FetchKind {
     OnDemand,
@@ -122,6 +126,9 @@ pub struct CloneTarget {
     map: Mutex<RegionMap>,
     map_file: File,
     commit_lock: tokio::sync::Mutex<()>,
+    write_turn: tokio::sync::Mutex<()>,
+    /// Background writes whose writeback was started: ranges, total bytes.
+    behind: Mutex<(VecDeque<(u64, u64)>, u64)>,
     locks: RegionLocks,
     handed_off: AtomicBool,
     handoff_lock: tokio::sync::Mutex<()>,
@@ -165,6 +172,8 @@ impl CloneTarget {
             map_file,
             map: Mutex::new(map),
             commit_lock: Default::default(),
+            write_turn: Default::default(),
+            behind: Default::default(),
             locks: RegionLocks::default(),
             handed_off: AtomicBool::new(handed_off),
             handoff_lock: Default::default(),
@@ -276,19 +285,42 @@ impl CloneTarget {
             }
             let (off, _) = self.region_span(run_start);
             let (_, stop) = self.region_span(run_start + run_len - 1);
-            let mut buf = vec![0u8; (stop - off) as usize];
-            self.origin.read_into(off, &mut buf).await?;
-            for (i, chunk) in buf.chunks(self.region_size as usize).enumerate() {
-                let at = off + i as u64 * self.region_size;
-                if chunk.iter().all(|b| *b == 0) {
-                    // The local range of an absent region is normally a hole
-                    // already; punching also clears data whose present bit a
-                    // crash lost before any flush.
-                    self.local.trim(at, chunk.len() as u64, false).await?;
-                } else {
-                    self.local.write(at, chunk, false).await?;
+            let buf = if stop - off <= crate::nbd::server::MAX_PAYLOAD as u64 {
+                self.origin.read_vec(off, (stop - off) as u32).await?
+            } else {
+                let mut b = vec![0u8; (stop - off) as usize];
+                self.origin.read_into(off, &mut b).await?;
+                b
+            };
+            // Write runs of data regions in one call each; punch runs of
+            // all-zero regions. The local range of an absent region is
+            // normally a hole already; punching also clears data whose
+            // present bit a crash lost before any flush.
+            let rs = self.region_size as usize;
+            let zero: Vec<bool> = buf.chunks(rs).map(|c| c.iter().all(|b| *b == 0)).collect();
+            let mut i = 0;
+            while i < zero.len() {
+                let mut j = i + 1;
+                while j < zero.len() && zero[j] == zero[i] {
+                    j += 1;
                 }
+                let (a, b) = (i * rs, (j * rs).min(buf.len()));
+                if zero[i] {
+                    self.local
+                        .trim(off + a as u64, (b - a) as u64, false)
+                        .await?;
+                } else {
+                    // Background copies take turns at the file: concurrent
+                    // buffered writes to one inode only spin on its lock.
+                    let _turn = self.write_turn.lock().await;
+                    self.local.write(off + a as u64, &buf[a..b], false).await?;
+                    if kind == FetchKind::Background {
+                        self.write_behind(off + a as u64, (b - a) as u64).await?;
+                    }
+                }
+                i = j;
             }
+            crate::bufpool::give(buf);
             {
                 let mut map = self.map.lock().unwrap();
                 for reg in run_start..run_start + run_len {
@@ -302,6 +334,38 @@ impl CloneTarget {
             };
         }
         Ok(())
+    }
+
+    /// Write-behind for background copies: start writeback of what was just
+    /// written, and once more than [`WRITE_BEHIND`] bytes are in flight,
+    /// wait for the oldest and drop it from the page cache (as nbdcopy
+    /// does). Reads of those regions later come from disk.
+    async fn write_behind(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.local.start_writeback(offset, len)?;
+        let done = {
+            let mut q = self.behind.lock().unwrap();
+            q.0.push_back((offset, len));
+            q.1 += len;
+            let mut done = Vec::new();
+            while q.1 > WRITE_BEHIND {
+                let (o, l) = q.0.pop_front().expect("non-empty");
+                q.1 -= l;
+                done.push((o, l));
+            }
+            done
+        };
+        if done.is_empty() {
+            return Ok(());
+        }
+        let local = self.local.clone();
+        tokio::task::spawn_blocking(move || {
+            for (o, l) in done {
+                local.finish_writeback_and_drop(o, l)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| BlockError::Io(std::io::Error::other(e)))?
     }
 
     /// Makes regions `first..=last` present, fetching what is absent.

@@ -36,6 +36,16 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use nix::unistd::{lseek, Whence};
+
+/// `lseek` on a file (ENXIO past the last data becomes an error).
+fn seek(file: &File, pos: u64, whence: Whence) -> io::Result<u64> {
+    use std::os::unix::io::AsRawFd;
+    lseek(file.as_raw_fd(), pos as i64, whence)
+        .map(|p| p as u64)
+        .map_err(io::Error::from)
+}
+
 const MAGIC: &[u8; 8] = b"DLSMRMAP";
 const VERSION: u32 = 1;
 const PAGE: u64 = 4096;
@@ -145,12 +155,29 @@ impl RegionMap {
             return Err(bad("inconsistent header".into()));
         }
         let pages = regions.div_ceil(BITS_PER_PAGE);
-        let mut raw = vec![0u8; (pages * PAGE) as usize];
-        file.read_exact_at(&mut raw, PAGE)?;
-        let mut words: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let mut words = vec![0u64; (pages as usize) * WORDS_PER_PAGE];
+        // Read only the allocated parts: a fresh map is one big hole, so
+        // opening it costs nothing whatever the volume size.
+        let end = PAGE * (1 + pages);
+        let mut pos = PAGE;
+        let mut page = vec![0u8; PAGE as usize];
+        while pos < end {
+            let data = match seek(&file, pos, Whence::SeekData) {
+                Ok(d) if d < end => d & !(PAGE - 1),
+                _ => break,
+            };
+            let hole = seek(&file, data, Whence::SeekHole).unwrap_or(end).min(end);
+            let mut p = data.max(PAGE);
+            while p < hole {
+                file.read_exact_at(&mut page, p)?;
+                let w0 = ((p - PAGE) / 8) as usize;
+                for (i, c) in page.chunks_exact(8).enumerate() {
+                    words[w0 + i] = u64::from_le_bytes(c.try_into().unwrap());
+                }
+                p += PAGE;
+            }
+            pos = hole.max(data + PAGE);
+        }
         // Bits past the last region are meaningless; keep them clear.
         let tail = regions % 64;
         let last_word = (regions / 64) as usize;
@@ -309,6 +336,12 @@ mod tests {
         assert_eq!(commit(&mut m), 0, "nothing changed, nothing written");
         m.mark_present((1 << 24) - 1);
         assert_eq!(commit(&mut m), 1);
+        drop(m);
+        // Reopening reads the written pages back out of the sparse file.
+        let m = RegionMap::open(&p).unwrap();
+        assert_eq!(m.present_count(), 3);
+        assert!(m.is_present(12345) && m.is_present(12346) && m.is_present((1 << 24) - 1));
+        assert!(!m.is_present(12347) && !m.is_present(0));
         // The file stays sparse: only header and two pages allocated.
         use std::os::unix::fs::MetadataExt;
         assert!(std::fs::metadata(&p).unwrap().blocks() * 512 <= 64 << 10);

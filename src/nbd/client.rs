@@ -250,7 +250,7 @@ impl NbdClient {
         }
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let buf = (command == Command::Read).then(|| vec![0u8; len as usize]);
+        let buf = (command == Command::Read).then(|| crate::bufpool::take(len as usize));
         self.inner.pending.lock().unwrap().insert(
             cookie,
             Pending {

@@ -552,11 +552,11 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
                         continue; // drop replies to a dead client
                     }
                     let mut r = Ok(());
-                    for b in &batch {
-                        r = w.write_all(b).await;
-                        if r.is_err() {
-                            break;
+                    for b in batch {
+                        if r.is_ok() {
+                            r = w.write_all(&b).await;
                         }
+                        crate::bufpool::give(b);
                     }
                     if r.is_ok() {
                         r = w.flush().await;
@@ -719,7 +719,9 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> 
 async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
     let len = req.len as usize;
     if !conn.structured {
-        let mut b = vec![0u8; proto::SIMPLE_REPLY_LEN + len];
+        // Every byte is overwritten: the header here, the data by the
+        // target's read (on error the buffer is dropped unsent).
+        let mut b = crate::bufpool::take_for_overwrite(proto::SIMPLE_REPLY_LEN + len);
         return match conn
             .target
             .read(req.offset, &mut b[proto::SIMPLE_REPLY_LEN..])
@@ -750,7 +752,8 @@ async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
             sparse_read(conn, req, &ext).await
         }
         _ => {
-            let mut b = vec![0u8; proto::OFFSET_DATA_PREFIX + len];
+            // Every byte is overwritten (see the simple reply above).
+            let mut b = crate::bufpool::take_for_overwrite(proto::OFFSET_DATA_PREFIX + len);
             match conn
                 .target
                 .read(req.offset, &mut b[proto::OFFSET_DATA_PREFIX..])
