@@ -449,16 +449,19 @@ impl CloneTarget {
             for e in ext {
                 let (start, end) = (pos, (pos + e.len as u64).min(self.size));
                 if e.flags & alloc_flags::ZERO != 0 {
+                    // Regions wholly inside the zero extent (the last
+                    // region may be short and end with the volume).
                     let first = start.div_ceil(self.region_size);
-                    let mut map = self.map.lock().unwrap();
-                    let mut r = first;
-                    while r < map.regions() && self.region_span(r).1 <= end {
-                        if !map.is_present(r) {
-                            map.mark_present(r);
-                            let (a, b) = self.region_span(r);
-                            self.stats.skipped.fetch_add(b - a, Ordering::Relaxed);
-                        }
-                        r += 1;
+                    let end_region = if end == self.size {
+                        self.size.div_ceil(self.region_size)
+                    } else {
+                        end / self.region_size
+                    };
+                    if first < end_region {
+                        let newly = self.map.lock().unwrap().mark_range(first, end_region - 1);
+                        self.stats
+                            .skipped
+                            .fetch_add(newly * self.region_size, Ordering::Relaxed);
                     }
                 }
                 pos = end;

@@ -52,13 +52,47 @@ const PAGE: u64 = 4096;
 const BITS_PER_PAGE: u64 = PAGE * 8;
 const WORDS_PER_PAGE: usize = (PAGE / 8) as usize;
 
+/// A bitmap kept as 4 KiB pages, each allocated when its first bit is set:
+/// a fresh map costs no memory and no zeroing whatever the volume size, and
+/// memory follows the present regions.
+struct PagedBits {
+    pages: Vec<Option<Box<[u64; WORDS_PER_PAGE]>>>,
+}
+
+impl PagedBits {
+    fn new(pages: usize) -> Self {
+        Self {
+            pages: (0..pages).map(|_| None).collect(),
+        }
+    }
+    fn word(&self, i: usize) -> u64 {
+        self.pages[i / WORDS_PER_PAGE]
+            .as_ref()
+            .map_or(0, |p| p[i % WORDS_PER_PAGE])
+    }
+    fn word_mut(&mut self, i: usize) -> &mut u64 {
+        let page =
+            self.pages[i / WORDS_PER_PAGE].get_or_insert_with(|| Box::new([0; WORDS_PER_PAGE]));
+        &mut page[i % WORDS_PER_PAGE]
+    }
+    fn page_bytes(&self, p: usize) -> Vec<u8> {
+        match &self.pages[p] {
+            Some(words) => words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+            None => vec![0; PAGE as usize],
+        }
+    }
+    fn allocated_pages(&self) -> usize {
+        self.pages.iter().filter(|p| p.is_some()).count()
+    }
+}
+
 /// The in-memory map plus its file.
 pub struct RegionMap {
     file: File,
     region_size: u64,
     regions: u64,
     volume_size: u64,
-    words: Vec<u64>,
+    words: PagedBits,
     /// Bitmap pages changed since the last snapshot.
     dirty: std::collections::BTreeSet<u64>,
     present: u64,
@@ -124,7 +158,7 @@ impl RegionMap {
             region_size,
             regions,
             volume_size,
-            words: vec![0; (pages as usize) * WORDS_PER_PAGE],
+            words: PagedBits::new(pages as usize),
             dirty: Default::default(),
             present: 0,
         })
@@ -155,12 +189,13 @@ impl RegionMap {
             return Err(bad("inconsistent header".into()));
         }
         let pages = regions.div_ceil(BITS_PER_PAGE);
-        let mut words = vec![0u64; (pages as usize) * WORDS_PER_PAGE];
+        let mut words = PagedBits::new(pages as usize);
         // Read only the allocated parts: a fresh map is one big hole, so
         // opening it costs nothing whatever the volume size.
         let end = PAGE * (1 + pages);
         let mut pos = PAGE;
         let mut page = vec![0u8; PAGE as usize];
+        let mut present = 0u64;
         while pos < end {
             let data = match seek(&file, pos, Whence::SeekData) {
                 Ok(d) if d < end => d & !(PAGE - 1),
@@ -172,22 +207,25 @@ impl RegionMap {
                 file.read_exact_at(&mut page, p)?;
                 let w0 = ((p - PAGE) / 8) as usize;
                 for (i, c) in page.chunks_exact(8).enumerate() {
-                    words[w0 + i] = u64::from_le_bytes(c.try_into().unwrap());
+                    let w = u64::from_le_bytes(c.try_into().unwrap());
+                    // Bits past the last region are meaningless; keep them clear.
+                    let first_bit = (w0 + i) as u64 * 64;
+                    let w = if first_bit >= regions {
+                        0
+                    } else if first_bit + 64 > regions {
+                        w & ((1u64 << (regions - first_bit)) - 1)
+                    } else {
+                        w
+                    };
+                    present += w.count_ones() as u64;
+                    if w != 0 {
+                        *words.word_mut(w0 + i) = w;
+                    }
                 }
                 p += PAGE;
             }
             pos = hole.max(data + PAGE);
         }
-        // Bits past the last region are meaningless; keep them clear.
-        let tail = regions % 64;
-        let last_word = (regions / 64) as usize;
-        if tail != 0 {
-            words[last_word] &= (1u64 << tail) - 1;
-        }
-        for w in words.iter_mut().skip(last_word + usize::from(tail != 0)) {
-            *w = 0;
-        }
-        let present = words.iter().map(|w| w.count_ones() as u64).sum();
         Ok(Self {
             file,
             region_size,
@@ -220,7 +258,7 @@ impl RegionMap {
     }
 
     pub fn is_present(&self, r: u64) -> bool {
-        r < self.regions && self.words[(r / 64) as usize] & (1 << (r % 64)) != 0
+        r < self.regions && self.words.word((r / 64) as usize) & (1 << (r % 64)) != 0
     }
 
     /// Whether every region in `first..=last` is present.
@@ -231,13 +269,44 @@ impl RegionMap {
     /// Marks a region present (its data must already be written locally).
     pub fn mark_present(&mut self, r: u64) {
         assert!(r < self.regions, "region {r} out of range");
-        let w = &mut self.words[(r / 64) as usize];
+        let w = self.words.word_mut((r / 64) as usize);
         let bit = 1 << (r % 64);
         if *w & bit == 0 {
             *w |= bit;
             self.present += 1;
             self.dirty.insert(r / BITS_PER_PAGE);
         }
+    }
+
+    /// Marks every region in `first..=last` present; returns how many were
+    /// absent. Word at a time: marking a 1 TiB volume's zero ranges at
+    /// handoff costs well under a millisecond.
+    pub fn mark_range(&mut self, first: u64, last: u64) -> u64 {
+        assert!(
+            first <= last && last < self.regions,
+            "regions {first}..={last} out of range"
+        );
+        let mut newly = 0u64;
+        let mut r = first;
+        while r <= last {
+            let bit = r % 64;
+            let n = (64 - bit).min(last - r + 1);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let w = self.words.word_mut((r / 64) as usize);
+            let add = mask & !*w;
+            if add != 0 {
+                *w |= add;
+                newly += add.count_ones() as u64;
+                self.dirty.insert(r / BITS_PER_PAGE);
+            }
+            r += n;
+        }
+        self.present += newly;
+        newly
     }
 
     /// First absent region at or after `from`, wrapping around; `None` when
@@ -249,7 +318,7 @@ impl RegionMap {
         let scan = |lo: u64, hi: u64| -> Option<u64> {
             let mut r = lo;
             while r < hi {
-                let w = self.words[(r / 64) as usize];
+                let w = self.words.word((r / 64) as usize);
                 if w == u64::MAX && r.is_multiple_of(64) {
                     r += 64;
                     continue;
@@ -270,9 +339,7 @@ impl RegionMap {
         let pages = std::mem::take(&mut self.dirty)
             .into_iter()
             .map(|p| {
-                let words =
-                    &self.words[p as usize * WORDS_PER_PAGE..(p as usize + 1) * WORDS_PER_PAGE];
-                let bytes = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                let bytes = self.words.page_bytes(p as usize);
                 (p, bytes)
             })
             .collect();
@@ -282,7 +349,7 @@ impl RegionMap {
     /// Marks every bitmap page dirty (after a failed commit write, so the
     /// next commit rewrites whatever may be missing on disk).
     pub fn mark_all_dirty(&mut self) {
-        let pages = (self.words.len() / WORDS_PER_PAGE) as u64;
+        let pages = self.words.pages.len() as u64;
         self.dirty.extend(0..pages);
     }
 
@@ -293,7 +360,7 @@ impl RegionMap {
 
     /// Bytes of memory the bitmap uses.
     pub fn memory_bytes(&self) -> usize {
-        self.words.len() * 8
+        self.words.allocated_pages() * PAGE as usize + self.words.pages.len() * 8
     }
 }
 
@@ -329,9 +396,11 @@ mod tests {
         let p = d.path().join("regions.map");
         // 1 TiB in 64 KiB regions: 16 Mi regions, a 2 MiB bitmap.
         let mut m = RegionMap::create(&p, 1 << 40, 65536).unwrap();
-        assert_eq!(m.memory_bytes(), 2 << 20);
+        // Memory follows present regions, not the volume size.
+        assert!(m.memory_bytes() <= 8 << 10, "{}", m.memory_bytes());
         m.mark_present(12345);
         m.mark_present(12346);
+        assert!(m.memory_bytes() <= 12 << 10, "{}", m.memory_bytes());
         assert_eq!(commit(&mut m), 1, "two nearby bits must cost one page");
         assert_eq!(commit(&mut m), 0, "nothing changed, nothing written");
         m.mark_present((1 << 24) - 1);
@@ -372,6 +441,29 @@ mod tests {
         assert!((0..100).all(|r| m.is_present(r)), "committed bits lost");
         assert!((0..4096).all(|r| m.is_present(r)), "first sector's bits");
         assert!(!m.is_present(4096));
+    }
+
+    #[test]
+    fn mark_range_matches_single_marks() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = RegionMap::create(&d.path().join("a"), 1000 * 4096, 4096).unwrap();
+        let mut b = RegionMap::create(&d.path().join("b"), 1000 * 4096, 4096).unwrap();
+        a.mark_present(70);
+        b.mark_present(70);
+        for (f, l) in [(3, 3), (10, 200), (63, 64), (500, 999), (0, 5)] {
+            let before = a.present_count();
+            let newly = a.mark_range(f, l);
+            for r in f..=l {
+                b.mark_present(r);
+            }
+            assert_eq!(a.present_count(), before + newly);
+            assert_eq!(a.present_count(), b.present_count());
+        }
+        assert!((0..1000).all(|r| a.is_present(r) == b.is_present(r)));
+        commit(&mut a);
+        drop(a);
+        let a = RegionMap::open(&d.path().join("a")).unwrap();
+        assert_eq!(a.present_count(), b.present_count());
     }
 
     #[test]
