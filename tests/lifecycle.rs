@@ -193,3 +193,58 @@ fn idle_node_memory_stays_small() {
     );
     assert!(rss < 64 << 20, "RSS {rss} bytes exceeds 64 MiB");
 }
+
+/// A full disk under a volume: writes fail with ENOSPC, nothing else is
+/// harmed, and writes work again once space returns. Needs root (mounts a
+/// 4 MiB tmpfs as the data directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_gives_enospc_and_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(tmp.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(tmp.path().to_owned());
+    let mut node = NodeProc::start_in(tmp.path());
+    node.create("vm1", "64M"); // sparse: fits
+    let c = dlsm::nbd::client::NbdClient::connect(
+        &dlsm::nbd::client::NbdAddr::Tcp(node.nbd.clone()),
+        "vm1",
+    )
+    .await
+    .unwrap();
+    let mut written = Vec::new();
+    let mut enospc = false;
+    for i in 0..64u64 {
+        let data = pattern(1 << 20, i);
+        match c.write(i << 20, &data, false).await {
+            Ok(()) => written.push((i << 20, data)),
+            Err(dlsm::nbd::client::ClientError::Server { errno, .. }) => {
+                assert_eq!(errno, 28, "a full disk must give ENOSPC");
+                enospc = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(enospc, "the 4 MiB disk never filled");
+    // Everything acknowledged reads back; the connection and node are fine.
+    for (off, data) in &written {
+        assert!(c.read(*off, 1 << 20).await.unwrap() == *data);
+    }
+    assert!(node.cli_ok(&["volume", "list"]).contains("vm1"));
+    // Space returns (trim the first MiB): writing works again.
+    c.trim(0, 1 << 20).await.unwrap();
+    c.write(0, &pattern(1 << 20, 99), false).await.unwrap();
+    c.flush().await.unwrap();
+    drop(c);
+    assert!(node.stop(), "node did not stop cleanly on a full disk");
+}

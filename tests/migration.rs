@@ -486,3 +486,50 @@ fn bad_migration_requests_get_clear_errors() {
     assert!(err(&b, &["migration", "status", "vm1"]).contains("not migrating"));
     assert!(err(&b, &["migration", "pause", "vm2"]).contains("HTTP 404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_region_writes_fetch_nothing_and_sequential_reads_prefetch() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    a.create("vm1", "16M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(16 * MIB);
+    model.write(&ca, 0, &pattern(16 * MIB as usize, 21)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &[]);
+    b.cli_ok(&["migration", "pause", "vm1"]);
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    let cb = client(&b, "vm1").await;
+    // A write covering two whole 64 KiB regions needs no fetch.
+    model.write(&cb, 4 * MIB, &pattern(128 << 10, 22)).await;
+    let s = b.status("vm1");
+    assert_eq!(s["bytes_on_demand"], 0, "whole-region write fetched: {s}");
+    assert_eq!(s["regions_present"], 2, "{s}");
+    // A partial write to an absent region fetches that region first.
+    model.write(&cb, 6 * MIB + 1000, b"partial").await;
+    let s = b.status("vm1");
+    assert_eq!(s["bytes_on_demand"], 65536, "{s}");
+    // Two sequential on-demand reads make the node read ahead, even paused.
+    assert_eq!(
+        cb.read(8 * MIB, 65536).await.unwrap(),
+        model.0[8 * MIB as usize..][..65536]
+    );
+    assert_eq!(
+        cb.read(8 * MIB + 65536, 65536).await.unwrap(),
+        model.0[8 * MIB as usize + 65536..][..65536]
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = b.status("vm1");
+        if s["regions_present"].as_u64().unwrap() >= 3 + 2 + 16 {
+            assert!(s["bytes_background"].as_u64().unwrap() >= 16 * 65536, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no read-ahead: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.cli_ok(&["migration", "resume", "vm1"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&cb).await;
+}

@@ -556,9 +556,15 @@ impl CloneTarget {
                     Err(e) => warn!("fetch task failed: {e}"),
                 }
             }
-            if self.paused.load(Ordering::SeqCst) {
+            // Read-ahead hints serve a guest's sequential reads: they go
+            // first, and neither pause nor the rate limit holds them back.
+            let has_hint = !self.hints.lock().unwrap().is_empty();
+            if self.paused.load(Ordering::SeqCst) && !has_hint {
                 let n = self.wake.notified();
-                if self.paused.load(Ordering::SeqCst) && !self.stopped.load(Ordering::SeqCst) {
+                if self.paused.load(Ordering::SeqCst)
+                    && !self.stopped.load(Ordering::SeqCst)
+                    && self.hints.lock().unwrap().is_empty()
+                {
                     let _ = tokio::time::timeout(self.cfg.commit_interval, n).await;
                 }
                 continue;
@@ -593,7 +599,9 @@ impl CloneTarget {
             };
             // Pace before locking: a region lock is never held while the
             // copier sleeps, so on-demand fetches never wait for the limit.
-            self.limiter.acquire(count * self.region_size).await;
+            if hint.is_none() {
+                self.limiter.acquire(count * self.region_size).await;
+            }
             let Some(guard) = self.locks.try_lock(first, first + count - 1) else {
                 // A client holds part of it; its own fetch covers it, and
                 // the cursor comes back around for anything left.
