@@ -461,10 +461,12 @@ fn spawn_release(api: String, name: String) {
     });
 }
 
-/// Source: hands off when the last writing client disconnects.
+/// Source: hands off when the last client (a hypervisor, typically) that
+/// was attached since the migration started disconnects. The destination's
+/// own origin links (`NAME@origin`) are not clients.
 fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
     tokio::spawn(async move {
-        let mut seen_writer = false;
+        let mut seen_client = false;
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             let Ok(vol) = state.store.get(&name) else {
@@ -476,15 +478,14 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
             if vol.fence.is_fenced() {
                 return;
             }
-            let writers = vol.fence.writers();
-            if writers > 0 {
-                seen_writer = true;
+            if vol.connections() > 0 {
+                seen_client = true;
                 continue;
             }
-            if !seen_writer {
+            if !seen_client {
                 continue;
             }
-            info!(volume = %name, to = %out.to, "last writer left: handing off");
+            info!(volume = %name, to = %out.to, "last client left: handing off");
             if let Err(e) = fence(&state, &name, &out.to).await {
                 warn!(volume = %name, "self-fence failed: {e}");
                 continue;

@@ -58,6 +58,20 @@ impl ExportRegistry for Registry {
     }
 
     fn open(&self, name: &str) -> Option<Export> {
+        // `NAME@origin` is how a migration destination reads its source:
+        // read-only (a destination never writes its origin), and not counted
+        // as a client (so the source can tell when its last real client
+        // leaves).
+        if let Some(vol) = name.strip_suffix(store::ORIGIN_SUFFIX) {
+            let v = self.0.get(vol).ok()?;
+            return Some(Export {
+                name: name.to_owned(),
+                description: format!("dlsm volume {vol}, origin link"),
+                target: v.target(),
+                read_only: true,
+                guard: Box::new(()),
+            });
+        }
         let v = self.0.get(name).ok()?;
         Some(Export {
             name: v.name.clone(),

@@ -233,6 +233,10 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
+/// Export-name suffix of the read-only origin link a migration destination
+/// uses (`vm1@origin`); `@` cannot appear in a volume name.
+pub const ORIGIN_SUFFIX: &str = "@origin";
+
 /// Largest volume: 2^63 bytes keeps every offset computation in range.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
 
@@ -467,7 +471,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             let origin = Arc::new(
                 RemoteTarget::lazy(
                     addr,
-                    export,
+                    &format!("{export}{ORIGIN_SUFFIX}"),
                     table.size,
                     env.origin_connections,
                     env.source_timeout,
