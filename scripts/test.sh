@@ -8,20 +8,34 @@ cd "$(dirname "$0")/.."
 declare -A PKG=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdkit]=nbdkit
-  [fio]=fio
+  [fio]=fio [ip]=iproute2 [tc]=iproute2 [cpio]=cpio [gcc]=gcc [xz]=xz-utils
 )
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+export DEBIAN_FRONTEND=noninteractive
+updated=0
+apt_install() {
+  [ $updated = 1 ] || { $SUDO apt-get update -qq; updated=1; }
+  echo "== installing test dependencies: $*"
+  $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+# The VM tests need QEMU's system emulator, a kernel and busybox. Installing
+# Debian's qemu-system-x86 replaces a newer qemu-utils, so qemu-utils is
+# installed again right after it.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  apt_install qemu-system-x86
+  apt_install qemu-utils
+fi
+ls /boot/vmlinuz-* >/dev/null 2>&1 || apt_install linux-image-amd64
+# A static busybox (the guest has no libc of its own).
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then apt_install busybox-static; fi
 missing=()
 for tool in "${!PKG[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${PKG[$tool]}")
 done
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || missing+=(python3-libnbd)
 if [ ${#missing[@]} -gt 0 ]; then
-  pkgs=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
-  echo "== installing test dependencies: $pkgs"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  # shellcheck disable=SC2086
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
+  # shellcheck disable=SC2046
+  apt_install $(printf '%s\n' "${missing[@]}" | sort -u)
 fi
 
 echo "== cargo fmt --check"

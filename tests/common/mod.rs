@@ -28,6 +28,8 @@ pub fn require(tool: &str) -> PathBuf {
 /// A `dlsm serve` child process.
 pub struct NodeProc {
     pub child: Option<Child>,
+    /// Network namespace the node (and its CLI calls) run in.
+    pub netns: Option<String>,
     pub data_dir: PathBuf,
     pub nbd: String,
     pub api: String,
@@ -52,8 +54,28 @@ impl NodeProc {
 
     /// Starts a node on fixed addresses with extra `serve` flags.
     pub fn start_with(dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
+        Self::spawn(None, dir, nbd, api, extra)
+    }
+
+    /// Starts a node inside network namespace `ns`.
+    pub fn start_netns(ns: &str, dir: &Path, nbd: &str, api: &str) -> NodeProc {
+        Self::spawn(Some(ns), dir, nbd, api, &[])
+    }
+
+    fn command(netns: Option<&str>) -> Command {
+        match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, DLSM]);
+                c
+            }
+            None => Command::new(DLSM),
+        }
+    }
+
+    fn spawn(netns: Option<&str>, dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
         let unix = dir.join("nbd.sock");
-        let mut child = Command::new(DLSM)
+        let mut child = Self::command(netns)
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args(["--listen", nbd, "--api", api, "--node", "test"])
@@ -83,6 +105,7 @@ impl NodeProc {
             nbd: field("nbd="),
             api: field("api="),
             child: Some(child),
+            netns: netns.map(str::to_owned),
             data_dir: dir.to_owned(),
             unix,
             _tmp: None,
@@ -99,7 +122,7 @@ impl NodeProc {
 
     /// Runs a `dlsm` CLI command against this node.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(DLSM)
+        Self::command(self.netns.as_deref())
             .arg("--api")
             .arg(&self.api)
             .args(args)

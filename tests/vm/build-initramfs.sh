@@ -9,6 +9,9 @@ mkdir -p "$out"
 kver=$(ls /lib/modules | sort -V | tail -1)
 [ -n "$kver" ] && [ -f "/boot/vmlinuz-$kver" ] || { echo "no kernel: apt-get install linux-image-amd64" >&2; exit 1; }
 [ -x /bin/busybox ] || { echo "no busybox: apt-get install busybox-static" >&2; exit 1; }
+if ldd /bin/busybox >/dev/null 2>&1; then
+  echo "/bin/busybox is dynamically linked: apt-get install busybox-static" >&2; exit 1
+fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 mkdir -p "$root"/{bin,dev,proc,sys,lib/modules}
@@ -25,6 +28,9 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 done
 gcc -static -O2 -o "$root/bin/workload" "$here/workload.c"
 install -m 0755 "$here/init" "$root/init"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz"
-cp "/boot/vmlinuz-$kver" "$out/vmlinuz"
+# Write then rename, so a reader never sees a half-written guest.
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
+cp "/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
+mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "guest built: kernel $kver -> $out"
