@@ -104,7 +104,30 @@ struct Qemu {
 }
 
 impl Qemu {
+    /// A guest whose disk is an NBD URI (dlsm).
     fn start(
+        ns: &str,
+        dir: &Path,
+        name: &str,
+        guest: &Path,
+        disk: &str,
+        params: &str,
+        incoming: Option<&str>,
+    ) -> Qemu {
+        Self::start_drive(
+            ns,
+            dir,
+            name,
+            guest,
+            &format!("{disk},id=disk0"),
+            params,
+            incoming,
+        )
+    }
+
+    /// A guest whose `-drive file=` is `disk` (a URI or a local path, with
+    /// any extra `-drive` options appended).
+    fn start_drive(
         ns: &str,
         dir: &Path,
         name: &str,
@@ -450,4 +473,334 @@ fn idle_guest_hands_off_when_the_source_qemu_quits() {
         "nbd://10.77.0.2:10809/vm",
     ]));
     assert!(!out.contains("verification failed"), "{out}");
+}
+
+/// Per-second guest statistics parsed from `STAT` lines: (ms since the
+/// workload started, total writes, worst write latency that second in us).
+fn stats(serial: &str) -> Vec<(u64, u64, u64)> {
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("STAT "))
+        .map(|l| {
+            let get = |k: &str| -> u64 {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            (get("t="), get("writes="), get("wlat_max_us="))
+        })
+        .collect()
+}
+
+/// One method's result in the comparison.
+struct Outcome {
+    method: &'static str,
+    vm_on_b_s: f64,
+    downtime_ms: u64,
+    release_s: f64,
+    link_bytes: u64,
+    /// Guest clock (ms) at which the migration started and the VM switched.
+    start_ms: u64,
+    switch_ms: u64,
+    stats: Vec<(u64, u64, u64)>,
+}
+
+/// Guest write rate (writes/s) and worst latency (ms) from `from` to `to` ms.
+fn window(o: &Outcome, from: u64, to: u64) -> (f64, f64) {
+    let inside: Vec<_> = o.stats.iter().filter(|s| s.0 > from && s.0 <= to).collect();
+    let before = o.stats.iter().rfind(|s| s.0 <= from).map_or(0, |s| s.1);
+    match (inside.first(), inside.last()) {
+        (Some(_), Some(l)) => {
+            let rate = (l.1 - before) as f64 / ((l.0 - from) as f64 / 1000.0);
+            let worst = inside.iter().map(|s| s.2).max().unwrap_or(0) as f64 / 1000.0;
+            (rate, worst)
+        }
+        _ => (0.0, 0.0),
+    }
+}
+
+fn guest_ms(q: &Qemu) -> u64 {
+    stats(&q.serial()).last().map_or(0, |s| s.0)
+}
+
+fn run_dlsm(size_gib: u64, image: &Path, secs: u32) -> Outcome {
+    let guest = guest();
+    let hosts = Hosts::new("cd");
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
+    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
+    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    a.cli_ok(&["volume", "create", "vm", "--from", image.to_str().unwrap()]);
+    let params = format!("dlsm.secs={secs}");
+    let mut qa = Qemu::start(
+        &hosts.a,
+        tmp.path(),
+        "qemu-a",
+        &guest,
+        "nbd://10.77.0.1:10809/vm",
+        &params,
+        None,
+    );
+    qa.wait_serial("STAT t=10", 180);
+    let link0 = hosts.bytes_a_to_b();
+    let start_ms = guest_ms(&qa);
+    let t0 = Instant::now();
+    a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
+    let mut qb = Qemu::start(
+        &hosts.b,
+        tmp.path(),
+        "qemu-b",
+        &guest,
+        "nbd://10.77.0.2:10809/vm",
+        &params,
+        Some("tcp:10.77.0.2:4444"),
+    );
+    qa.cmd(
+        "migrate",
+        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
+    );
+    let m = wait_query_migrate(&mut qa);
+    wait_running(&mut qb);
+    let vm_on_b = t0.elapsed().as_secs_f64();
+    let switch_ms = start_ms + (vm_on_b * 1000.0) as u64;
+    qa.cmd("quit", serde_json::json!({}));
+    b.wait_phase("vm", "complete", 600);
+    while a.has_volume("vm") {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let release = t0.elapsed().as_secs_f64();
+    let link = hosts.bytes_a_to_b() - link0;
+    let serial = qb.wait_serial("DONE", secs as u64 + 600);
+    assert!(serial.contains("FINAL OK"), "guest check failed on B");
+    let mut all = qa.serial();
+    all.push_str(&serial);
+    eprintln!("dlsm {size_gib} GiB: VM on B after {vm_on_b:.2}s, released after {release:.2}s");
+    Outcome {
+        method: "dlsm",
+        vm_on_b_s: vm_on_b,
+        downtime_ms: m["downtime"].as_u64().unwrap_or(0),
+        release_s: release,
+        link_bytes: link,
+        start_ms,
+        switch_ms,
+        stats: stats(&all),
+    }
+}
+
+fn run_drive_mirror(size_gib: u64, image: &Path, secs: u32) -> Outcome {
+    let guest = guest();
+    let hosts = Hosts::new("cm");
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    // libvirt --copy-storage-all: a local image on A, a blank one on B.
+    let disk_a = tmp.path().join("a.raw");
+    let disk_b = tmp.path().join("b.raw");
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image)
+            .arg(&disk_a),
+    );
+    run_ok(
+        Command::new("truncate")
+            .arg("-s")
+            .arg(format!("{}", std::fs::metadata(image).unwrap().len()))
+            .arg(&disk_b),
+    );
+    let params = format!("dlsm.secs={secs}");
+    let drive = |p: &Path| format!("{},id=disk0", p.display());
+    let mut qa = Qemu::start_drive(
+        &hosts.a,
+        tmp.path(),
+        "qemu-a",
+        &guest,
+        &drive(&disk_a),
+        &params,
+        None,
+    );
+    qa.wait_serial("STAT t=10", 180);
+    let link0 = hosts.bytes_a_to_b();
+    let start_ms = guest_ms(&qa);
+    let t0 = Instant::now();
+    let mut qb = Qemu::start_drive(
+        &hosts.b,
+        tmp.path(),
+        "qemu-b",
+        &guest,
+        &drive(&disk_b),
+        &params,
+        Some("tcp:10.77.0.2:4444"),
+    );
+    qb.cmd("nbd-server-start", serde_json::json!({ "addr": { "type": "inet", "data": { "host": "10.77.0.2", "port": "10810" } } }));
+    qb.cmd(
+        "nbd-server-add",
+        serde_json::json!({ "device": "disk0", "writable": true }),
+    );
+    qa.cmd(
+        "drive-mirror",
+        serde_json::json!({ "device": "disk0", "job-id": "mirror0", "target": "nbd://10.77.0.2:10810/disk0", "sync": "full", "mode": "existing", "format": "raw" }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    loop {
+        let jobs = qa.cmd("query-block-jobs", serde_json::json!({}));
+        if jobs[0]["ready"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mirror never ready: {jobs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    qa.cmd(
+        "migrate",
+        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
+    );
+    let m = wait_query_migrate(&mut qa);
+    qa.cmd(
+        "block-job-cancel",
+        serde_json::json!({ "device": "mirror0" }),
+    );
+    loop {
+        let jobs = qa.cmd("query-block-jobs", serde_json::json!({}));
+        if jobs.as_array().is_none_or(|j| j.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    qb.cmd("nbd-server-stop", serde_json::json!({}));
+    wait_running(&mut qb);
+    let vm_on_b = t0.elapsed().as_secs_f64();
+    let switch_ms = start_ms + (vm_on_b * 1000.0) as u64;
+    let release = vm_on_b; // the source copy is free once the job ended
+    let link = hosts.bytes_a_to_b() - link0;
+    qa.cmd("quit", serde_json::json!({}));
+    let serial = qb.wait_serial("DONE", secs as u64 + 600);
+    assert!(serial.contains("FINAL OK"), "guest check failed on B");
+    let mut all = qa.serial();
+    all.push_str(&serial);
+    eprintln!("drive-mirror {size_gib} GiB: VM on B after {vm_on_b:.2}s");
+    Outcome {
+        method: "drive-mirror",
+        vm_on_b_s: vm_on_b,
+        downtime_ms: m["downtime"].as_u64().unwrap_or(0),
+        release_s: release,
+        link_bytes: link,
+        start_ms,
+        switch_ms,
+        stats: stats(&all),
+    }
+}
+
+/// An SVG plot of guest write throughput over time for both methods, with
+/// the migration start and the switch-over marked.
+fn plot(size_gib: u64, runs: &[Outcome]) -> String {
+    let (w, h, pad) = (760.0, 360.0, 50.0);
+    let series: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .map(|o| {
+            o.stats
+                .windows(2)
+                .map(|p| {
+                    let dt = (p[1].0 - p[0].0) as f64 / 1000.0;
+                    let t = (p[1].0 as f64 - o.start_ms as f64) / 1000.0;
+                    (t, (p[1].1.saturating_sub(p[0].1)) as f64 / dt.max(0.001))
+                })
+                .collect()
+        })
+        .collect();
+    let tmin = series.iter().flatten().map(|p| p.0).fold(0.0, f64::min);
+    let tmax = series.iter().flatten().map(|p| p.0).fold(1.0, f64::max);
+    let ymax = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let x = |t: f64| pad + (t - tmin) / (tmax - tmin) * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / ymax * (h - 2.0 * pad);
+    let colors = ["#1f77b4", "#d62728"];
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n\
+         <rect width='100%' height='100%' fill='white'/>\n\
+         <text x='{}' y='20' text-anchor='middle' font-size='14'>Guest 4 KiB write+fsync rate during live migration, {size_gib} GiB disk, 1 Gbit/s link</text>\n\
+         <line x1='{pad}' y1='{}' x2='{}' y2='{}' stroke='black'/><line x1='{pad}' y1='{pad}' x2='{pad}' y2='{}' stroke='black'/>\n\
+         <text x='{}' y='{}' text-anchor='middle'>seconds since the migration started</text>\n\
+         <text x='15' y='{}' transform='rotate(-90 15 {})' text-anchor='middle'>writes/s</text>\n\
+         <text x='{}' y='{}' text-anchor='end'>{:.0}</text>\n",
+        w / 2.0, h - pad, w - pad, h - pad, h - pad, w / 2.0, h - 12.0, h / 2.0, h / 2.0, pad - 4.0, pad + 4.0, ymax
+    );
+    svg.push_str(&format!("<line x1='{0}' y1='{pad}' x2='{0}' y2='{1}' stroke='gray' stroke-dasharray='4'/><text x='{0}' y='{2}' fill='gray'>start</text>\n", x(0.0), h - pad, pad - 4.0));
+    for (i, (o, s)) in runs.iter().zip(&series).enumerate() {
+        let pts: Vec<String> = s
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1)))
+            .collect();
+        let c = colors[i % 2];
+        let sw = (o.switch_ms as f64 - o.start_ms as f64) / 1000.0;
+        svg.push_str(&format!(
+            "<polyline fill='none' stroke='{c}' stroke-width='1.5' points='{}'/>\n",
+            pts.join(" ")
+        ));
+        svg.push_str(&format!(
+            "<line x1='{0}' y1='{pad}' x2='{0}' y2='{1}' stroke='{c}' stroke-dasharray='6 3'/><text x='{2}' y='{3}' fill='{c}'>{4}: VM on B at {5:.1} s</text>\n",
+            x(sw), h - pad, x(sw) + 4.0, pad + 16.0 + 16.0 * i as f64, o.method, sw
+        ));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+#[test]
+#[ignore = "benchmark (minutes): cargo test --release --test vm -- --ignored --nocapture"]
+fn compare_with_qemu_drive_mirror() {
+    tools();
+    let sizes: Vec<u64> = std::env::var("DLSM_VM_SIZES")
+        .unwrap_or_else(|_| "1,4".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut report = String::from("| disk | method | VM on B | downtime | source releasable | bytes over link | guest writes/s during | worst write latency during |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+    for size in sizes {
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let image = tmp.path().join("disk.raw");
+        // A fully allocated disk of random bytes (what there is to copy).
+        run_ok(Command::new("sh").arg("-c").arg(format!(
+            "head -c {}G /dev/urandom > {}",
+            size,
+            image.display()
+        )));
+        let secs = 60 + 20 * size as u32;
+        let runs = [
+            run_drive_mirror(size, &image, secs),
+            run_dlsm(size, &image, secs),
+        ];
+        for o in &runs {
+            let end = if o.method == "dlsm" {
+                o.start_ms + (o.release_s * 1000.0) as u64
+            } else {
+                o.switch_ms
+            };
+            let (rate, worst) = window(o, o.start_ms, end);
+            report.push_str(&format!(
+                "| {size} GiB | {} | {:.2} s | {} ms | {:.2} s | {:.1} MB | {:.0} | {:.1} ms |\n",
+                o.method,
+                o.vm_on_b_s,
+                o.downtime_ms,
+                o.release_s,
+                o.link_bytes as f64 / 1e6,
+                rate,
+                worst
+            ));
+        }
+        std::fs::write(
+            out.join(format!("vm-compare-{size}g.svg")),
+            plot(size, &runs),
+        )
+        .unwrap();
+        let (base, _) = window(
+            &runs[1],
+            runs[1].start_ms.saturating_sub(8000),
+            runs[1].start_ms,
+        );
+        report.push_str(&format!(
+            "| {size} GiB | (guest before migration, dlsm run) | | | | | {base:.0} | |\n"
+        ));
+    }
+    std::fs::write(out.join("vm-compare.md"), &report).unwrap();
+    println!("{report}");
 }
