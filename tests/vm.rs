@@ -122,11 +122,13 @@ impl Qemu {
             &format!("{disk},id=disk0"),
             params,
             incoming,
+            false,
         )
     }
 
     /// A guest whose `-drive file=` is `disk` (a URI or a local path, with
     /// any extra `-drive` options appended).
+    #[allow(clippy::too_many_arguments)]
     fn start_drive(
         ns: &str,
         dir: &Path,
@@ -135,6 +137,7 @@ impl Qemu {
         disk: &str,
         params: &str,
         incoming: Option<&str>,
+        stopped: bool,
     ) -> Qemu {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
@@ -160,9 +163,13 @@ impl Qemu {
         .arg("-initrd")
         .arg(guest.join("initramfs.gz"))
         .args(["-append", &format!("console=ttyS0 quiet {params}")])
+        // share-rw=on lets a destination QEMU export the same drive over
+        // NBD for drive-mirror while the device is attached.
         .args([
             "-drive",
-            &format!("file={disk},format=raw,if=virtio,cache=none"),
+            &format!("file={disk},format=raw,if=none,cache=none"),
+            "-device",
+            "virtio-blk-pci,drive=disk0,share-rw=on",
         ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
@@ -173,6 +180,10 @@ impl Qemu {
         .stdout(Stdio::null());
         if let Some(uri) = incoming {
             cmd.args(["-incoming", uri]);
+        }
+        if stopped {
+            // Do not run the guest after an incoming migration until `cont`.
+            cmd.arg("-S");
         }
         let child = cmd.spawn().expect("start qemu-system-x86_64");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -617,28 +628,55 @@ fn run_drive_mirror(size_gib: u64, image: &Path, secs: u32) -> Outcome {
         &drive(&disk_a),
         &params,
         None,
+        false,
     );
     qa.wait_serial("STAT t=10", 180);
     let link0 = hosts.bytes_a_to_b();
     let start_ms = guest_ms(&qa);
     let t0 = Instant::now();
+    // The mirror's target on B. libvirt has the destination QEMU export its
+    // own (inactive) disk with nbd-server-add; this QEMU (7.2) asserts when
+    // that export is written before the incoming migration activates the
+    // disk, so a qemu-nbd on host B serves the same file instead (QEMU B
+    // opens it without locking). The bytes that cross the link, and when,
+    // are the same. QEMU B starts stopped (-S), as under libvirt, and runs
+    // only after the mirror is cancelled, i.e. in sync. The mirror runs in
+    // write-blocking (active) mode, as libvirt uses for migration: once the
+    // source stops, nothing is left to copy into the then inactive target.
+    let mut nbd = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &hosts.b,
+            "qemu-nbd",
+            "-f",
+            "raw",
+            "-x",
+            "disk0",
+            "-b",
+            "10.77.0.2",
+            "-p",
+            "10810",
+            "-t",
+            "--cache=none",
+        ])
+        .arg(&disk_b)
+        .spawn()
+        .expect("qemu-nbd");
+    std::thread::sleep(Duration::from_millis(500));
     let mut qb = Qemu::start_drive(
         &hosts.b,
         tmp.path(),
         "qemu-b",
         &guest,
-        &drive(&disk_b),
+        &format!("{},file.locking=off,id=disk0", disk_b.display()),
         &params,
         Some("tcp:10.77.0.2:4444"),
-    );
-    qb.cmd("nbd-server-start", serde_json::json!({ "addr": { "type": "inet", "data": { "host": "10.77.0.2", "port": "10810" } } }));
-    qb.cmd(
-        "nbd-server-add",
-        serde_json::json!({ "device": "disk0", "writable": true }),
+        true,
     );
     qa.cmd(
         "drive-mirror",
-        serde_json::json!({ "device": "disk0", "job-id": "mirror0", "target": "nbd://10.77.0.2:10810/disk0", "sync": "full", "mode": "existing", "format": "raw" }),
+        serde_json::json!({ "device": "disk0", "job-id": "mirror0", "target": "nbd://10.77.0.2:10810/disk0", "sync": "full", "mode": "existing", "format": "raw", "copy-mode": "write-blocking" }),
     );
     let deadline = Instant::now() + Duration::from_secs(1200);
     loop {
@@ -665,7 +703,18 @@ fn run_drive_mirror(size_gib: u64, image: &Path, secs: u32) -> Outcome {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    qb.cmd("nbd-server-stop", serde_json::json!({}));
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    // The incoming side must have finished before `cont`.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while qb.cmd("query-status", serde_json::json!({}))["status"] == "inmigrate" {
+        assert!(
+            Instant::now() < deadline,
+            "destination never left inmigrate"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    qb.cmd("cont", serde_json::json!({}));
     wait_running(&mut qb);
     let vm_on_b = t0.elapsed().as_secs_f64();
     let switch_ms = start_ms + (vm_on_b * 1000.0) as u64;
