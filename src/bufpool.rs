@@ -18,20 +18,24 @@ static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
 /// A zero-filled buffer of `len` bytes, reused when one is available.
 pub fn take(len: usize) -> Vec<u8> {
-    if len >= MIN_POOLED {
-        let reused = {
-            let mut pool = POOL.lock().unwrap();
-            pool.iter()
-                .position(|b| b.capacity() >= len)
-                .map(|i| pool.swap_remove(i))
-        };
-        if let Some(mut b) = reused {
+    match reuse(len) {
+        Some(mut b) => {
             b.clear();
             b.resize(len, 0);
-            return b;
+            b
         }
+        None => vec![0u8; len],
     }
-    vec![0u8; len]
+}
+
+/// A pooled buffer of at least `len` bytes' capacity, if there is one.
+fn reuse(len: usize) -> Option<Vec<u8>> {
+    if len < MIN_POOLED {
+        return None;
+    }
+    let mut pool = POOL.lock().unwrap();
+    let i = pool.iter().position(|b| b.capacity() >= len)?;
+    Some(pool.swap_remove(i))
 }
 
 /// A buffer of `len` bytes whose contents are unspecified (a reused
@@ -39,21 +43,14 @@ pub fn take(len: usize) -> Vec<u8> {
 /// before anyone sees it, such as a read reply filled by `read_exact_at`:
 /// it saves zeroing megabytes that are about to be overwritten.
 pub fn take_for_overwrite(len: usize) -> Vec<u8> {
-    if len >= MIN_POOLED {
-        let reused = {
-            let mut pool = POOL.lock().unwrap();
-            pool.iter()
-                .position(|b| b.capacity() >= len)
-                .map(|i| pool.swap_remove(i))
-        };
-        if let Some(mut b) = reused {
+    match reuse(len) {
+        Some(mut b) => {
             // Only the part past the old length needs initialising.
             b.resize(len, 0);
-            b.truncate(len);
-            return b;
+            b
         }
+        None => vec![0u8; len],
     }
-    vec![0u8; len]
 }
 
 /// Returns a buffer to the pool (or frees it).

@@ -772,6 +772,22 @@ fn plot(size_gib: u64, runs: &[Outcome]) -> String {
         w / 2.0, h - pad, w - pad, h - pad, h - pad, w / 2.0, h - 12.0, h / 2.0, h / 2.0, pad - 4.0, pad + 4.0, ymax
     );
     svg.push_str(&format!("<line x1='{0}' y1='{pad}' x2='{0}' y2='{1}' stroke='gray' stroke-dasharray='4'/><text x='{0}' y='{2}' fill='gray'>start</text>\n", x(0.0), h - pad, pad - 4.0));
+    // x ticks every 10 s, y ticks at quarters.
+    let mut t = (tmin / 10.0).ceil() * 10.0;
+    while t <= tmax {
+        svg.push_str(&format!(
+            "<line x1='{0:.1}' y1='{1}' x2='{0:.1}' y2='{2}' stroke='black'/><text x='{0:.1}' y='{3}' text-anchor='middle'>{4:.0}</text>\n",
+            x(t), h - pad, h - pad + 4.0, h - pad + 16.0, t
+        ));
+        t += 10.0;
+    }
+    for q in 1..4 {
+        let v = ymax * q as f64 / 4.0;
+        svg.push_str(&format!(
+            "<text x='{0}' y='{1:.1}' text-anchor='end'>{2:.0}</text><line x1='{3}' y1='{1:.1}' x2='{4}' y2='{1:.1}' stroke='#eee'/>\n",
+            pad - 4.0, y(v), v, pad, w - pad
+        ));
+    }
     for (i, (o, s)) in runs.iter().zip(&series).enumerate() {
         let pts: Vec<String> = s
             .iter()

@@ -143,6 +143,8 @@ pub struct CloneTarget {
     completed: Notify,
     hints: Mutex<VecDeque<(u64, u64)>>,
     last_on_demand_end: AtomicU64,
+    /// When a client last waited on a fetch (ms since `started`; 0: never).
+    last_on_demand_ms: AtomicU64,
     started: Instant,
     stats: Stats,
 }
@@ -188,6 +190,7 @@ impl CloneTarget {
             completed: Notify::new(),
             hints: Mutex::new(VecDeque::new()),
             last_on_demand_end: AtomicU64::new(u64::MAX),
+            last_on_demand_ms: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
         }))
@@ -256,6 +259,19 @@ impl CloneTarget {
         (start, (start + self.region_size).min(self.size))
     }
 
+    /// Records that a client is waiting on a fetch; the copier yields the
+    /// link for a while (see [`CloneTarget::hydrate`]).
+    fn note_on_demand(&self) {
+        self.last_on_demand_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether a client fetched on demand within the last `ms` milliseconds.
+    fn on_demand_recently(&self, ms: u64) -> bool {
+        let last = self.last_on_demand_ms.load(Ordering::Relaxed);
+        last != 0 && (self.started.elapsed().as_millis() as u64).saturating_sub(last) < ms
+    }
+
     fn note_error(&self, e: &dyn std::fmt::Display) {
         *self.stats.last_error.lock().unwrap() = Some(e.to_string());
     }
@@ -286,7 +302,8 @@ impl CloneTarget {
             let (off, _) = self.region_span(run_start);
             let (_, stop) = self.region_span(run_start + run_len - 1);
             let buf = if stop - off <= crate::nbd::server::MAX_PAYLOAD as u64 {
-                self.origin.read_vec(off, (stop - off) as u32).await?
+                let bulk = kind == FetchKind::Background;
+                self.origin.read_vec(off, (stop - off) as u32, bulk).await?
             } else {
                 let mut b = vec![0u8; (stop - off) as usize];
                 self.origin.read_into(off, &mut b).await?;
@@ -372,6 +389,9 @@ impl CloneTarget {
     async fn ensure_present(&self, first: u64, last: u64, kind: FetchKind) -> BlockResult<()> {
         if self.map.lock().unwrap().all_present(first, last) {
             return Ok(());
+        }
+        if kind == FetchKind::OnDemand {
+            self.note_on_demand();
         }
         let _g = self.locks.lock(first, last).await;
         self.fetch_locked(first, last - first + 1, kind).await
@@ -497,6 +517,7 @@ impl CloneTarget {
                 let (a, b) = self.region_span(r);
                 let covered = offset <= a && offset + len >= b;
                 if !covered && !self.map.lock().unwrap().is_present(r) {
+                    self.note_on_demand();
                     self.fetch_locked(r, 1, FetchKind::OnDemand).await?;
                 }
             }
@@ -569,7 +590,17 @@ impl CloneTarget {
                 }
                 continue;
             }
-            if inflight.len() >= self.cfg.parallel {
+            // While clients wait on fetches, the copier keeps one small batch
+            // in flight, so their fetches do not queue behind megabytes of
+            // background data on a saturated link.
+            let busy = self.on_demand_recently(250);
+            let parallel = if busy { 1 } else { self.cfg.parallel };
+            let batch_regions = if busy {
+                ((256 << 10) / self.region_size).max(1)
+            } else {
+                batch_regions
+            };
+            if inflight.len() >= parallel {
                 let _ = tokio::time::timeout(Duration::from_millis(200), async {
                     if let Some(Ok(Err(e))) = inflight.join_next().await {
                         self.note_error(&e);

@@ -132,7 +132,11 @@ impl Node {
                 .await
                 .with_context(|| format!("cannot listen for NBD on {listen}"))?;
             nbd_addr = Some(l.local_addr()?);
-            tasks.spawn(accept_tcp(l, registry.clone(), shutdown_rx.clone()));
+            tasks.spawn(accept_loop(
+                NbdListener::Tcp(l),
+                registry.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(path) = &cfg.listen_unix {
             // A socket file left by a previous run would make bind fail.
@@ -142,7 +146,11 @@ impl Node {
             }
             let l = UnixListener::bind(path)
                 .with_context(|| format!("cannot listen for NBD on {}", path.display()))?;
-            tasks.spawn(accept_unix(l, registry.clone(), shutdown_rx.clone()));
+            tasks.spawn(accept_loop(
+                NbdListener::Unix(l),
+                registry.clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if cfg.listen.is_none() && cfg.listen_unix.is_none() {
             anyhow::bail!("no NBD listener: give --listen or --listen-unix");
@@ -197,8 +205,30 @@ impl Node {
     }
 }
 
-async fn accept_tcp(
-    l: TcpListener,
+/// A listening NBD socket.
+enum NbdListener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// An accepted NBD connection.
+enum Accepted {
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+    Unix(tokio::net::UnixStream),
+}
+
+impl NbdListener {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        match self {
+            NbdListener::Tcp(l) => l.accept().await.map(|(s, p)| Accepted::Tcp(s, p)),
+            NbdListener::Unix(l) => l.accept().await.map(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+}
+
+/// Accepts connections until shutdown, then waits for them to finish.
+async fn accept_loop(
+    l: NbdListener,
     registry: Arc<dyn ExportRegistry>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -209,51 +239,28 @@ async fn accept_tcp(
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = l.accept() => match r {
-                Ok((sock, peer)) => {
-                    let _ = sock.set_nodelay(true);
+                Ok(conn) => {
                     let reg = registry.clone();
                     let sd = shutdown.clone();
                     conns.spawn(async move {
-                        let (rd, wr) = sock.into_split();
-                        if let Err(e) = serve_connection(rd, wr, reg, sd, peer.to_string()).await {
+                        let (peer, r) = match conn {
+                            Accepted::Tcp(sock, peer) => {
+                                let _ = sock.set_nodelay(true);
+                                let (rd, wr) = sock.into_split();
+                                (peer.to_string(), serve_connection(rd, wr, reg, sd, peer.to_string()).await)
+                            }
+                            Accepted::Unix(sock) => {
+                                let (rd, wr) = sock.into_split();
+                                ("unix".to_string(), serve_connection(rd, wr, reg, sd, "unix".into()).await)
+                            }
+                        };
+                        if let Err(e) = r {
                             debug!(%peer, "connection ended: {e}");
                         }
                     });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-    while conns.join_next().await.is_some() {}
-}
-
-async fn accept_unix(
-    l: UnixListener,
-    registry: Arc<dyn ExportRegistry>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut conns = JoinSet::new();
-    let mut stop = shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            r = l.accept() => match r {
-                Ok((sock, _)) => {
-                    let reg = registry.clone();
-                    let sd = shutdown.clone();
-                    conns.spawn(async move {
-                        let (rd, wr) = sock.into_split();
-                        if let Err(e) = serve_connection(rd, wr, reg, sd, "unix".into()).await {
-                            debug!("unix connection ended: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
                     warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

@@ -102,8 +102,17 @@ impl RemoteTarget {
     }
 
     /// A live client from the pool, connecting if the slot is empty.
-    async fn client(&self) -> Result<NbdClient, ClientError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+    async fn client(&self, bulk: bool) -> Result<NbdClient, ClientError> {
+        // Slot 0 is kept for urgent requests (a guest waiting on a fetch)
+        // when there is more than one: bulk copies queue on the others, so
+        // an urgent reply never waits behind megabytes of background data
+        // on the same connection.
+        let n = self.slots.len();
+        let i = match (bulk, n) {
+            (_, 1) => 0,
+            (false, _) => 0,
+            (true, _) => 1 + self.next.fetch_add(1, Ordering::Relaxed) % (n - 1),
+        };
         let mut slot = self.slots[i].lock().await;
         if let Some(c) = slot.as_ref() {
             if !c.is_dead() {
@@ -134,13 +143,21 @@ impl RemoteTarget {
         F: Fn(NbdClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
+        self.retry_on(false, what, op).await
+    }
+
+    async fn retry_on<T, F, Fut>(&self, bulk: bool, what: &str, op: F) -> BlockResult<T>
+    where
+        F: Fn(NbdClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
         let deadline = Instant::now() + self.timeout;
         let mut backoff = Duration::from_millis(50);
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(BlockError::Unavailable("origin link closed".into()));
             }
-            let r = match self.client().await {
+            let r = match self.client(bulk).await {
                 Ok(c) => op(c).await,
                 Err(e) => Err(e),
             };
@@ -168,8 +185,9 @@ impl RemoteTarget {
     }
 
     /// Reads `len` bytes (at most the NBD maximum) into a fresh buffer,
-    /// without the copy [`RemoteTarget::read_into`] makes.
-    pub async fn read_vec(&self, offset: u64, len: u32) -> BlockResult<Vec<u8>> {
+    /// without the copy [`RemoteTarget::read_into`] makes. `bulk` requests
+    /// (background copies) stay off the connection kept for urgent ones.
+    pub async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>> {
         super::check_range(offset, len as u64, self.size)?;
         if len > MAX_PAYLOAD {
             return Err(BlockError::Invalid(format!("origin read of {len} bytes")));
@@ -177,7 +195,7 @@ impl RemoteTarget {
         if !self.read_delay.is_zero() {
             tokio::time::sleep(self.read_delay).await;
         }
-        self.retry("read", |c| async move { c.read(offset, len).await })
+        self.retry_on(bulk, "read", |c| async move { c.read(offset, len).await })
             .await
     }
 
