@@ -869,3 +869,63 @@ fn compare_with_qemu_drive_mirror() {
     std::fs::write(out.join("vm-compare.md"), &report).unwrap();
     println!("{report}");
 }
+
+#[test]
+fn guest_migrates_with_post_copy_ram_and_its_disk_on_dlsm() {
+    tools();
+    let guest = guest();
+    let hosts = Hosts::new("p");
+    let tmp = tempfile::tempdir().unwrap();
+    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
+    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
+    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    a.create("vm", "64M");
+    let params = "dlsm.secs=20";
+    let mut qa = Qemu::start(
+        &hosts.a,
+        tmp.path(),
+        "qemu-a",
+        &guest,
+        "nbd://10.77.0.1:10809/vm",
+        params,
+        None,
+    );
+    qa.wait_serial("STAT t=3", 120);
+    a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
+    let mut qb = Qemu::start(
+        &hosts.b,
+        tmp.path(),
+        "qemu-b",
+        &guest,
+        "nbd://10.77.0.2:10809/vm",
+        params,
+        Some("tcp:10.77.0.2:4444"),
+    );
+    let caps =
+        serde_json::json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] });
+    qa.cmd("migrate-set-capabilities", caps.clone());
+    qb.cmd("migrate-set-capabilities", caps);
+    qa.cmd(
+        "migrate",
+        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
+    );
+    // Switch to post-copy at once: the VM runs on B while its RAM follows,
+    // just as its disk does.
+    qa.cmd("migrate-start-postcopy", serde_json::json!({}));
+    let m = wait_query_migrate(&mut qa);
+    wait_running(&mut qb);
+    qa.cmd("quit", serde_json::json!({}));
+    eprintln!("post-copy migration: {m}");
+    let serial_b = qb.wait_serial("DONE", 200);
+    let serial_a = qa.serial();
+    for log in [&serial_a, &serial_b] {
+        assert!(
+            !log.contains("MISMATCH") && !log.contains("ERROR"),
+            "guest saw bad data:\n{log}"
+        );
+    }
+    assert!(serial_b.contains("FINAL OK"), "{serial_b}");
+    b.wait_phase("vm", "complete", 120);
+    drop(qb);
+    check_image(&db.join("volumes/vm/data.raw"), &serial_b);
+}
