@@ -82,6 +82,58 @@ impl Drop for Hosts {
     }
 }
 
+/// Two hosts with a dlsm node each (volumes on B under `db`).
+struct Rig {
+    a: NodeProc,
+    b: NodeProc,
+    db: PathBuf,
+    tmp: tempfile::TempDir,
+    hosts: Hosts,
+}
+
+impl Rig {
+    fn new(tag: &str) -> Rig {
+        let hosts = Hosts::new(tag);
+        let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+        let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
+        let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
+        let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+        Rig {
+            a,
+            b,
+            db,
+            tmp,
+            hosts,
+        }
+    }
+
+    /// The guest on host A, its disk `nbd://A/vm`.
+    fn qemu_a(&self, guest: &Path, params: &str) -> Qemu {
+        Qemu::start(
+            &self.hosts.a,
+            self.tmp.path(),
+            "qemu-a",
+            guest,
+            "nbd://10.77.0.1:10809/vm",
+            params,
+            None,
+        )
+    }
+
+    /// A QEMU on host B waiting for the guest, its disk `nbd://B/vm`.
+    fn qemu_b(&self, guest: &Path, params: &str) -> Qemu {
+        Qemu::start(
+            &self.hosts.b,
+            self.tmp.path(),
+            "qemu-b",
+            guest,
+            "nbd://10.77.0.2:10809/vm",
+            params,
+            Some("tcp:10.77.0.2:4444"),
+        )
+    }
+}
+
 /// The guest's kernel and initramfs, built once per test process (the
 /// tests run in parallel and must not build over each other).
 fn guest() -> PathBuf {
@@ -338,37 +390,18 @@ fn tools() {
 fn guest_under_load_live_migrates_with_its_disk_on_dlsm() {
     tools();
     let guest = guest();
-    let hosts = Hosts::new("w");
-    let tmp = tempfile::tempdir().unwrap();
-    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
-    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
-    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    let rig = Rig::new("w");
+    let (a, b) = (&rig.a, &rig.b);
     a.create("vm", "128M");
 
     let secs = 30;
     let params = format!("dlsm.secs={secs}");
-    let mut qa = Qemu::start(
-        &hosts.a,
-        tmp.path(),
-        "qemu-a",
-        &guest,
-        "nbd://10.77.0.1:10809/vm",
-        &params,
-        None,
-    );
+    let mut qa = rig.qemu_a(&guest, &params);
     qa.wait_serial("STAT t=3", 120);
     let t0 = Instant::now();
     a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
     let prepared = t0.elapsed();
-    let mut qb = Qemu::start(
-        &hosts.b,
-        tmp.path(),
-        "qemu-b",
-        &guest,
-        "nbd://10.77.0.2:10809/vm",
-        &params,
-        Some("tcp:10.77.0.2:4444"),
-    );
+    let mut qb = rig.qemu_b(&guest, &params);
     qa.cmd(
         "migrate",
         serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
@@ -402,10 +435,10 @@ fn guest_under_load_live_migrates_with_its_disk_on_dlsm() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(qb);
-    let blocks = check_image(&db.join("volumes/vm/data.raw"), &serial_b);
+    let blocks = check_image(&rig.db.join("volumes/vm/data.raw"), &serial_b);
     eprintln!(
         "verified {blocks} blocks on B; {} bytes crossed the link A->B",
-        hosts.bytes_a_to_b()
+        rig.hosts.bytes_a_to_b()
     );
 }
 
@@ -413,17 +446,14 @@ fn guest_under_load_live_migrates_with_its_disk_on_dlsm() {
 fn idle_guest_hands_off_when_the_source_qemu_quits() {
     tools();
     let guest = guest();
-    let hosts = Hosts::new("i");
-    let tmp = tempfile::tempdir().unwrap();
-    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
-    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
-    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    let rig = Rig::new("i");
+    let (a, b) = (&rig.a, &rig.b);
     a.create("vm", "64M");
     // Data written before the VM starts, which must reach B.
     run_ok(Command::new("ip").args([
         "netns",
         "exec",
-        &hosts.a,
+        &rig.hosts.a,
         "qemu-io",
         "-f",
         "raw",
@@ -434,26 +464,10 @@ fn idle_guest_hands_off_when_the_source_qemu_quits() {
         "nbd://10.77.0.1:10809/vm",
     ]));
     // dlsm.idle=1: the guest boots and does no I/O at all.
-    let mut qa = Qemu::start(
-        &hosts.a,
-        tmp.path(),
-        "qemu-a",
-        &guest,
-        "nbd://10.77.0.1:10809/vm",
-        "dlsm.idle=1",
-        None,
-    );
+    let mut qa = rig.qemu_a(&guest, "dlsm.idle=1");
     qa.wait_serial("GUEST UP", 120);
     a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
-    let mut qb = Qemu::start(
-        &hosts.b,
-        tmp.path(),
-        "qemu-b",
-        &guest,
-        "nbd://10.77.0.2:10809/vm",
-        "dlsm.idle=1",
-        Some("tcp:10.77.0.2:4444"),
-    );
+    let mut qb = rig.qemu_b(&guest, "dlsm.idle=1");
     qa.cmd(
         "migrate",
         serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
@@ -471,7 +485,7 @@ fn idle_guest_hands_off_when_the_source_qemu_quits() {
     let out = run_ok(Command::new("ip").args([
         "netns",
         "exec",
-        &hosts.b,
+        &rig.hosts.b,
         "qemu-io",
         "-f",
         "raw",
@@ -537,36 +551,17 @@ fn guest_ms(q: &Qemu) -> u64 {
 
 fn run_dlsm(size_gib: u64, image: &Path, secs: u32) -> Outcome {
     let guest = guest();
-    let hosts = Hosts::new("cd");
-    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
-    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
-    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    let rig = Rig::new("cd");
+    let (a, b) = (&rig.a, &rig.b);
     a.cli_ok(&["volume", "create", "vm", "--from", image.to_str().unwrap()]);
     let params = format!("dlsm.secs={secs}");
-    let mut qa = Qemu::start(
-        &hosts.a,
-        tmp.path(),
-        "qemu-a",
-        &guest,
-        "nbd://10.77.0.1:10809/vm",
-        &params,
-        None,
-    );
+    let mut qa = rig.qemu_a(&guest, &params);
     qa.wait_serial("STAT t=10", 180);
-    let link0 = hosts.bytes_a_to_b();
+    let link0 = rig.hosts.bytes_a_to_b();
     let start_ms = guest_ms(&qa);
     let t0 = Instant::now();
     a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
-    let mut qb = Qemu::start(
-        &hosts.b,
-        tmp.path(),
-        "qemu-b",
-        &guest,
-        "nbd://10.77.0.2:10809/vm",
-        &params,
-        Some("tcp:10.77.0.2:4444"),
-    );
+    let mut qb = rig.qemu_b(&guest, &params);
     qa.cmd(
         "migrate",
         serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
@@ -581,7 +576,7 @@ fn run_dlsm(size_gib: u64, image: &Path, secs: u32) -> Outcome {
         std::thread::sleep(Duration::from_millis(50));
     }
     let release = t0.elapsed().as_secs_f64();
-    let link = hosts.bytes_a_to_b() - link0;
+    let link = rig.hosts.bytes_a_to_b() - link0;
     let serial = qb.wait_serial("DONE", secs as u64 + 600);
     assert!(serial.contains("FINAL OK"), "guest check failed on B");
     let mut all = qa.serial();
@@ -874,33 +869,14 @@ fn compare_with_qemu_drive_mirror() {
 fn guest_migrates_with_post_copy_ram_and_its_disk_on_dlsm() {
     tools();
     let guest = guest();
-    let hosts = Hosts::new("p");
-    let tmp = tempfile::tempdir().unwrap();
-    let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
-    let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
-    let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+    let rig = Rig::new("p");
+    let (a, b) = (&rig.a, &rig.b);
     a.create("vm", "64M");
     let params = "dlsm.secs=20";
-    let mut qa = Qemu::start(
-        &hosts.a,
-        tmp.path(),
-        "qemu-a",
-        &guest,
-        "nbd://10.77.0.1:10809/vm",
-        params,
-        None,
-    );
+    let mut qa = rig.qemu_a(&guest, params);
     qa.wait_serial("STAT t=3", 120);
     a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
-    let mut qb = Qemu::start(
-        &hosts.b,
-        tmp.path(),
-        "qemu-b",
-        &guest,
-        "nbd://10.77.0.2:10809/vm",
-        params,
-        Some("tcp:10.77.0.2:4444"),
-    );
+    let mut qb = rig.qemu_b(&guest, params);
     let caps =
         serde_json::json!({ "capabilities": [{ "capability": "postcopy-ram", "state": true }] });
     qa.cmd("migrate-set-capabilities", caps.clone());
@@ -927,5 +903,5 @@ fn guest_migrates_with_post_copy_ram_and_its_disk_on_dlsm() {
     assert!(serial_b.contains("FINAL OK"), "{serial_b}");
     b.wait_phase("vm", "complete", 120);
     drop(qb);
-    check_image(&db.join("volumes/vm/data.raw"), &serial_b);
+    check_image(&rig.db.join("volumes/vm/data.raw"), &serial_b);
 }
