@@ -6,9 +6,6 @@
 //! writes already admitted to finish, and flushes: when it returns, no write
 //! can land here any more and every write this node acknowledged is durable.
 //! That is the source's half of the single-writer invariant.
-//!
-//! The gate also counts *writing* connections (those that wrote at least
-//! once), so the node can hand off when the last writer disconnects.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +20,6 @@ use crate::target::{BlockError, BlockResult, BlockTarget, Capabilities, Extent, 
 pub struct Fence {
     fenced: AtomicBool,
     in_flight: AtomicUsize,
-    writers: AtomicUsize,
     to: Mutex<String>,
 }
 
@@ -38,11 +34,6 @@ impl Fence {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
-    }
-
-    /// Connections that have written and are still open.
-    pub fn writers(&self) -> usize {
-        self.writers.load(Ordering::SeqCst)
     }
 
     /// Refuses writes from now on, waits for admitted writes, flushes `target`.
@@ -79,30 +70,11 @@ impl Drop for InFlight<'_> {
 pub struct FenceGate {
     inner: Arc<dyn BlockTarget>,
     fence: Arc<Fence>,
-    wrote: AtomicBool,
 }
 
 impl FenceGate {
     pub fn new(inner: Arc<dyn BlockTarget>, fence: Arc<Fence>) -> Self {
-        Self {
-            inner,
-            fence,
-            wrote: AtomicBool::new(false),
-        }
-    }
-
-    fn note_write(&self) {
-        if !self.wrote.swap(true, Ordering::SeqCst) {
-            self.fence.writers.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for FenceGate {
-    fn drop(&mut self) {
-        if self.wrote.load(Ordering::SeqCst) {
-            self.fence.writers.fetch_sub(1, Ordering::SeqCst);
-        }
+        Self { inner, fence }
     }
 }
 
@@ -119,7 +91,6 @@ impl BlockTarget for FenceGate {
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.note_write();
         self.inner.write(offset, data, fua).await
     }
     async fn flush(&self) -> BlockResult<()> {
@@ -127,12 +98,10 @@ impl BlockTarget for FenceGate {
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.note_write();
         self.inner.trim(offset, len, fua).await
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.note_write();
         self.inner.write_zeroes(offset, len, flags).await
     }
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
