@@ -32,35 +32,9 @@ pub struct RemoteTarget {
 }
 
 impl RemoteTarget {
-    /// Connects once (to learn the size) and keeps that connection.
-    pub async fn connect(
-        addr: NbdAddr,
-        export: &str,
-        connections: usize,
-        timeout: Duration,
-    ) -> BlockResult<Self> {
-        let first = NbdClient::connect(&addr, export)
-            .await
-            .map_err(|e| BlockError::Unavailable(format!("{addr}/{export}: {e}")))?;
-        let size = first.size();
-        let slots = (0..connections.max(1))
-            .map(|_| Mutex::new(None))
-            .collect::<Vec<_>>();
-        *slots[0].lock().await = Some(first);
-        Ok(Self {
-            addr,
-            export: export.to_owned(),
-            size,
-            slots,
-            next: AtomicUsize::new(0),
-            timeout,
-            closed: Default::default(),
-            read_delay: Duration::ZERO,
-        })
-    }
-
-    /// A target for an origin whose size is known, connecting lazily (used
-    /// when a node restarts while its origin may be down).
+    /// A target for an origin whose size is known (from the volume's
+    /// table). It connects lazily, so a node can restart while its origin
+    /// is down.
     pub fn lazy(
         addr: NbdAddr,
         export: &str,
@@ -84,10 +58,6 @@ impl RemoteTarget {
     pub fn with_read_delay(mut self, delay: Duration) -> Self {
         self.read_delay = delay;
         self
-    }
-
-    pub fn addr(&self) -> &NbdAddr {
-        &self.addr
     }
 
     /// Drops every connection and refuses further use (the migration that
