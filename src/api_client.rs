@@ -1,30 +1,83 @@
 //! A blocking HTTP/JSON client of a node's control API, used by the CLI and
 //! by nodes talking to each other (from `spawn_blocking`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// How a caller proves who it is to a node's API: a client certificate
+/// (over TLS) and/or a bearer token. The same for the CLI and for nodes
+/// calling each other.
+#[derive(Clone, Default)]
+pub struct ApiAuth {
+    /// TLS client configuration; with it, the API is reached over `https`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Sent as `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ApiAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiAuth")
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl ApiAuth {
+    /// Reads a token file: one line, surrounding whitespace ignored.
+    pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+        let t = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read API token file {}", path.display()))?;
+        let t = t.trim();
+        if t.len() < 16 || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            bail!(
+                "API token in {} must be one line of at least 16 printable characters",
+                path.display()
+            );
+        }
+        Ok(t.to_owned())
+    }
+}
+
 /// A blocking client of a node's control API.
 pub struct Api {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Api {
+    /// A client with no credentials (plain HTTP, no token).
     pub fn new(addr: &str) -> Self {
-        let base = if addr.starts_with("http://") {
-            addr.trim_end_matches('/').to_owned()
+        Self::with_auth(addr, &ApiAuth::default())
+    }
+
+    /// A client presenting `auth`.
+    pub fn with_auth(addr: &str, auth: &ApiAuth) -> Self {
+        let addr = addr.trim_end_matches('/');
+        let base = if addr.starts_with("http://") || addr.starts_with("https://") {
+            addr.to_owned()
+        } else if auth.tls.is_some() {
+            format!("https://{addr}")
         } else {
-            format!("http://{}", addr.trim_end_matches('/'))
+            format!("http://{addr}")
         };
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120))
-            .build();
-        Self { base, agent }
+            .timeout(Duration::from_secs(120));
+        if let Some(tls) = &auth.tls {
+            agent = agent.tls_config(tls.clone());
+        }
+        Self {
+            base,
+            agent: agent.build(),
+            token: auth.token.clone(),
+        }
     }
 
     pub fn call<T: DeserializeOwned>(
@@ -34,7 +87,10 @@ impl Api {
         body: Option<&impl Serialize>,
     ) -> anyhow::Result<T> {
         let url = format!("{}{}", self.base, path);
-        let req = self.agent.request(method, &url);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
         let resp = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -49,6 +105,11 @@ impl Api {
                     .unwrap_or(body);
                 bail!("{msg} (HTTP {code})");
             }
+            Err(e) if self.base.starts_with("http://") => bail!(
+                "cannot reach the node API at {}: {e} (if the node runs with --tls-dir, \
+                 give --tls-dir here too)",
+                self.base
+            ),
             Err(e) => bail!("cannot reach the node API at {}: {e}", self.base),
         };
         let text = if text.is_empty() {
@@ -75,7 +136,10 @@ impl Api {
     }
     /// Host part of the API address (to reach a node listening on 0.0.0.0).
     pub fn host(&self) -> &str {
-        let h = self.base.trim_start_matches("http://");
+        let h = self
+            .base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
         h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h)
     }
 }

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api_client::Api;
+use crate::api_client::{Api, ApiAuth};
 
 use crate::migrate::{MigrationStatus, Phase};
 use crate::nbd::client::{NbdAddr, NbdClient};
@@ -35,6 +35,16 @@ pub struct Cli {
         default_value = "127.0.0.1:7450"
     )]
     pub api: String,
+    /// TLS directory (QEMU/libnbd x509 layout: ca-cert.pem, server-cert.pem,
+    /// server-key.pem, client-cert.pem, client-key.pem). For `serve`: NBD
+    /// clients must use TLS and API clients must present a certificate.
+    /// For other commands: how to reach a node that has TLS.
+    #[arg(long, global = true, env = "DLSM_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// File holding the API token. For `serve`: every API request must carry
+    /// it (and the node sends it to other nodes). For other commands: sent.
+    #[arg(long, global = true, env = "DLSM_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -59,6 +69,11 @@ pub enum Command {
         /// before failing with EIO.
         #[arg(long, default_value_t = 30)]
         source_timeout: u64,
+        /// Serve the API in plain HTTP on a non-loopback address. Anyone who
+        /// can reach it can create, delete and migrate volumes: only for
+        /// isolated test networks.
+        #[arg(long)]
+        insecure_api: bool,
         /// Fault injection for tests: milliseconds added to every read from
         /// a migration source.
         #[arg(long, default_value_t = 0, hide = true)]
@@ -174,10 +189,12 @@ pub enum VolumeCmd {
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // rustls warns about every gnutls client (QEMU, libnbd) that sends an
+    // IP address as SNI; that is harmless and would flood the log.
     let default_log = if matches!(cli.command, Command::Serve { .. }) {
-        "info"
+        "info,rustls=error"
     } else {
-        "warn"
+        "warn,rustls=error"
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -202,6 +219,18 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let token = match &cli.api_token_file {
+        Some(p) => Some(ApiAuth::read_token(p)?),
+        None => None,
+    };
+    if !matches!(cli.command, Command::Serve { .. }) {
+        let tls = match &cli.tls_dir {
+            Some(d) => Some(crate::tls::TlsConfig::load_client(d)?.client),
+            None => None,
+        };
+        let auth = ApiAuth { tls, token };
+        return client_command(cli, auth);
+    }
     match cli.command {
         Command::Serve {
             data_dir,
@@ -210,6 +239,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             source_timeout,
             inject_origin_delay_ms,
+            insecure_api,
         } => {
             let name = node.unwrap_or_else(|| {
                 nix::unistd::gethostname()
@@ -224,10 +254,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 source_timeout: Duration::from_secs(source_timeout),
                 inject_origin_delay: Duration::from_millis(inject_origin_delay_ms),
+                tls: match &cli.tls_dir {
+                    Some(d) => Some(crate::tls::TlsConfig::load_node(d)?),
+                    None => None,
+                },
+                api_token: token,
+                insecure_api,
             };
             runtime()?.block_on(serve(cfg))
         }
-        Command::Volume(cmd) => volume(&Api::new(&cli.api), cmd),
+        _ => unreachable!("client commands are handled above"),
+    }
+}
+
+/// Every command but `serve`: a client of a node's API.
+fn client_command(cli: Cli, auth: ApiAuth) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { .. } => unreachable!("serve is not a client command"),
+        Command::Volume(cmd) => volume(&Api::with_auth(&cli.api, &auth), cmd),
         Command::Migrate {
             name,
             to,
@@ -237,7 +281,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             json,
         } => {
-            let api = Api::new(&cli.api);
+            let api = Api::with_auth(&cli.api, &auth);
             let req = MigrateRequest {
                 to: to.clone(),
                 region_size,
@@ -251,9 +295,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if !json {
                 println!("{name}: prepared on {to}, serving there now; waiting for hydration");
             }
-            wait_for(&Api::new(&to), &name, json)
+            wait_for(&Api::with_auth(&to, &auth), &name, json)
         }
-        Command::Migration(cmd) => migration(&Api::new(&cli.api), cmd),
+        Command::Migration(cmd) => migration(&Api::with_auth(&cli.api, &auth), cmd),
         Command::Demo { hold } => runtime()?.block_on(crate::demo::run(hold)),
     }
 }

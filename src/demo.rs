@@ -60,6 +60,9 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         name: name.into(),
         source_timeout: Duration::from_secs(30),
         inject_origin_delay: Duration::ZERO,
+        tls: None,
+        api_token: None,
+        insecure_api: false,
     })
     .await
 }

@@ -15,3 +15,4 @@ pub mod nbd;
 pub mod node;
 pub mod size;
 pub mod target;
+pub mod tls;

@@ -89,22 +89,91 @@ struct Rig {
     db: PathBuf,
     tmp: tempfile::TempDir,
     hosts: Hosts,
+    /// With TLS: the directory every node, QEMU and qemu-io use.
+    tls: Option<PathBuf>,
 }
 
 impl Rig {
     fn new(tag: &str) -> Rig {
+        Self::build(tag, false)
+    }
+
+    /// Nodes that require TLS of every NBD client (QEMU included) and of
+    /// each other, and serve their API over HTTPS with client certificates.
+    fn new_tls(tag: &str) -> Rig {
+        Self::build(tag, true)
+    }
+
+    fn build(tag: &str, tls: bool) -> Rig {
         let hosts = Hosts::new(tag);
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
         let (da, db) = (tmp.path().join("node-a"), tmp.path().join("node-b"));
-        let a = NodeProc::start_netns(&hosts.a, &da, "10.77.0.1:10809", "10.77.0.1:7450");
-        let b = NodeProc::start_netns(&hosts.b, &db, "10.77.0.2:10809", "10.77.0.2:7450");
+        let tls = tls.then(|| {
+            let d = tmp.path().join("tls");
+            common::make_tls_dir(&d, &["10.77.0.1", "10.77.0.2", "localhost"]);
+            d
+        });
+        let t = tls.as_ref().map(|d| d.to_str().unwrap().to_owned());
+        // Without TLS the API must be told it may serve plain HTTP on the
+        // hosts' network (which exists only inside this test).
+        let (serve, client): (Vec<&str>, Vec<&str>) = match &t {
+            Some(t) => (vec!["--tls-dir", t], vec!["--tls-dir", t]),
+            None => (vec!["--insecure-api"], vec![]),
+        };
+        let start = |ns: &str, dir: &Path, ip: &str| {
+            let (nbd, api) = (format!("{ip}:10809"), format!("{ip}:7450"));
+            NodeProc::start_netns_with(ns, dir, &nbd, &api, &serve).with_client_flags(&client)
+        };
+        let a = start(&hosts.a, &da, "10.77.0.1");
+        let b = start(&hosts.b, &db, "10.77.0.2");
         Rig {
             a,
             b,
             db,
             tmp,
             hosts,
+            tls,
         }
+    }
+
+    /// How QEMU (`-drive file=`) and qemu-io reach `vm` on `host`.
+    fn disk(&self, host: &str) -> String {
+        match &self.tls {
+            Some(_) => format!("nbd://{host}:10809/vm,file.tls-creds=tls0"),
+            None => format!("nbd://{host}:10809/vm"),
+        }
+    }
+
+    /// `-object` arguments QEMU needs for [`Rig::disk`].
+    fn objects(&self) -> Vec<String> {
+        match &self.tls {
+            Some(d) => vec![
+                "--object".into(),
+                format!("tls-creds-x509,id=tls0,dir={},endpoint=client", d.display()),
+            ],
+            None => vec![],
+        }
+    }
+
+    /// qemu-io on `ns` against `vm` on `host`, with `cmds`; returns stdout.
+    fn qemu_io(&self, ns: &str, host: &str, cmds: &[&str]) -> String {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, "qemu-io"]);
+        match &self.tls {
+            Some(_) => {
+                c.args(self.objects()).args([
+                    "--image-opts",
+                    &format!("driver=nbd,host={host},port=10809,export=vm,tls-creds=tls0"),
+                ]);
+            }
+            None => {
+                c.args(["-f", "raw", &format!("nbd://{host}:10809/vm")]);
+            }
+        }
+        for cmd in cmds {
+            c.args(["-c", cmd]);
+        }
+        run_ok(&mut c)
     }
 
     /// The guest on host A, its disk `nbd://A/vm`.
@@ -114,7 +183,8 @@ impl Rig {
             self.tmp.path(),
             "qemu-a",
             guest,
-            "nbd://10.77.0.1:10809/vm",
+            &self.disk("10.77.0.1"),
+            &self.objects(),
             params,
             None,
         )
@@ -127,7 +197,8 @@ impl Rig {
             self.tmp.path(),
             "qemu-b",
             guest,
-            "nbd://10.77.0.2:10809/vm",
+            &self.disk("10.77.0.2"),
+            &self.objects(),
             params,
             Some("tcp:10.77.0.2:4444"),
         )
@@ -156,13 +227,16 @@ struct Qemu {
 }
 
 impl Qemu {
-    /// A guest whose disk is an NBD URI (dlsm).
+    /// A guest whose disk is an NBD URI (dlsm), with `objects` (`-object
+    /// tls-creds-x509,...`) before it.
+    #[allow(clippy::too_many_arguments)]
     fn start(
         ns: &str,
         dir: &Path,
         name: &str,
         guest: &Path,
         disk: &str,
+        objects: &[String],
         params: &str,
         incoming: Option<&str>,
     ) -> Qemu {
@@ -172,6 +246,7 @@ impl Qemu {
             name,
             guest,
             &format!("{disk},id=disk0"),
+            objects,
             params,
             incoming,
             false,
@@ -187,6 +262,7 @@ impl Qemu {
         name: &str,
         guest: &Path,
         disk: &str,
+        objects: &[String],
         params: &str,
         incoming: Option<&str>,
         stopped: bool,
@@ -215,6 +291,7 @@ impl Qemu {
         .arg("-initrd")
         .arg(guest.join("initramfs.gz"))
         .args(["-append", &format!("console=ttyS0 quiet {params}")])
+        .args(objects)
         // share-rw=on lets a destination QEMU export the same drive over
         // NBD for drive-mirror while the device is attached.
         .args([
@@ -443,26 +520,20 @@ fn guest_under_load_live_migrates_with_its_disk_on_dlsm() {
 }
 
 #[test]
+/// Also the TLS end-to-end test: QEMU reaches its disk with
+/// `tls-creds-x509`, the nodes talk NBD and HTTPS to each other.
 fn idle_guest_hands_off_when_the_source_qemu_quits() {
     tools();
     let guest = guest();
-    let rig = Rig::new("i");
+    let rig = Rig::new_tls("i");
     let (a, b) = (&rig.a, &rig.b);
     a.create("vm", "64M");
     // Data written before the VM starts, which must reach B.
-    run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
+    rig.qemu_io(
         &rig.hosts.a,
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x5a 1M 3M",
-        "-c",
-        "write -P 0xa5 40M 1M",
-        "nbd://10.77.0.1:10809/vm",
-    ]));
+        "10.77.0.1",
+        &["write -P 0x5a 1M 3M", "write -P 0xa5 40M 1M"],
+    );
     // dlsm.idle=1: the guest boots and does no I/O at all.
     let mut qa = rig.qemu_a(&guest, "dlsm.idle=1");
     qa.wait_serial("GUEST UP", 120);
@@ -482,21 +553,15 @@ fn idle_guest_hands_off_when_the_source_qemu_quits() {
     qa.cmd("quit", serde_json::json!({}));
     b.wait_phase("vm", "complete", 120);
     drop(qb.cmd("query-status", serde_json::json!({})));
-    let out = run_ok(Command::new("ip").args([
-        "netns",
-        "exec",
+    let out = rig.qemu_io(
         &rig.hosts.b,
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "read -P 0x5a 1M 3M",
-        "-c",
-        "read -P 0xa5 40M 1M",
-        "-c",
-        "read -P 0 0 1M",
-        "nbd://10.77.0.2:10809/vm",
-    ]));
+        "10.77.0.2",
+        &[
+            "read -P 0x5a 1M 3M",
+            "read -P 0xa5 40M 1M",
+            "read -P 0 0 1M",
+        ],
+    );
     assert!(!out.contains("verification failed"), "{out}");
 }
 
@@ -621,6 +686,7 @@ fn run_drive_mirror(size_gib: u64, image: &Path, secs: u32) -> Outcome {
         "qemu-a",
         &guest,
         &drive(&disk_a),
+        &[],
         &params,
         None,
         false,
@@ -665,6 +731,7 @@ fn run_drive_mirror(size_gib: u64, image: &Path, secs: u32) -> Outcome {
         "qemu-b",
         &guest,
         &format!("{},file.locking=off,id=disk0", disk_b.display()),
+        &[],
         &params,
         Some("tcp:10.77.0.2:4444"),
         true,

@@ -69,6 +69,8 @@ pub enum ClientError {
     Server { errno: u32, message: String },
     #[error("NBD connection closed")]
     Closed,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl From<std::io::Error> for ClientError {
@@ -130,39 +132,83 @@ impl Drop for ReaderHandle {
 }
 
 impl NbdClient {
-    /// Connects to `addr` and attaches to `export`.
+    /// Connects to `addr` and attaches to `export`, in plain text.
     pub async fn connect(addr: &NbdAddr, export: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, export, None).await
+    }
+
+    /// Connects to `addr` and attaches to `export`; with `tls`, upgrades
+    /// with NBD_OPT_STARTTLS first and verifies the server's certificate
+    /// against the address's host name (or IP).
+    pub async fn connect_with(
+        addr: &NbdAddr,
+        export: &str,
+        tls: Option<&tokio_rustls::TlsConnector>,
+    ) -> Result<Self, ClientError> {
         match addr {
             NbdAddr::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a).await?;
                 s.set_nodelay(true)?;
-                Self::handshake(s, export).await
+                match tls {
+                    Some(c) => {
+                        let name = crate::tls::server_name(a)
+                            .map_err(|e| ClientError::Tls(e.to_string()))?;
+                        let s = Self::start_tls(s, c, name).await?;
+                        Self::handshake(s, export, true).await
+                    }
+                    None => Self::handshake(s, export, false).await,
+                }
             }
             NbdAddr::Unix(p) => {
                 let s = tokio::net::UnixStream::connect(p).await?;
-                Self::handshake(s, export).await
+                match tls {
+                    Some(c) => {
+                        let name = rustls::pki_types::ServerName::try_from("localhost")
+                            .expect("static name");
+                        let s = Self::start_tls(s, c, name).await?;
+                        Self::handshake(s, export, true).await
+                    }
+                    None => Self::handshake(s, export, false).await,
+                }
             }
         }
     }
 
-    /// Runs the handshake over an established stream.
-    pub async fn handshake<S>(stream: S, export: &str) -> Result<Self, ClientError>
+    /// Greets, asks for STARTTLS and runs the TLS handshake; the returned
+    /// stream continues option haggling (with `greeted = true`).
+    async fn start_tls<S>(
+        mut stream: S,
+        connector: &tokio_rustls::TlsConnector,
+        name: rustls::pki_types::ServerName<'static>,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, ClientError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        greet(&mut stream).await?;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        option(&mut rd, &mut wr, opt::STARTTLS, &[]).await?;
+        let stream = rd.unsplit(wr);
+        connector
+            .connect(name, stream)
+            .await
+            .map_err(|e| ClientError::Tls(e.to_string()))
+    }
+
+    /// Runs the handshake over an established stream (`greeted`: the
+    /// greeting was already exchanged, as before STARTTLS).
+    pub async fn handshake<S>(
+        mut stream: S,
+        export: &str,
+        greeted: bool,
+    ) -> Result<Self, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        if !greeted {
+            greet(&mut stream).await?;
+        }
         let (rd, mut wr) = tokio::io::split(stream);
         let mut rd = BufReader::with_capacity(256 << 10, rd);
-        let mut g = [0u8; 18];
-        rd.read_exact(&mut g).await?;
-        let hflags = proto::parse_greeting(&g)?;
-        if hflags & proto::handshake_flags::FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server lacks fixed newstyle".into()));
-        }
-        let mut cflags = proto::client_flags::FIXED_NEWSTYLE;
-        if hflags & proto::handshake_flags::NO_ZEROES != 0 {
-            cflags |= proto::client_flags::NO_ZEROES;
-        }
-        wr.write_all(&cflags.to_be_bytes()).await?;
 
         let structured = match option(&mut rd, &mut wr, opt::STRUCTURED_REPLY, &[]).await {
             Ok(_) => true,
@@ -369,6 +415,22 @@ impl NbdClient {
 
 /// Sends one option and collects its replies up to the final one. Error
 /// replies become [`ClientError::Refused`].
+/// Reads the server's greeting and answers with our flags.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await?;
+    let hflags = proto::parse_greeting(&g)?;
+    if hflags & proto::handshake_flags::FIXED_NEWSTYLE == 0 {
+        return Err(ClientError::Protocol("server lacks fixed newstyle".into()));
+    }
+    let mut cflags = proto::client_flags::FIXED_NEWSTYLE;
+    if hflags & proto::handshake_flags::NO_ZEROES != 0 {
+        cflags |= proto::client_flags::NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes()).await?;
+    Ok(())
+}
+
 async fn option<R, W>(
     rd: &mut R,
     wr: &mut W,

@@ -81,6 +81,8 @@ pub enum ConnError {
     Protocol(String),
     #[error("handshake timed out")]
     Timeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }
 
 impl From<proto::ProtoError> for ConnError {
@@ -96,33 +98,157 @@ struct Negotiated {
     base_allocation: bool,
 }
 
+/// A byte stream the server can serve: anything full-duplex that splits
+/// into independently owned halves for the transmission phase (where one
+/// task reads requests while others write replies).
+pub trait NbdStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::Read, Self::Write);
+}
+
+impl NbdStream for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl NbdStream for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl NbdStream for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+impl<S: NbdStream> NbdStream for tokio_rustls::server::TlsStream<S> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// The stream during the handshake: reads buffered, writes batched (every
+/// reply is flushed before the server waits for the client again).
+type Haggle<S> = BufReader<BufWriter<S>>;
+
+fn haggle<S: AsyncRead + AsyncWrite>(s: S) -> Haggle<S> {
+    BufReader::with_capacity(16 << 10, BufWriter::with_capacity(16 << 10, s))
+}
+
+/// Where a connection stands on TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsState {
+    /// The node has no TLS: STARTTLS is refused with `ERR_POLICY`.
+    Off,
+    /// The node requires TLS and the client has not started it: everything
+    /// but STARTTLS and ABORT is refused with `ERR_TLS_REQD`.
+    Required,
+    /// TLS is up.
+    Active,
+}
+
+/// How option haggling ended.
+enum Haggled {
+    /// The client sent ABORT (or left during a shutdown).
+    Left,
+    /// The client asked for STARTTLS and got its ACK.
+    StartTls,
+    Attach(Negotiated),
+}
+
 /// Serves one client connection until it disconnects, breaks the protocol,
 /// or `shutdown` becomes true.
 ///
-/// The stream comes as its two halves (`TcpStream::into_split` and friends
-/// split without a lock; `tokio::io::split` works for any other stream).
-pub async fn serve_connection<R, W>(
-    rd: R,
-    wr: W,
+/// With `tls`, the connection must upgrade with `NBD_OPT_STARTTLS` before
+/// anything else, and the client must present a certificate the acceptor
+/// trusts (see [`crate::tls`]).
+pub async fn serve_connection<S: NbdStream>(
+    stream: S,
     registry: Arc<dyn ExportRegistry>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
     peer: String,
-) -> Result<(), ConnError>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    let mut rd = BufReader::with_capacity(16 << 10, rd);
-    let mut wr = BufWriter::with_capacity(64 << 10, wr);
-    let negotiated = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &*registry)) => {
-            r.map_err(|_| ConnError::Timeout)??
+) -> Result<(), ConnError> {
+    // One deadline for the whole handshake, TLS included: a client that
+    // dribbles bytes cannot hold a connection slot forever.
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let state = if tls.is_some() {
+        TlsState::Required
+    } else {
+        TlsState::Off
+    };
+    let mut io = haggle(stream);
+    let first = bounded(deadline, &mut shutdown, async {
+        let no_zeroes = greet(&mut io).await?;
+        Ok((
+            no_zeroes,
+            options(&mut io, &*registry, state, no_zeroes).await?,
+        ))
+    })
+    .await?;
+    match first {
+        Some((_, Haggled::Attach(n))) => attached(io, n, shutdown, &peer).await,
+        Some((no_zeroes, Haggled::StartTls)) => {
+            let acceptor = tls.expect("StartTls is only accepted when TLS is configured");
+            // The client must wait for our ACK before its ClientHello; bytes
+            // already buffered mean it did not.
+            if !io.buffer().is_empty() {
+                return Err(ConnError::Protocol("data sent after STARTTLS".into()));
+            }
+            let raw = io.into_inner().into_inner();
+            let second = bounded(deadline, &mut shutdown, async {
+                let s = acceptor.accept(raw).await.map_err(ConnError::Tls)?;
+                let mut io = haggle(s);
+                let h = options(&mut io, &*registry, TlsState::Active, no_zeroes).await?;
+                Ok((io, h))
+            })
+            .await?;
+            match second {
+                Some((io, Haggled::Attach(n))) => attached(io, n, shutdown, &peer).await,
+                _ => Ok(()),
+            }
         }
-        _ = stopped(&mut shutdown) => return Ok(()),
-    };
-    let Some(n) = negotiated else {
-        return Ok(());
-    };
+        Some((_, Haggled::Left)) | None => Ok(()),
+    }
+}
+
+/// Runs `fut` until `deadline`; `Ok(None)` if shutdown came first.
+async fn bounded<T>(
+    deadline: tokio::time::Instant,
+    shutdown: &mut watch::Receiver<bool>,
+    fut: impl Future<Output = Result<T, ConnError>>,
+) -> Result<Option<T>, ConnError> {
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, fut) => r.map_err(|_| ConnError::Timeout)?.map(Some),
+        _ = stopped(shutdown) => Ok(None),
+    }
+}
+
+/// Enters the transmission phase on a negotiated stream.
+async fn attached<S: NbdStream>(
+    io: Haggle<S>,
+    n: Negotiated,
+    shutdown: watch::Receiver<bool>,
+    peer: &str,
+) -> Result<(), ConnError> {
+    // A client may pipeline its first requests right behind GO: keep what
+    // the handshake buffer already holds.
+    let early = io.buffer().to_vec();
+    let (rd, wr) = io.into_inner().into_inner().into_halves();
+    let rd = BufReader::with_capacity(16 << 10, std::io::Cursor::new(early).chain(rd));
+    let wr = BufWriter::with_capacity(64 << 10, wr);
     info!(%peer, export = %n.export.name, structured = n.structured, "client attached");
     let r = transmission(rd, wr, n, shutdown).await;
     debug!(%peer, "client detached");
@@ -186,38 +312,44 @@ fn transmission_flags(export: &Export, structured: bool) -> u16 {
     f
 }
 
-/// Runs option haggling. `Ok(None)` means the client left cleanly (ABORT).
-async fn handshake<R, W>(
-    rd: &mut R,
-    wr: &mut W,
-    registry: &dyn ExportRegistry,
-) -> Result<Option<Negotiated>, ConnError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
+/// Sends the greeting and reads the client's flags; returns whether the
+/// client asked for NO_ZEROES (which shapes the EXPORT_NAME reply).
+async fn greet<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO) -> Result<bool, ConnError> {
     let mut greeting = Vec::new();
     proto::encode_greeting(
         &mut greeting,
         proto::handshake_flags::FIXED_NEWSTYLE | proto::handshake_flags::NO_ZEROES,
     );
-    wr.write_all(&greeting).await?;
-    wr.flush().await?;
-    let cflags = read_u32(rd).await?;
+    io.write_all(&greeting).await?;
+    io.flush().await?;
+    let cflags = read_u32(io).await?;
     let known = proto::client_flags::FIXED_NEWSTYLE | proto::client_flags::NO_ZEROES;
     if cflags & !known != 0 {
         return Err(ConnError::Protocol(format!(
             "unknown client flags {cflags:#x}"
         )));
     }
-    let no_zeroes = cflags & proto::client_flags::NO_ZEROES != 0;
+    Ok(cflags & proto::client_flags::NO_ZEROES != 0)
+}
+
+/// Runs option haggling until the client attaches, leaves, or (in
+/// [`TlsState::Required`]) asks for STARTTLS.
+async fn options<IO>(
+    io: &mut IO,
+    registry: &dyn ExportRegistry,
+    tls: TlsState,
+    no_zeroes: bool,
+) -> Result<Haggled, ConnError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     let mut structured = false;
     // (export name, base:allocation selected) from the last SET_META_CONTEXT.
     let mut meta: Option<(String, bool)> = None;
 
     loop {
         let mut hdr = [0u8; proto::OPTION_HEADER_LEN];
-        rd.read_exact(&mut hdr).await?;
+        io.read_exact(&mut hdr).await?;
         let h = proto::parse_option_header(&hdr)?;
         if h.len > MAX_OPTION_DATA {
             if h.len > MAX_OPTION_SKIP {
@@ -226,22 +358,33 @@ where
                     h.len
                 )));
             }
-            tokio::io::copy(&mut (&mut *rd).take(h.len as u64), &mut tokio::io::sink()).await?;
-            send_opt_error(wr, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
+            tokio::io::copy(&mut (&mut *io).take(h.len as u64), &mut tokio::io::sink()).await?;
+            send_opt_error(io, h.code, rep::ERR_TOO_BIG, "option data too large").await?;
             continue;
         }
         let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
+        io.read_exact(&mut data).await?;
         let option = match proto::parse_option(h.code, &data) {
             Ok(o) => o,
             Err(e) if h.code == opt::EXPORT_NAME => {
                 return Err(ConnError::Protocol(format!("bad EXPORT_NAME: {e}")));
             }
             Err(e) => {
-                send_opt_error(wr, h.code, rep::ERR_INVALID, &e.to_string()).await?;
+                send_opt_error(io, h.code, rep::ERR_INVALID, &e.to_string()).await?;
                 continue;
             }
         };
+        if tls == TlsState::Required
+            && !matches!(option, ClientOption::StartTls | ClientOption::Abort)
+        {
+            if h.code == opt::EXPORT_NAME {
+                // EXPORT_NAME cannot be refused; hanging up is the answer.
+                return Err(ConnError::Protocol("EXPORT_NAME before STARTTLS".into()));
+            }
+            let msg = "this node requires TLS: send NBD_OPT_STARTTLS first";
+            send_opt_error(io, h.code, rep::ERR_TLS_REQD, msg).await?;
+            continue;
+        }
         match option {
             ClientOption::ExportName(name) => {
                 let Some(export) = registry.open(&name) else {
@@ -251,10 +394,10 @@ where
                 let mut b = Vec::new();
                 let flags = transmission_flags(&export, structured);
                 proto::encode_export_name_reply(&mut b, export.target.size(), flags, no_zeroes);
-                wr.write_all(&b).await?;
-                wr.flush().await?;
+                io.write_all(&b).await?;
+                io.flush().await?;
                 let base_allocation = matches!(&meta, Some((n, true)) if *n == name);
-                return Ok(Some(Negotiated {
+                return Ok(Haggled::Attach(Negotiated {
                     export,
                     structured,
                     base_allocation,
@@ -262,34 +405,39 @@ where
             }
             ClientOption::Abort => {
                 // The client may already be gone; a failed ACK is fine.
-                let _ = send_opt_error(wr, h.code, rep::ACK, "").await;
-                return Ok(None);
+                let _ = send_opt_error(io, h.code, rep::ACK, "").await;
+                return Ok(Haggled::Left);
             }
             ClientOption::List => {
                 for (name, desc) in registry.list() {
                     send_opt_reply(
-                        wr,
+                        io,
                         h.code,
                         rep::SERVER,
                         &proto::encode_rep_server(&name, &desc),
                     )
                     .await?;
                 }
-                send_opt_error(wr, h.code, rep::ACK, "").await?;
+                send_opt_error(io, h.code, rep::ACK, "").await?;
             }
-            ClientOption::StartTls => {
-                send_opt_error(
-                    wr,
-                    h.code,
-                    rep::ERR_POLICY,
-                    "TLS is not configured on this node",
-                )
-                .await?;
-            }
+            ClientOption::StartTls => match tls {
+                TlsState::Off => {
+                    let msg = "TLS is not configured on this node";
+                    send_opt_error(io, h.code, rep::ERR_POLICY, msg).await?;
+                }
+                TlsState::Required => {
+                    send_opt_error(io, h.code, rep::ACK, "").await?;
+                    return Ok(Haggled::StartTls);
+                }
+                TlsState::Active => {
+                    let msg = "TLS is already on";
+                    send_opt_error(io, h.code, rep::ERR_INVALID, msg).await?;
+                }
+            },
             ClientOption::StructuredReply => {
                 if structured {
                     send_opt_error(
-                        wr,
+                        io,
                         h.code,
                         rep::ERR_INVALID,
                         "structured replies already on",
@@ -297,14 +445,14 @@ where
                     .await?;
                 } else {
                     structured = true;
-                    send_opt_error(wr, h.code, rep::ACK, "").await?;
+                    send_opt_error(io, h.code, rep::ACK, "").await?;
                 }
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
                 let go = h.code == opt::GO;
                 let Some(export) = registry.open(&req.name) else {
                     let msg = format!("no volume named {:?} on this node", req.name);
-                    send_opt_error(wr, h.code, rep::ERR_UNKNOWN, &msg).await?;
+                    send_opt_error(io, h.code, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 };
                 let flags = transmission_flags(&export, structured);
@@ -320,7 +468,7 @@ where
                     },
                 ];
                 for item in &items {
-                    send_opt_reply(wr, h.code, rep::INFO, &item.encode()).await?;
+                    send_opt_reply(io, h.code, rep::INFO, &item.encode()).await?;
                 }
                 for r in &req.requests {
                     let item = match *r {
@@ -330,12 +478,12 @@ where
                         }
                         _ => continue,
                     };
-                    send_opt_reply(wr, h.code, rep::INFO, &item.encode()).await?;
+                    send_opt_reply(io, h.code, rep::INFO, &item.encode()).await?;
                 }
-                send_opt_error(wr, h.code, rep::ACK, "").await?;
+                send_opt_error(io, h.code, rep::ACK, "").await?;
                 if go {
                     let base_allocation = matches!(&meta, Some((n, true)) if *n == req.name);
-                    return Ok(Some(Negotiated {
+                    return Ok(Haggled::Attach(Negotiated {
                         export,
                         structured,
                         base_allocation,
@@ -346,7 +494,7 @@ where
                 let set = h.code == opt::SET_META_CONTEXT;
                 if set && !structured {
                     send_opt_error(
-                        wr,
+                        io,
                         h.code,
                         rep::ERR_INVALID,
                         "SET_META_CONTEXT needs structured replies first",
@@ -356,7 +504,7 @@ where
                 }
                 if registry.open(&q.export).is_none() {
                     let msg = format!("no volume named {:?} on this node", q.export);
-                    send_opt_error(wr, h.code, rep::ERR_UNKNOWN, &msg).await?;
+                    send_opt_error(io, h.code, rep::ERR_UNKNOWN, &msg).await?;
                     continue;
                 }
                 let selected = if set {
@@ -372,16 +520,16 @@ where
                         proto::BASE_ALLOCATION_ID,
                         proto::BASE_ALLOCATION,
                     );
-                    send_opt_reply(wr, h.code, rep::META_CONTEXT, &d).await?;
+                    send_opt_reply(io, h.code, rep::META_CONTEXT, &d).await?;
                 }
                 if set {
                     meta = Some((q.export, selected));
                 }
-                send_opt_error(wr, h.code, rep::ACK, "").await?;
+                send_opt_error(io, h.code, rep::ACK, "").await?;
             }
             ClientOption::Unknown(code) => {
                 let msg = format!("option {code} is not supported");
-                send_opt_error(wr, code, rep::ERR_UNSUP, &msg).await?;
+                send_opt_error(io, code, rep::ERR_UNSUP, &msg).await?;
             }
         }
     }

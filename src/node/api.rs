@@ -16,6 +16,13 @@
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
+//!
+//! Who may call it: the API listens on loopback unless the node has TLS
+//! ([`TlsListener`]: every caller presents a certificate signed by the
+//! node's CA, as other nodes do). With `--api-token-file`, every request
+//! also carries `Authorization: Bearer TOKEN` ([`require_token`]); nodes
+//! send the same token to each other. Bodies are JSON, at most
+//! [`MAX_BODY`] bytes, and every field is validated before anything acts.
 
 use std::sync::Arc;
 
@@ -37,6 +44,7 @@ use crate::migrate::MigrationStatus;
 const MAX_BODY: usize = 64 << 10;
 
 pub fn router(state: Arc<NodeState>) -> Router {
+    let auth = axum::middleware::from_fn_with_state(state.clone(), require_token);
     Router::new()
         .route("/v1/node", get(node_info))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -51,7 +59,108 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .route_layer(auth)
         .with_state(state)
+}
+
+/// Refuses requests without the node's API token (when it has one).
+pub async fn require_token(
+    State(st): State<Arc<NodeState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &st.api_token {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time, so the token cannot be guessed byte by byte.
+        use subtle::ConstantTimeEq;
+        if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API token (Authorization: Bearer ...)".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The API's listener when the node has TLS: accepts TCP, runs the TLS
+/// handshake (client certificate required) off the accept path, and hands
+/// axum only connections that completed it. A client that stalls its
+/// handshake is dropped after [`TLS_HANDSHAKE_TIMEOUT`] without holding up
+/// anyone else.
+pub struct TlsListener {
+    local: std::net::SocketAddr,
+    rx: tokio::sync::mpsc::Receiver<(
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+/// How long an API client has to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl TlsListener {
+    pub fn new(l: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+        let local = l.local_addr().expect("bound listener has an address");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let accept = tokio::spawn(async move {
+            loop {
+                let (sock, peer) = match l.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("API accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            let _ = tx.send((s, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::info!(%peer, "API TLS handshake failed: {e}"),
+                        Err(_) => tracing::info!(%peer, "API TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Self {
+            local,
+            rx,
+            _accept: accept,
+        }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self._accept.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(c) => c,
+            // The accept task never ends while we hold its handle.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 /// An API error: status and message.
@@ -98,10 +207,9 @@ impl From<StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("bad request body: {}", e.body_text()),
-        )
+        // 400 for malformed JSON, 413 for too large, 415 without a JSON
+        // content type, 422 for well-formed JSON of the wrong shape.
+        ApiError(e.status(), format!("bad request body: {}", e.body_text()))
     }
 }
 
@@ -151,7 +259,9 @@ fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
         table: t.target,
         allocated_bytes: v.target().allocated_bytes(),
         connections: v.connections(),
-        uri: state.nbd_addr.map(|a| format!("nbd://{a}/{}", v.name)),
+        uri: state
+            .nbd_addr
+            .map(|a| format!("{}://{a}/{}", state.nbd_scheme(), v.name)),
         fenced_to: t.fenced_to,
     }
 }

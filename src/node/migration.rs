@@ -27,7 +27,7 @@ use super::store::{
     update_table, HooksFactory, Outgoing, StoreError, TargetSpec, Volume, VolumeTable,
 };
 use super::NodeState;
-use crate::api_client::Api;
+use crate::api_client::{Api, ApiAuth};
 use crate::migrate::clone::MigrationHooks;
 use crate::migrate::{MigrationStatus, Phase};
 use crate::target::BlockError;
@@ -116,6 +116,8 @@ pub struct NodeHooks {
     /// This node's API address (the source records who it handed off to).
     pub me: String,
     pub timeout: Duration,
+    /// Credentials for the source's API.
+    pub auth: ApiAuth,
 }
 
 #[async_trait]
@@ -135,8 +137,9 @@ impl MigrationHooks for NodeHooks {
         let mut backoff = Duration::from_millis(50);
         loop {
             let (api2, name2, me) = (api.clone(), name.clone(), self.me.clone());
+            let auth = self.auth.clone();
             let r = call(move || {
-                Api::new(&api2).post::<serde_json::Value>(
+                Api::with_auth(&api2, &auth).post::<serde_json::Value>(
                     &format!("/v1/volumes/{name2}/fence"),
                     &FenceRequest { to: me },
                 )
@@ -171,13 +174,14 @@ impl MigrationHooks for NodeHooks {
 }
 
 /// Builds the hooks for the store (see [`super::store::CloneEnv`]).
-pub fn hooks_factory(me: String, timeout: Duration) -> HooksFactory {
+pub fn hooks_factory(me: String, timeout: Duration, auth: ApiAuth) -> HooksFactory {
     Arc::new(move |dir, table| {
         Arc::new(NodeHooks {
             dir: dir.to_owned(),
             table,
             me: me.clone(),
             timeout,
+            auth: auth.clone(),
         }) as Arc<dyn MigrationHooks>
     })
 }
@@ -245,8 +249,10 @@ pub async fn migrate(
         region_size,
         rate: req.rate.unwrap_or(0),
     };
-    let to = req.to.clone();
-    let r = call(move || Api::new(&to).post::<MigrationStatus>("/v1/migrations", &prep)).await;
+    let (to, auth) = (req.to.clone(), state.peer_auth.clone());
+    let r =
+        call(move || Api::with_auth(&to, &auth).post::<MigrationStatus>("/v1/migrations", &prep))
+            .await;
     match r {
         Ok(mut status) => {
             info!(volume = name, to = %req.to, "migration prepared");
@@ -314,7 +320,7 @@ pub async fn release(state: &Arc<NodeState>, name: &str) -> Result<(), Migration
         c.stop();
         if let Some(TargetSpec::Clone { origin, .. }) = Some(vol.table().target) {
             if let TargetSpec::Remote { api, .. } = *origin {
-                spawn_release(api, name.to_owned());
+                spawn_release(api, name.to_owned(), state.peer_auth.clone());
             }
         }
     }
@@ -356,8 +362,10 @@ pub async fn status(state: &Arc<NodeState>, name: &str) -> Result<MigrationStatu
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
-    let (to, n) = (out.to.clone(), name.to_owned());
-    match call(move || Api::new(&to).get::<MigrationStatus>(&format!("/v1/migrations/{n}"))).await {
+    let (to, n, auth) = (out.to.clone(), name.to_owned(), state.peer_auth.clone());
+    let get =
+        move || Api::with_auth(&to, &auth).get::<MigrationStatus>(&format!("/v1/migrations/{n}"));
+    match call(get).await {
         Ok(mut s) => {
             s.role = "source".into();
             s.peer = out.to;
@@ -432,19 +440,20 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             .insert(vol.name.clone(), status);
         info!(volume = %vol.name, "migration complete: volume is local");
         if let Some(api) = origin_api {
-            spawn_release(api, vol.name.clone());
+            spawn_release(api, vol.name.clone(), state.peer_auth.clone());
         }
     });
 }
 
 /// Tells a source it may release `name`, retrying for a while.
-fn spawn_release(api: String, name: String) {
+fn spawn_release(api: String, name: String, auth: ApiAuth) {
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(200);
         for _ in 0..30 {
-            let (a, n) = (api.clone(), name.clone());
+            let (a, n, auth) = (api.clone(), name.clone(), auth.clone());
             let r = call(move || {
-                Api::new(&a).post::<serde_json::Value>(&format!("/v1/volumes/{n}/release"), &())
+                Api::with_auth(&a, &auth)
+                    .post::<serde_json::Value>(&format!("/v1/volumes/{n}/release"), &())
             })
             .await;
             match r {
@@ -490,9 +499,9 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
                 warn!(volume = %name, "self-fence failed: {e}");
                 continue;
             }
-            let (to, n) = (out.to.clone(), name.clone());
+            let (to, n, auth) = (out.to.clone(), name.clone(), state.peer_auth.clone());
             let r = call(move || {
-                Api::new(&to).post::<serde_json::Value>(
+                Api::with_auth(&to, &auth).post::<serde_json::Value>(
                     &format!("/v1/migrations/{n}/handoff"),
                     &HandoffRequest::default(),
                 )

@@ -43,6 +43,15 @@ pub struct NodeConfig {
     pub source_timeout: Duration,
     /// Fault injection (tests only): latency added to every origin read.
     pub inject_origin_delay: Duration,
+    /// TLS for NBD (required of every client, both listeners), for the API,
+    /// and for this node's own outgoing connections.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Bearer token every API request must carry (and that this node sends
+    /// to other nodes).
+    pub api_token: Option<String>,
+    /// Allow a plain-HTTP API on a non-loopback address (isolated test
+    /// networks only).
+    pub insecure_api: bool,
 }
 
 /// Serves the store's volumes as NBD exports.
@@ -90,9 +99,24 @@ pub struct NodeState {
     pub nbd_addr: Option<SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
     pub api_addr: SocketAddr,
+    /// What this node presents when it calls another node's API.
+    pub peer_auth: crate::api_client::ApiAuth,
+    /// The token incoming API requests must carry, if any.
+    pub api_token: Option<String>,
     /// Status of migrations completed here since start (for `status`).
     pub completed:
         std::sync::Mutex<std::collections::HashMap<String, crate::migrate::MigrationStatus>>,
+}
+
+impl NodeState {
+    /// `nbds` when clients must use TLS (the scheme libnbd and QEMU know).
+    pub fn nbd_scheme(&self) -> &'static str {
+        if self.peer_auth.tls.is_some() {
+            "nbds"
+        } else {
+            "nbd"
+        }
+    }
 }
 
 /// A running node.
@@ -112,11 +136,30 @@ impl Node {
             .await
             .with_context(|| format!("cannot listen for the API on {}", cfg.api))?;
         let api_addr = api.local_addr()?;
+        if !api_addr.ip().is_loopback() && cfg.tls.is_none() {
+            if !cfg.insecure_api {
+                anyhow::bail!(
+                    "the API would listen on {api_addr}, which is not loopback: give --tls-dir \
+                     (API clients must then present a certificate signed by its CA), or listen \
+                     on 127.0.0.1; an API open to the network would let anyone drive this node"
+                );
+            }
+            warn!(api = %api_addr, "--insecure-api: anyone who can reach this address can drive this node");
+        }
+        let peer_auth = crate::api_client::ApiAuth {
+            tls: cfg.tls.as_ref().map(|t| t.client.clone()),
+            token: cfg.api_token.clone(),
+        };
         let env = store::CloneEnv {
             source_timeout: cfg.source_timeout,
             origin_connections: 4,
             origin_read_delay: cfg.inject_origin_delay,
-            hooks: migration::hooks_factory(api_addr.to_string(), cfg.source_timeout),
+            origin_tls: cfg.tls.as_ref().map(|t| t.connector()),
+            hooks: migration::hooks_factory(
+                api_addr.to_string(),
+                cfg.source_timeout,
+                peer_auth.clone(),
+            ),
         };
         let store = Arc::new(
             VolumeStore::open(&cfg.data_dir, env)
@@ -124,6 +167,7 @@ impl Node {
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
+        let acceptor = cfg.tls.as_ref().and_then(|t| t.acceptor());
         let mut tasks = JoinSet::new();
 
         let mut nbd_addr = None;
@@ -135,6 +179,7 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Tcp(l),
                 registry.clone(),
+                acceptor.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -149,6 +194,7 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Unix(l),
                 registry.clone(),
+                acceptor.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -161,17 +207,23 @@ impl Node {
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),
             api_addr,
+            peer_auth,
+            api_token: cfg.api_token.clone(),
             completed: Default::default(),
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
         let mut api_shutdown = shutdown_rx.clone();
+        let api_tls = cfg.tls.as_ref().and_then(|t| t.acceptor());
         tasks.spawn(async move {
-            let r = axum::serve(api, router)
-                .with_graceful_shutdown(async move {
-                    stopped(&mut api_shutdown).await;
-                })
-                .await;
+            let done = async move { stopped(&mut api_shutdown).await };
+            let r = match api_tls {
+                Some(acceptor) => {
+                    let l = api::TlsListener::new(api, acceptor);
+                    axum::serve(l, router).with_graceful_shutdown(done).await
+                }
+                None => axum::serve(api, router).with_graceful_shutdown(done).await,
+            };
             if let Err(e) = r {
                 warn!("API server failed: {e}");
             }
@@ -230,6 +282,7 @@ impl NbdListener {
 async fn accept_loop(
     l: NbdListener,
     registry: Arc<dyn ExportRegistry>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -242,16 +295,16 @@ async fn accept_loop(
                 Ok(conn) => {
                     let reg = registry.clone();
                     let sd = shutdown.clone();
+                    let tls = tls.clone();
                     conns.spawn(async move {
                         let (peer, r) = match conn {
                             Accepted::Tcp(sock, peer) => {
                                 let _ = sock.set_nodelay(true);
-                                let (rd, wr) = sock.into_split();
-                                (peer.to_string(), serve_connection(rd, wr, reg, sd, peer.to_string()).await)
+                                let peer = peer.to_string();
+                                (peer.clone(), serve_connection(sock, reg, tls, sd, peer).await)
                             }
                             Accepted::Unix(sock) => {
-                                let (rd, wr) = sock.into_split();
-                                ("unix".to_string(), serve_connection(rd, wr, reg, sd, "unix".into()).await)
+                                ("unix".to_string(), serve_connection(sock, reg, tls, sd, "unix".into()).await)
                             }
                         };
                         if let Err(e) = r {

@@ -204,6 +204,8 @@ pub struct CloneEnv {
     pub origin_connections: usize,
     /// Fault injection for tests: latency added to every origin read.
     pub origin_read_delay: std::time::Duration,
+    /// TLS for connections to origins (when the node runs with TLS).
+    pub origin_tls: Option<tokio_rustls::TlsConnector>,
     /// Builds the hooks a clone uses to reach its source; they get the
     /// volume's directory and live table (to persist the handoff).
     pub hooks: HooksFactory,
@@ -476,7 +478,8 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
                     env.origin_connections,
                     env.source_timeout,
                 )
-                .with_read_delay(env.origin_read_delay),
+                .with_read_delay(env.origin_read_delay)
+                .with_tls(env.origin_tls.clone()),
             );
             let map =
                 RegionMap::open(&dir.join(map)).map_err(|e| corrupt(format!("region map: {e}")))?;
@@ -572,6 +575,7 @@ mod tests {
             source_timeout: std::time::Duration::from_secs(1),
             origin_connections: 1,
             origin_read_delay: std::time::Duration::ZERO,
+            origin_tls: None,
             hooks: Arc::new(|_, _| Arc::new(NoHooks) as Arc<dyn MigrationHooks>),
         }
     }

@@ -29,6 +29,8 @@ pub struct RemoteTarget {
     closed: std::sync::atomic::AtomicBool,
     /// Fault injection for tests: extra latency before every origin read.
     read_delay: Duration,
+    /// TLS for every connection to the origin.
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl RemoteTarget {
@@ -51,7 +53,14 @@ impl RemoteTarget {
             timeout,
             closed: Default::default(),
             read_delay: Duration::ZERO,
+            tls: None,
         }
+    }
+
+    /// Connects with TLS (STARTTLS, mutual certificates).
+    pub fn with_tls(mut self, tls: Option<tokio_rustls::TlsConnector>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Adds `delay` before every origin read (fault injection in tests).
@@ -91,7 +100,7 @@ impl RemoteTarget {
         }
         let c = tokio::time::timeout(
             Duration::from_secs(5),
-            NbdClient::connect(&self.addr, &self.export),
+            NbdClient::connect_with(&self.addr, &self.export, self.tls.as_ref()),
         )
         .await
         .map_err(|_| ClientError::Io("connect timed out".into()))??;

@@ -34,6 +34,8 @@ pub struct NodeProc {
     pub nbd: String,
     pub api: String,
     pub unix: PathBuf,
+    /// Global flags every CLI call adds (`--tls-dir`, `--api-token-file`).
+    pub client_flags: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -62,6 +64,17 @@ impl NodeProc {
         Self::spawn(Some(ns), dir, nbd, api, &[])
     }
 
+    /// Starts a node inside network namespace `ns` with extra flags.
+    pub fn start_netns_with(
+        ns: &str,
+        dir: &Path,
+        nbd: &str,
+        api: &str,
+        extra: &[&str],
+    ) -> NodeProc {
+        Self::spawn(Some(ns), dir, nbd, api, extra)
+    }
+
     fn command(netns: Option<&str>) -> Command {
         match netns {
             Some(ns) => {
@@ -84,7 +97,7 @@ impl NodeProc {
             .arg(&unix)
             .env(
                 "RUST_LOG",
-                std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn,rustls=error".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -108,8 +121,15 @@ impl NodeProc {
             netns: netns.map(str::to_owned),
             data_dir: dir.to_owned(),
             unix,
+            client_flags: Vec::new(),
             _tmp: None,
         }
+    }
+
+    /// Makes every CLI call against this node carry `flags`.
+    pub fn with_client_flags(mut self, flags: &[&str]) -> Self {
+        self.client_flags = flags.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     pub fn uri(&self, vol: &str) -> String {
@@ -125,6 +145,7 @@ impl NodeProc {
         Self::command(self.netns.as_deref())
             .arg("--api")
             .arg(&self.api)
+            .args(&self.client_flags)
             .args(args)
             .output()
             .unwrap()
@@ -261,4 +282,12 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Makes a TLS directory (CA, server certificate for `names`, client
+/// certificate) with `tests/tls/make-certs.sh`, which needs `openssl`.
+pub fn make_tls_dir(dir: &Path, names: &[&str]) {
+    require("openssl");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/make-certs.sh");
+    run_ok(Command::new("bash").arg(script).arg(dir).args(names));
 }

@@ -1,0 +1,380 @@
+//! Who may talk to a node: TLS on NBD (STARTTLS, mutual certificates) with
+//! real clients (qemu-io, qemu-img, nbdinfo, libnbd's Python bindings), TLS
+//! between nodes during a migration, and an API that refuses strangers.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{make_tls_dir, require, run_ok, NodeProc, DLSM};
+use dlsm::api_client::{Api, ApiAuth};
+use dlsm::nbd::proto::{self, opt, rep};
+
+/// A node with `--tls-dir tls` (and extra serve flags); its CLI calls carry
+/// the same directory and `client_extra`.
+fn tls_node(tls: &Path, serve_extra: &[&str], client_extra: &[&str]) -> NodeProc {
+    let tmp = tempfile::tempdir().unwrap().keep();
+    let t = tls.to_str().unwrap();
+    let mut extra = vec!["--tls-dir", t];
+    extra.extend_from_slice(serve_extra);
+    let mut client = vec!["--tls-dir", t];
+    client.extend_from_slice(client_extra);
+    NodeProc::start_with(&tmp, "127.0.0.1:0", "127.0.0.1:0", &extra).with_client_flags(&client)
+}
+
+/// `--image-opts` for qemu-io/qemu-img reaching `vol` over TLS.
+fn qemu_tls_args(node: &NodeProc, vol: &str, tls: &Path) -> Vec<String> {
+    let (host, port) = node.nbd.rsplit_once(':').unwrap();
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            tls.display()
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host={host},port={port},export={vol},tls-creds=tls0"),
+    ]
+}
+
+fn qemu_io(node: &NodeProc, vol: &str, tls: &Path, cmd: &str) -> std::process::Output {
+    Command::new(require("qemu-io"))
+        .args(qemu_tls_args(node, vol, tls))
+        .args(["-c", cmd])
+        .output()
+        .unwrap()
+}
+
+fn nbdinfo(uri: &str) -> std::process::Output {
+    Command::new(require("nbdinfo")).arg(uri).output().unwrap()
+}
+
+/// Greets a node on a raw socket and returns the stream after the flags.
+fn raw(node: &NodeProc) -> TcpStream {
+    let mut s = TcpStream::connect(&node.nbd).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&3u32.to_be_bytes()).unwrap();
+    s
+}
+
+fn raw_option(s: &mut TcpStream, code: u32, data: &[u8]) -> u32 {
+    let mut b = Vec::new();
+    proto::encode_option(&mut b, code, data);
+    s.write_all(&b).unwrap();
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    let h = proto::parse_opt_reply_header(&h).unwrap();
+    let mut d = vec![0u8; h.len as usize];
+    s.read_exact(&mut d).unwrap();
+    h.reply_type
+}
+
+/// Whether the server closes the connection (reading whatever it sends
+/// first, such as a TLS alert).
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 4096];
+    for _ in 0..16 {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) => return e.kind() != std::io::ErrorKind::WouldBlock,
+        }
+    }
+    false
+}
+
+#[test]
+fn nbd_requires_tls_and_a_trusted_client_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let node = tls_node(&tls, &[], &[]);
+    node.create("vm1", "64M");
+
+    // Real clients over TLS: qemu-io writes, nbdinfo and libnbd read.
+    let o = qemu_io(&node, "vm1", &tls, "write -P 0x5a 1M 1M");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let good = format!("nbds://{}/vm1?tls-certificates={}", node.nbd, tls.display());
+    let o = nbdinfo(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("with TLS"), "{out}");
+    assert!(out.contains("export-size: 67108864"), "{out}");
+    let o = qemu_io(&node, "vm1", &tls, "read -P 0x5a 1M 1M");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 1048576"));
+    let py = r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_tls(nbd.TLS_REQUIRE)
+h.set_uri_allow_local_file(True)
+h.connect_uri(sys.argv[1])
+assert h.get_tls_negotiated(), "TLS was not negotiated"
+buf = h.pread(1 << 20, 1 << 20)
+assert buf == b"\x5a" * (1 << 20), "wrong data over TLS"
+h.pwrite(b"\xa5" * 4096, 0)
+h.flush()
+print("ok")
+"#;
+    let out = run_ok(Command::new("/usr/bin/python3").args(["-c", py, &good]));
+    assert_eq!(out.trim(), "ok");
+    let o = qemu_io(&node, "vm1", &tls, "read -P 0xa5 0 4k");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 4096"));
+
+    // The UNIX socket requires TLS too.
+    let unix_good = format!(
+        "nbds+unix:///vm1?socket={}&tls-certificates={}",
+        node.unix.display(),
+        tls.display()
+    );
+    let o = nbdinfo(&unix_good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!nbdinfo(&node.unix_uri("vm1")).status.success());
+
+    // Plain clients are refused.
+    let o = nbdinfo(&node.uri("vm1"));
+    assert!(!o.status.success(), "plain nbdinfo got in");
+    let o = Command::new(require("qemu-img"))
+        .args(["info", &node.uri("vm1")])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "plain qemu-img got in");
+
+    // ... with the spec's reply: everything but STARTTLS/ABORT gets
+    // ERR_TLS_REQD; EXPORT_NAME (which cannot be refused) is hung up on.
+    let mut s = raw(&node);
+    let go = proto::InfoRequest {
+        name: "vm1".into(),
+        requests: vec![],
+    };
+    assert_eq!(raw_option(&mut s, opt::GO, &go.encode()), rep::ERR_TLS_REQD);
+    assert_eq!(raw_option(&mut s, opt::LIST, &[]), rep::ERR_TLS_REQD);
+    assert_eq!(
+        raw_option(&mut s, opt::STRUCTURED_REPLY, &[]),
+        rep::ERR_TLS_REQD
+    );
+    assert_eq!(raw_option(&mut s, opt::STARTTLS, b"x"), rep::ERR_INVALID);
+    let mut b = Vec::new();
+    proto::encode_option(&mut b, opt::EXPORT_NAME, b"vm1");
+    s.write_all(&b).unwrap();
+    assert!(closed(&mut s), "EXPORT_NAME before TLS was not hung up on");
+    // STARTTLS followed by garbage instead of a ClientHello: dropped.
+    let mut s = raw(&node);
+    assert_eq!(raw_option(&mut s, opt::STARTTLS, &[]), rep::ACK);
+    s.write_all(&[0x47; 512]).unwrap();
+    assert!(closed(&mut s), "garbage TLS handshake was not dropped");
+
+    // A client whose certificate another CA signed is refused; so is a
+    // client with no certificate at all.
+    let rogue = tmp.path().join("rogue");
+    make_tls_dir(&rogue, &["127.0.0.1", "localhost"]);
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(rogue.join(f), mixed.join(f)).unwrap();
+    }
+    let nocert = tmp.path().join("nocert");
+    std::fs::create_dir(&nocert).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), nocert.join("ca-cert.pem")).unwrap();
+    for dir in [&mixed, &nocert] {
+        let uri = format!("nbds://{}/vm1?tls-certificates={}", node.nbd, dir.display());
+        let o = nbdinfo(&uri);
+        assert!(!o.status.success(), "client with {dir:?} got in");
+    }
+    // ... and a client that does not trust the node's CA does not talk to it.
+    let o = qemu_io(&node, "vm1", &rogue, "read 0 4k");
+    assert!(!o.status.success(), "client trusted a foreign server");
+
+    // After all that, the node still serves the trusted client.
+    assert!(nbdinfo(&good).status.success());
+}
+
+#[test]
+fn migration_between_tls_nodes_with_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret-cluster-token-0123456789\n").unwrap();
+    let t = token.to_str().unwrap();
+    let a = tls_node(&tls, &["--api-token-file", t], &["--api-token-file", t]);
+    let b = tls_node(&tls, &["--api-token-file", t], &["--api-token-file", t]);
+    a.create("vm1", "32M");
+    let o = qemu_io(&a, "vm1", &tls, "write -P 0x77 0 8M");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["migrate", "vm1", "--to", &b.api, "--json"])).unwrap();
+    assert_eq!(v["role"], "source");
+    // The destination's fetches from A are NBD over TLS (A refuses anything
+    // else) and its fence/release calls carry the token over HTTPS.
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    b.wait_phase("vm1", "complete", 60);
+    let o = qemu_io(&b, "vm1", &tls, "read -P 0x77 0 8M");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 8388608"));
+    let o = qemu_io(&b, "vm1", &tls, "read -P 0 8M 24M");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 25165824"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while a.has_volume("vm1") {
+        assert!(Instant::now() < deadline, "source never released vm1");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let list = b.cli_ok(&["volume", "list"]);
+    assert!(list.contains("nbds://"), "URI should say nbds: {list}");
+}
+
+#[test]
+fn api_refuses_strangers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+
+    // No TLS, not loopback: the node refuses to start.
+    let o = Command::new(DLSM)
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("d0"))
+        .args(["--listen", "127.0.0.1:0", "--api", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not loopback") && err.contains("--tls-dir"),
+        "{err}"
+    );
+
+    // A bad token file is refused too.
+    let weak = tmp.path().join("weak");
+    std::fs::write(&weak, "short").unwrap();
+    let o = Command::new(DLSM)
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("d1"))
+        .arg("--api-token-file")
+        .arg(&weak)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 16"));
+
+    // With TLS and a token, the API may listen on every interface.
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "another-s3cret-token-abcdefgh").unwrap();
+    let t = token.to_str().unwrap();
+    let dir = tmp.path().join("d2");
+    let ts = tls.to_str().unwrap();
+    let mut node = NodeProc::start_with(
+        &dir,
+        "127.0.0.1:0",
+        "0.0.0.0:0",
+        &["--tls-dir", ts, "--api-token-file", t],
+    );
+    // The certificate names 127.0.0.1, so reach the wildcard listener there.
+    node.api = node.api.replace("0.0.0.0", "127.0.0.1");
+    let run = |flags: &[&str]| {
+        Command::new(DLSM)
+            .arg("--api")
+            .arg(&node.api)
+            .args(flags)
+            .args(["volume", "list"])
+            .output()
+            .unwrap()
+    };
+    let refused = |flags: &[&str], why: &str| {
+        let o = run(flags);
+        assert!(!o.status.success(), "{flags:?} got in");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(why), "{flags:?}: {err}");
+    };
+    // Plain HTTP: no TLS handshake, so no answer (and a hint).
+    refused(&["--api-token-file", t], "--tls-dir");
+    // TLS but no token, and a wrong token.
+    refused(&["--tls-dir", ts], "HTTP 401");
+    let wrong = tmp.path().join("wrong");
+    std::fs::write(&wrong, "not-the-right-token-at-all").unwrap();
+    refused(
+        &["--tls-dir", ts, "--api-token-file", wrong.to_str().unwrap()],
+        "HTTP 401",
+    );
+    // A certificate from another CA: the handshake fails.
+    let rogue = tmp.path().join("rogue");
+    make_tls_dir(&rogue, &["127.0.0.1"]);
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(tls.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(rogue.join(f), mixed.join(f)).unwrap();
+    }
+    refused(
+        &["--tls-dir", mixed.to_str().unwrap(), "--api-token-file", t],
+        "cannot reach",
+    );
+    // The right credentials work.
+    let o = run(&["--tls-dir", ts, "--api-token-file", t]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Bodies are validated: too large, malformed, wrong shape, bad values.
+    let auth = ApiAuth {
+        tls: Some(dlsm::tls::TlsConfig::load_client(&tls).unwrap().client),
+        token: Some(std::fs::read_to_string(&token).unwrap()),
+    };
+    let api = Api::with_auth(&node.api, &auth);
+    let huge = serde_json::json!({"name": "x".repeat(100_000), "size": 1});
+    let e = api
+        .post::<serde_json::Value>("/v1/volumes", &huge)
+        .unwrap_err();
+    assert!(e.to_string().contains("HTTP 413"), "{e}");
+    let e = api
+        .post::<serde_json::Value>("/v1/volumes", &serde_json::json!({"name": 7}))
+        .unwrap_err();
+    assert!(e.to_string().contains("HTTP 422"), "{e}");
+    let e = api
+        .post::<serde_json::Value>(
+            "/v1/volumes",
+            &serde_json::json!({"name": "../etc", "size": 4096}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("HTTP 400"), "{e}");
+    let e = api
+        .post::<serde_json::Value>(
+            "/v1/migrations",
+            &serde_json::json!({"name": "v", "size": 4096, "origin_nbd": "nowhere",
+                "origin_api": "127.0.0.1:1", "region_size": 3, "rate": 0}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("HTTP 400"), "{e}");
+    // The node is fine after all of it.
+    let v: serde_json::Value = api.get("/v1/node").unwrap();
+    assert!(v.is_object());
+    assert!(node.stop(), "node did not stop cleanly");
+}
+
+#[test]
+fn nodes_with_different_tokens_cannot_migrate_to_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let (t1, t2) = (tmp.path().join("t1"), tmp.path().join("t2"));
+    std::fs::write(&t1, "token-of-cluster-one-0000").unwrap();
+    std::fs::write(&t2, "token-of-cluster-two-1111").unwrap();
+    let (t1, t2) = (t1.to_str().unwrap(), t2.to_str().unwrap());
+    let a = tls_node(&tls, &["--api-token-file", t1], &["--api-token-file", t1]);
+    let b = tls_node(&tls, &["--api-token-file", t2], &["--api-token-file", t2]);
+    a.create("vm1", "16M");
+    let o = a.cli(&["migrate", "vm1", "--to", &b.api]);
+    assert!(
+        !o.status.success(),
+        "migration to a foreign node went ahead"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("401"), "{err}");
+    assert!(!b.has_volume("vm1"));
+    // The volume stays A's, writable, not migrating.
+    let o = qemu_io(&a, "vm1", &tls, "write -P 1 0 64k");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = a.cli(&["migration", "status", "vm1"]);
+    assert!(!o.status.success());
+}
