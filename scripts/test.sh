@@ -9,6 +9,7 @@ declare -A PKG=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdkit]=nbdkit
   [fio]=fio [ip]=iproute2 [tc]=iproute2 [cpio]=cpio [gcc]=gcc [xz]=xz-utils
+  [openssl]=openssl [g++]=g++
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
@@ -40,7 +41,10 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt --all -- --check)
 echo "== cargo clippy -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 echo "== cargo test"
 cargo test --all-targets -- --test-threads="${DLSM_TEST_THREADS:-2}"
+echo "== fuzzing, ${DLSM_FUZZ_SECONDS:-20} s per target (scripts/fuzz.sh)"
+bash scripts/fuzz.sh "${DLSM_FUZZ_SECONDS:-20}"

@@ -344,6 +344,9 @@ fn print_status(s: &MigrationStatus, json: bool) -> anyhow::Result<()> {
         s.phase,
         if s.paused { " (paused)" } else { "" }
     );
+    if let Some(why) = &s.stalled {
+        println!("stalled:     {why}");
+    }
     println!(
         "regions:     {}/{} present ({pct:.1}%), {} each",
         s.regions_present,

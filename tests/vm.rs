@@ -16,71 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require, run_ok, NodeProc};
-
-/// Two hosts: namespaces `<base>a` and `<base>b`, 10.77.0.1 and 10.77.0.2,
-/// joined by a veth pair shaped to 1 Gbit/s each way.
-struct Hosts {
-    a: String,
-    b: String,
-}
-
-impl Hosts {
-    fn new(tag: &str) -> Hosts {
-        let base = format!("dlsm{tag}{}", std::process::id() % 100_000);
-        let (a, b) = (format!("{base}a"), format!("{base}b"));
-        let (va, vb) = (format!("{base}va"), format!("{base}vb"));
-        let sh = |args: &[&str]| run_ok(Command::new("ip").args(args));
-        sh(&["netns", "add", &a]);
-        sh(&["netns", "add", &b]);
-        let hosts = Hosts {
-            a: a.clone(),
-            b: b.clone(),
-        };
-        sh(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        sh(&["link", "set", &va, "netns", &a]);
-        sh(&["link", "set", &vb, "netns", &b]);
-        for (ns, dev, ip) in [(&a, &va, "10.77.0.1/24"), (&b, &vb, "10.77.0.2/24")] {
-            sh(&["-n", ns, "addr", "add", ip, "dev", dev]);
-            sh(&["-n", ns, "link", "set", dev, "up"]);
-            sh(&["-n", ns, "link", "set", "lo", "up"]);
-            run_ok(Command::new("ip").args([
-                "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                "1gbit", "burst", "1mb", "latency", "50ms",
-            ]));
-        }
-        hosts
-    }
-
-    /// Bytes sent from A to B so far (A's veth counter).
-    fn bytes_a_to_b(&self) -> u64 {
-        let dev = format!("{}va", &self.a[..self.a.len() - 1]);
-        let out = run_ok(Command::new("ip").args([
-            "netns",
-            "exec",
-            &self.a,
-            "cat",
-            &format!("/sys/class/net/{dev}/statistics/tx_bytes"),
-        ]));
-        out.trim().parse().unwrap()
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip")
-                .args(["netns", "pids", ns])
-                .output()
-                .map(|o| {
-                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                        let _ = Command::new("kill").args(["-9", pid]).status();
-                    }
-                });
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
+use common::{require, run_ok, Hosts, NodeProc};
 
 /// Two hosts with a dlsm node each (volumes on B under `db`).
 struct Rig {

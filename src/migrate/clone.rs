@@ -136,6 +136,8 @@ pub struct CloneTarget {
     cfg: CloneConfig,
     limiter: RateLimiter,
     paused: AtomicBool,
+    /// The last background fetch failed with ENOSPC (see `background_failed`).
+    no_space: AtomicBool,
     stopped: AtomicBool,
     failed: Mutex<Option<String>>,
     wake: Notify,
@@ -183,6 +185,7 @@ impl CloneTarget {
             limiter: RateLimiter::new(cfg.rate),
             cfg,
             paused: AtomicBool::new(false),
+            no_space: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             failed: Mutex::new(None),
             wake: Notify::new(),
@@ -274,6 +277,35 @@ impl CloneTarget {
 
     fn note_error(&self, e: &dyn std::fmt::Display) {
         *self.stats.last_error.lock().unwrap() = Some(e.to_string());
+    }
+
+    /// A background fetch failed: records why and says how long the copier
+    /// waits before the next attempt. A full destination disk stalls the
+    /// copy (probing once a second) instead of failing the migration: the
+    /// regions stay absent, so reads keep going to the source and nothing
+    /// is lost, and the copy resumes by itself once space is freed.
+    fn background_failed(&self, e: &BlockError, backoff: &mut Duration) -> Duration {
+        if matches!(e, BlockError::NoSpace) {
+            let was = self.no_space.swap(true, Ordering::SeqCst);
+            if !was {
+                warn!(volume = %self.name, "destination disk full: background copy stalled until space is freed");
+            }
+            self.note_error(&"destination disk full (ENOSPC)");
+            return Duration::from_secs(1);
+        }
+        warn!(volume = %self.name, "background fetch failed: {e}");
+        self.note_error(e);
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(Duration::from_secs(5));
+        wait
+    }
+
+    /// A background fetch succeeded: clears a disk-full stall.
+    fn background_succeeded(&self, backoff: &mut Duration) {
+        *backoff = Duration::from_millis(100);
+        if self.no_space.swap(false, Ordering::SeqCst) {
+            info!(volume = %self.name, "destination has space again: background copy resumed");
+        }
     }
 
     /// Fetches regions `first..first+count`, which the caller holds locked,
@@ -383,6 +415,27 @@ impl CloneTarget {
         })
         .await
         .map_err(|e| BlockError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Reads without making anything present (the destination's disk is
+    /// full): present regions from the local file, absent ones straight
+    /// from the origin, under the regions' locks so that none changes
+    /// state mid-read.
+    async fn read_through(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let end = offset + buf.len() as u64;
+        let (first, last) = (self.region_of(offset), self.region_of(end - 1));
+        let _g = self.locks.lock(first, last).await;
+        for r in first..=last {
+            let (rs, re) = self.region_span(r);
+            let (a, b) = (rs.max(offset), re.min(end));
+            let part = &mut buf[(a - offset) as usize..(b - offset) as usize];
+            if self.map.lock().unwrap().is_present(r) {
+                self.local.read(a, part).await?;
+            } else {
+                self.origin.read_into(a, part).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes regions `first..=last` present, fetching what is absent.
@@ -567,12 +620,10 @@ impl CloneTarget {
             }
             while let Some(done) = inflight.try_join_next() {
                 match done {
-                    Ok(Ok(())) => backoff = Duration::from_millis(100),
+                    Ok(Ok(())) => self.background_succeeded(&mut backoff),
                     Ok(Err(e)) => {
-                        warn!(volume = %self.name, "background fetch failed: {e}");
-                        self.note_error(&e);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        let wait = self.background_failed(&e, &mut backoff);
+                        tokio::time::sleep(wait).await;
                     }
                     Err(e) => warn!("fetch task failed: {e}"),
                 }
@@ -601,12 +652,15 @@ impl CloneTarget {
                 batch_regions
             };
             if inflight.len() >= parallel {
-                let _ = tokio::time::timeout(Duration::from_millis(200), async {
-                    if let Some(Ok(Err(e))) = inflight.join_next().await {
-                        self.note_error(&e);
+                let done = tokio::time::timeout(Duration::from_millis(200), inflight.join_next());
+                match done.await {
+                    Ok(Some(Ok(Ok(())))) => self.background_succeeded(&mut backoff),
+                    Ok(Some(Ok(Err(e)))) => {
+                        let wait = self.background_failed(&e, &mut backoff);
+                        tokio::time::sleep(wait).await;
                     }
-                })
-                .await;
+                    _ => {}
+                }
                 continue;
             }
             // Prefetch hints first, then the next absent run from the cursor.
@@ -722,6 +776,10 @@ impl CloneTarget {
             eta_seconds: (rate > 0 && phase == Phase::Hydrating)
                 .then(|| remaining as f64 / rate as f64),
             paused: self.paused.load(Ordering::SeqCst),
+            stalled: self
+                .no_space
+                .load(Ordering::SeqCst)
+                .then(|| "destination disk full: background copy waits for free space".into()),
             handoff_after_seconds: handoff_at.map(|h| h.duration_since(self.started).as_secs_f64()),
             hydrate_seconds: match (handoff_at, completed_at) {
                 (Some(h), Some(c)) => Some(c.duration_since(h).as_secs_f64()),
@@ -786,8 +844,12 @@ impl BlockTarget for CloneTarget {
         let end = offset + buf.len() as u64;
         let (first, last) = (self.region_of(offset), self.region_of(end - 1));
         if !self.map.lock().unwrap().all_present(first, last) {
-            self.ensure_present(first, last, FetchKind::OnDemand)
-                .await?;
+            match self.ensure_present(first, last, FetchKind::OnDemand).await {
+                Ok(()) => {}
+                // No room to keep the fetched data: serve it anyway.
+                Err(BlockError::NoSpace) => return self.read_through(offset, buf).await,
+                Err(e) => return Err(e),
+            }
             // Sequential on-demand reads: ask the hydrator for what follows.
             let prev = self.last_on_demand_end.swap(last + 1, Ordering::Relaxed);
             if prev == first && self.cfg.prefetch_regions > 0 {

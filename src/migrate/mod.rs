@@ -55,6 +55,11 @@ pub struct MigrationStatus {
     pub rate: u64,
     pub eta_seconds: Option<f64>,
     pub paused: bool,
+    /// Why the background copy is waiting on its own (not paused by an
+    /// operator), e.g. the destination's disk is full. It resumes by itself
+    /// when the cause goes away.
+    #[serde(default)]
+    pub stalled: Option<String>,
     /// Seconds from prepare to handoff, once handed off.
     pub handoff_after_seconds: Option<f64>,
     /// Seconds from handoff to completion, once complete.

@@ -152,6 +152,19 @@ impl RegionMap {
         header[32..40].copy_from_slice(&volume_size.to_le_bytes());
         file.write_all_at(&header, 0)?;
         file.set_len(PAGE * (1 + pages))?;
+        // Reserve the bitmap's blocks now (2 MiB for a 1 TiB volume at 64K
+        // regions): a commit must never fail for lack of space, or a full
+        // disk would stop the map from recording what the data file holds.
+        // The blocks stay unwritten, so they still read as zero (absent).
+        match nix::fcntl::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            PAGE as i64,
+            (PAGE * pages) as i64,
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
+            Err(e) => return Err(io::Error::from(e)),
+        }
         file.sync_all()?;
         Ok(Self {
             file,
@@ -406,14 +419,15 @@ mod tests {
         m.mark_present((1 << 24) - 1);
         assert_eq!(commit(&mut m), 1);
         drop(m);
-        // Reopening reads the written pages back out of the sparse file.
+        // Reopening reads the written pages back.
         let m = RegionMap::open(&p).unwrap();
         assert_eq!(m.present_count(), 3);
         assert!(m.is_present(12345) && m.is_present(12346) && m.is_present((1 << 24) - 1));
         assert!(!m.is_present(12347) && !m.is_present(0));
-        // The file stays sparse: only header and two pages allocated.
+        // The bitmap's blocks are reserved at creation, so a commit never
+        // needs new space (a full disk cannot stop the map).
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 <= 64 << 10);
+        assert!(std::fs::metadata(&p).unwrap().blocks() * 512 >= 2 << 20);
     }
 
     #[test]

@@ -278,6 +278,16 @@ impl NbdClient {
     pub fn is_read_only(&self) -> bool {
         self.flags & tflags::READ_ONLY != 0
     }
+    /// Declares the connection dead (the caller gave up waiting on it, as
+    /// on a link that silently stopped delivering): new requests fail at
+    /// once, and a pool holding it will replace it.
+    pub fn mark_dead(&self, why: &str) {
+        let mut d = self.inner.dead.lock().unwrap();
+        if d.is_none() {
+            *d = Some(ClientError::Io(why.to_owned()));
+        }
+    }
+
     /// Whether the connection has failed.
     pub fn is_dead(&self) -> bool {
         self.inner.dead.lock().unwrap().is_some()
@@ -591,7 +601,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             .ok_or_else(|| ClientError::Protocol("data chunk for a non-read".into()))?;
         let start = offset
             .checked_sub(req_off)
-            .filter(|s| s + n as u64 <= b.len() as u64)
+            .filter(|s| s.checked_add(n as u64).is_some_and(|e| e <= b.len() as u64))
             .ok_or_else(|| ClientError::Protocol("data chunk outside the request".into()))?
             as usize;
         rd.read_exact(&mut b[start..start + n]).await?;
@@ -613,8 +623,12 @@ async fn read_chunk<R: AsyncRead + Unpin>(
     match c {
         proto::Chunk::None | proto::Chunk::Unknown(_) | proto::Chunk::OffsetData { .. } => {}
         proto::Chunk::OffsetHole { offset, len } => {
+            // Checked: a hostile server picks offsets near u64::MAX.
             let fits = p.buf.as_ref().is_some_and(|b| {
-                offset >= p.offset && offset - p.offset + len as u64 <= b.len() as u64
+                offset
+                    .checked_sub(p.offset)
+                    .and_then(|s| s.checked_add(len as u64))
+                    .is_some_and(|e| e <= b.len() as u64)
             });
             if !fits {
                 return Err(ClientError::Protocol(
@@ -632,4 +646,55 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod hostile_server_tests {
+    use super::*;
+
+    fn rep(out: &mut Vec<u8>, option: u32, ty: u32, data: &[u8]) {
+        proto::encode_opt_reply(out, option, ty, data);
+    }
+
+    /// A handshake that attaches with structured replies on.
+    fn handshake_bytes() -> Vec<u8> {
+        let mut b = Vec::new();
+        proto::encode_greeting(&mut b, proto::handshake_flags::FIXED_NEWSTYLE);
+        rep(&mut b, opt::STRUCTURED_REPLY, rep::ACK, &[]);
+        rep(&mut b, opt::SET_META_CONTEXT, rep::ACK, &[]);
+        let info = proto::InfoItem::Export {
+            size: 1 << 20,
+            flags: tflags::HAS_FLAGS,
+        };
+        rep(&mut b, opt::GO, rep::INFO, &info.encode());
+        rep(&mut b, opt::GO, rep::ACK, &[]);
+        b
+    }
+
+    /// Found by the `client_replies` fuzz target: chunk offsets near
+    /// u64::MAX overflowed the bounds check. They must be protocol errors.
+    #[tokio::test]
+    async fn chunk_offsets_near_u64_max_are_refused() {
+        for ty in [proto::chunk::OFFSET_DATA, proto::chunk::OFFSET_HOLE] {
+            let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
+            let mut b = handshake_bytes();
+            let payload: Vec<u8> = if ty == proto::chunk::OFFSET_DATA {
+                [&(u64::MAX - 3).to_be_bytes()[..], &[0x11; 16]].concat()
+            } else {
+                [&(u64::MAX - 3).to_be_bytes()[..], &16u32.to_be_bytes()[..]].concat()
+            };
+            proto::encode_chunk_header(
+                &mut b,
+                proto::chunk::FLAG_DONE,
+                ty,
+                1,
+                payload.len() as u32,
+            );
+            b.extend_from_slice(&payload);
+            server_end.write_all(&b).await.unwrap();
+            let c = NbdClient::handshake(client_end, "x", false).await.unwrap();
+            let e = c.read(0, 4096).await.unwrap_err();
+            assert!(matches!(e, ClientError::Protocol(_)), "{e}");
+        }
+    }
 }

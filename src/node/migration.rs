@@ -390,6 +390,7 @@ pub async fn status(state: &Arc<NodeState>, name: &str) -> Result<MigrationStatu
             rate: 0,
             eta_seconds: None,
             paused: false,
+            stalled: None,
             handoff_after_seconds: None,
             hydrate_seconds: None,
             last_error: Some(format!("destination unreachable: {e}")),

@@ -137,7 +137,23 @@ impl RemoteTarget {
                 return Err(BlockError::Unavailable("origin link closed".into()));
             }
             let r = match self.client(bulk).await {
-                Ok(c) => op(c).await,
+                // A link that silently stops delivering (cable cut, peer
+                // frozen) never errors: bound each attempt by the time left,
+                // then give the connection up so the next attempt makes a
+                // new one.
+                Ok(c) => {
+                    let left = deadline
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_secs(1));
+                    match tokio::time::timeout(left, op(c.clone())).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            let why = format!("no reply from the origin within {left:?}");
+                            c.mark_dead(&why);
+                            Err(ClientError::Io(why))
+                        }
+                    }
+                }
                 Err(e) => Err(e),
             };
             match r {

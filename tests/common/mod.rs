@@ -291,3 +291,117 @@ pub fn make_tls_dir(dir: &Path, names: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/make-certs.sh");
     run_ok(Command::new("bash").arg(script).arg(dir).args(names));
 }
+
+/// Two hosts: namespaces `<base>a` and `<base>b`, 10.77.0.1 and 10.77.0.2,
+/// joined by a veth pair shaped to 1 Gbit/s each way.
+pub struct Hosts {
+    pub a: String,
+    pub b: String,
+}
+
+impl Hosts {
+    pub fn new(tag: &str) -> Hosts {
+        let base = format!("dlsm{tag}{}", std::process::id() % 100_000);
+        let (a, b) = (format!("{base}a"), format!("{base}b"));
+        let (va, vb) = (format!("{base}va"), format!("{base}vb"));
+        let sh = |args: &[&str]| run_ok(Command::new("ip").args(args));
+        sh(&["netns", "add", &a]);
+        sh(&["netns", "add", &b]);
+        let hosts = Hosts {
+            a: a.clone(),
+            b: b.clone(),
+        };
+        sh(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        sh(&["link", "set", &va, "netns", &a]);
+        sh(&["link", "set", &vb, "netns", &b]);
+        for (ns, dev, ip) in [(&a, &va, "10.77.0.1/24"), (&b, &vb, "10.77.0.2/24")] {
+            sh(&["-n", ns, "addr", "add", ip, "dev", dev]);
+            sh(&["-n", ns, "link", "set", dev, "up"]);
+            sh(&["-n", ns, "link", "set", "lo", "up"]);
+            run_ok(Command::new("ip").args([
+                "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                "1gbit", "burst", "1mb", "latency", "50ms",
+            ]));
+        }
+        hosts
+    }
+
+    /// A's end of the link.
+    fn dev_a(&self) -> String {
+        format!("{}va", &self.a[..self.a.len() - 1])
+    }
+
+    /// Cuts (`false`) or restores (`true`) the link: A's end goes down, so
+    /// packets in flight are lost silently and established connections
+    /// just stop delivering, as when a cable or switch dies.
+    pub fn set_link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        run_ok(Command::new("ip").args(["-n", &self.a, "link", "set", &self.dev_a(), state]));
+        if up {
+            // The route through the device comes back with it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !Command::new("ip")
+                .args(["-n", &self.a, "route", "get", "10.77.0.2"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+            {
+                assert!(Instant::now() < deadline, "link did not come back");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Shapes A's sending side of the link to `rate` (tc tbf, e.g. "20mbit").
+    pub fn set_rate(&self, rate: &str) {
+        run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.a,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &self.dev_a(),
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "256kb",
+            "latency",
+            "200ms",
+        ]));
+    }
+
+    /// Bytes sent from A to B so far (A's veth counter).
+    pub fn bytes_a_to_b(&self) -> u64 {
+        let dev = format!("{}va", &self.a[..self.a.len() - 1]);
+        let out = run_ok(Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.a,
+            "cat",
+            &format!("/sys/class/net/{dev}/statistics/tx_bytes"),
+        ]));
+        out.trim().parse().unwrap()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
