@@ -315,7 +315,39 @@ fn hostile_handshakes_are_dropped() {
     c.go("vm1", false);
     c.s.write_all(&[0x25, 0x60, 0x95, 0x13, 0, 0]).unwrap();
     drop(c);
+    // Truncated write payload: the header promises 64 KiB, 100 bytes come.
+    let mut c = Raw::connect(&node);
+    c.go("vm1", false);
+    let mut b = Vec::new();
+    Request {
+        flags: 0,
+        command: Command::Write,
+        cookie: 1,
+        offset: 0,
+        len: 65536,
+    }
+    .encode(&mut b);
+    b.extend_from_slice(&[0xee; 100]);
+    c.s.write_all(&b).unwrap();
+    drop(c);
+    // Truncated option data: the header promises 1 KiB, 10 bytes come.
+    let mut c = Raw::connect(&node);
+    let mut b = Vec::new();
+    b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    b.extend_from_slice(&opt::GO.to_be_bytes());
+    b.extend_from_slice(&1024u32.to_be_bytes());
+    b.extend_from_slice(&[0; 10]);
+    c.s.write_all(&b).unwrap();
+    drop(c);
     still_serving(&node);
+    // The truncated write changed nothing.
+    let mut c = Raw::connect(&node);
+    c.go("vm1", false);
+    c.request(Command::Read, 0, 2, 0, 100, &[]);
+    assert_eq!(c.simple_reply(), (0, 2));
+    let mut data = [0u8; 100];
+    c.s.read_exact(&mut data).unwrap();
+    assert_eq!(data, [0u8; 100], "a truncated write reached the disk");
 }
 
 #[test]
