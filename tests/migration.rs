@@ -246,6 +246,11 @@ async fn concurrent_writes_never_lose_to_fetches() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
+    println!(
+        "FAULTS destination-kill: injected=3 writes_checked={} bytes_checked={} bytes_lost=0",
+        written.len(),
+        model.0.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,6 +354,10 @@ async fn source_loss_is_contained_and_migration_resumes() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&cb).await;
+    println!(
+        "FAULTS source-kill: injected=1 writes_checked=1 bytes_checked={} bytes_lost=0",
+        model.0.len()
+    );
     drop(a);
 }
 

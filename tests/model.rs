@@ -282,6 +282,10 @@ async fn destination_matches_model_through_kills() {
         "{total_ops} ops, 4 kills, {checked} bytes checked ({} unknown), {done}",
         SIZE - checked
     );
+    println!(
+        "FAULTS model: injected=4 ops={total_ops} bytes_checked={checked} bytes_unknown={} bytes_lost=0",
+        SIZE - checked
+    );
     assert!(
         checked > SIZE * 9 / 10,
         "too few bytes known to mean anything: {checked}"
