@@ -225,11 +225,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     if !matches!(cli.command, Command::Serve { .. }) {
         let tls = match &cli.tls_dir {
-            Some(d) => Some(crate::tls::TlsConfig::load_client(d)?.client),
+            Some(d) => Some(crate::tls::TlsConfig::load_client(d)?),
             None => None,
         };
-        let auth = ApiAuth { tls, token };
-        return client_command(cli, auth);
+        let auth = ApiAuth {
+            tls: tls.as_ref().map(|t| t.client.clone()),
+            token,
+        };
+        return client_command(cli, auth, tls);
     }
     match cli.command {
         Command::Serve {
@@ -268,10 +271,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Every command but `serve`: a client of a node's API.
-fn client_command(cli: Cli, auth: ApiAuth) -> anyhow::Result<()> {
+fn client_command(
+    cli: Cli,
+    auth: ApiAuth,
+    tls: Option<crate::tls::TlsConfig>,
+) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { .. } => unreachable!("serve is not a client command"),
-        Command::Volume(cmd) => volume(&Api::with_auth(&cli.api, &auth), cmd),
+        Command::Volume(cmd) => {
+            let nbd_tls = tls.map(|t| t.connector());
+            volume(&Api::with_auth(&cli.api, &auth), cmd, nbd_tls.as_ref())
+        }
         Command::Migrate {
             name,
             to,
@@ -471,7 +481,12 @@ fn print_volumes(vols: &[VolumeInfo]) {
     }
 }
 
-fn volume(api: &Api, cmd: VolumeCmd) -> anyhow::Result<()> {
+/// `nbd_tls`: how to reach the node's NBD listener for `create --from`.
+fn volume(
+    api: &Api,
+    cmd: VolumeCmd,
+    nbd_tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<()> {
     match cmd {
         VolumeCmd::Create {
             name,
@@ -518,6 +533,7 @@ fn volume(api: &Api, cmd: VolumeCmd) -> anyhow::Result<()> {
                     &path,
                     &nbd.parse().map_err(|e: String| anyhow!(e))?,
                     &name,
+                    nbd_tls,
                 ));
                 if let Err(e) = uploaded {
                     let _ = api.delete(&format!("/v1/volumes/{name}"));
@@ -567,10 +583,15 @@ fn volume(api: &Api, cmd: VolumeCmd) -> anyhow::Result<()> {
 
 /// Copies a raw image into a volume over NBD, skipping all-zero blocks
 /// (the new volume reads zero there already).
-async fn upload(path: &std::path::Path, addr: &NbdAddr, name: &str) -> anyhow::Result<()> {
+async fn upload(
+    path: &std::path::Path,
+    addr: &NbdAddr,
+    name: &str,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<()> {
     const CHUNK: usize = 1 << 20;
     const IN_FLIGHT: usize = 8;
-    let client = NbdClient::connect(addr, name).await?;
+    let client = NbdClient::connect_with(addr, name, tls).await?;
     let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut tasks = tokio::task::JoinSet::new();

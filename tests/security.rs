@@ -125,6 +125,13 @@ print("ok")
     let o = qemu_io(&node, "vm1", &tls, "read -P 0xa5 0 4k");
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 4096"));
 
+    // `volume create --from` uploads over TLS too.
+    let img = tmp.path().join("img.raw");
+    std::fs::write(&img, vec![0x3c; 1 << 20]).unwrap();
+    node.cli_ok(&["volume", "create", "vm2", "--from", img.to_str().unwrap()]);
+    let o = qemu_io(&node, "vm2", &tls, "read -P 0x3c 0 1M");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 1048576"));
+
     // The UNIX socket requires TLS too.
     let unix_good = format!(
         "nbds+unix:///vm1?socket={}&tls-certificates={}",
