@@ -246,11 +246,6 @@ async fn concurrent_writes_never_lose_to_fetches() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
-    println!(
-        "FAULTS destination-kill: injected=3 writes_checked={} bytes_checked={} bytes_lost=0",
-        written.len(),
-        model.0.len()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,6 +291,11 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
+    println!(
+        "FAULTS destination-kill: injected=3 writes_checked={} bytes_checked={} bytes_lost=0",
+        written.len(),
+        model.0.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
