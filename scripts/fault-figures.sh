@@ -5,7 +5,7 @@
 # namespaces, tmpfs) and the tools scripts/test.sh installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-run() { cargo test --release --quiet --test "$1" -- --nocapture --test-threads=1 "${@:2}" 2>/dev/null | grep '^FAULTS' ; }
+run() { cargo test --release --quiet --test "$1" -- --nocapture --test-threads=1 "${@:2}" 2>/dev/null | grep -o 'FAULTS.*' ; }
 run model
 run migration destination_killed source_loss
 run faults
