@@ -30,6 +30,14 @@ fn errno_of(e: ClientError) -> u32 {
     }
 }
 
+/// Reads the whole volume through `c`, 8 MiB at a time, and compares.
+async fn check_all(c: &NbdClient, model: &[u8], when: &str) {
+    for (i, want) in model.chunks(8 * MIB as usize).enumerate() {
+        let got = c.read(i as u64 * 8 * MIB, want.len() as u32).await.unwrap();
+        assert!(got == want, "{when}: wrong data in MiB {}..", i * 8);
+    }
+}
+
 /// The byte MiB `i` of the link test's volume is filled with.
 fn fill_byte(i: u64) -> u8 {
     (i * 7 + 1) as u8
@@ -212,13 +220,7 @@ async fn destination_disk_full_stalls_the_copy_until_space_returns() {
     let cb = client(&b, "vm1").await;
     // Every byte reads right: present regions locally, absent ones from
     // the source (nothing can be kept, so nothing is).
-    for (i, want) in model.chunks(8 * MIB as usize).enumerate() {
-        let got = cb
-            .read(i as u64 * 8 * MIB, want.len() as u32)
-            .await
-            .unwrap();
-        assert!(got == want, "wrong data in MiB {}..{}", i * 8, i * 8 + 8);
-    }
+    check_all(&cb, &model, "during the stall").await;
     // A write that needs new space fails with ENOSPC and changes nothing.
     let e = cb.write(44 * MIB, &[0xee; 65536], true).await.unwrap_err();
     assert_eq!(errno_of(e), 28, "a full disk must give ENOSPC");
@@ -234,13 +236,7 @@ async fn destination_disk_full_stalls_the_copy_until_space_returns() {
     let s = b.status("vm1");
     assert!(s["stalled"].is_null(), "{s}");
     let cb = client(&b, "vm1").await;
-    for (i, want) in model.chunks(8 * MIB as usize).enumerate() {
-        let got = cb
-            .read(i as u64 * 8 * MIB, want.len() as u32)
-            .await
-            .unwrap();
-        assert!(got == want, "after resume: wrong data in MiB {}..", i * 8);
-    }
+    check_all(&cb, &model, "after resuming").await;
     println!("FAULTS disk-full: injected=1 writes_checked=2 bytes_lost=0");
     drop(cb);
     drop(b);

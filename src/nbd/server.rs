@@ -201,7 +201,13 @@ pub async fn serve_connection<S: NbdStream>(
     match first {
         Some((_, Haggled::Attach(n))) => attached(io, n, shutdown, &peer).await,
         Some((no_zeroes, Haggled::StartTls)) => {
-            let acceptor = tls.expect("StartTls is only accepted when TLS is configured");
+            // `options` only ACKs STARTTLS in TlsState::Required, which
+            // only exists with an acceptor; still, no panics on this path.
+            let Some(acceptor) = tls else {
+                return Err(ConnError::Protocol(
+                    "STARTTLS without TLS configured".into(),
+                ));
+            };
             // The client must wait for our ACK before its ClientHello; bytes
             // already buffered mean it did not.
             if !io.buffer().is_empty() {
