@@ -38,6 +38,14 @@ def chunk(flags, ty, cookie, payload):
     return struct.pack(">IHHQI", STRUCT, flags, ty, cookie, len(payload)) + payload
 
 def write(target, name, data):
+    if target == "server":
+        # First byte: 0 plain, 1 TLS required (see fuzz_targets/server.rs).
+        for mode in (0, 1):
+            write_file(target, f"{name}-{'tls' if mode else 'plain'}", bytes([mode]) + data)
+        return
+    write_file(target, name, data)
+
+def write_file(target, name, data):
     d = os.path.join(HERE, "seeds", target)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "wb") as f:
@@ -55,6 +63,8 @@ write("server", "export-name", FLAGS + opt(EXPORT_NAME, b"vm") + req(READ, 1, 0,
 write("server", "starttls-unknown-opts", FLAGS + opt(STARTTLS) + opt(99, b"xyz") + opt(GO, info_req("nope")) + opt(ABORT))
 write("server", "simple-replies", FLAGS + opt(GO, info_req("vm")) + req(WRITE, 1, 100, 3, 1, b"abc") + req(READ, 2, 98, 8) + req(DISC, 3, 0, 0))
 write("server", "bad-magic-after-go", FLAGS + opt(GO, info_req("vm")) + b"\xde\xad\xbe\xef" * 7)
+# A ClientHello-shaped record after STARTTLS (TLS mode): rustls parses it.
+write("server", "starttls-then-record", FLAGS + opt(STARTTLS) + bytes([0x16, 3, 1, 0, 0x30, 1, 0, 0, 0x2c, 3, 3]) + b"\x00" * 40)
 write("server", "huge-option", FLAGS + struct.pack(">QII", IHAVEOPT, GO, 0xFFFFFFFF))
 # --- options: headers + data, and option replies ----------------------
 for i, (code, data) in enumerate([(GO, info_req("vm", [0, 3])), (INFO, info_req("a" * 300)), (SETMETA, meta_q("vm", ["base:allocation", "qemu:dirty-bitmap:x"])),

@@ -385,3 +385,72 @@ fn nodes_with_different_tokens_cannot_migrate_to_each_other() {
     let o = a.cli(&["migration", "status", "vm1"]);
     assert!(!o.status.success());
 }
+
+/// Inside TLS the option rules still hold: a second STARTTLS is refused
+/// with ERR_INVALID, and state from before the upgrade is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_twice_is_refused_inside_tls() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let node = tls_node(&tls, &[], &[]);
+    node.create("vm1", "8M");
+    let cfg = dlsm::tls::TlsConfig::load_client(&tls).unwrap();
+
+    async fn option<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        s: &mut S,
+        code: u32,
+        data: &[u8],
+    ) -> Vec<u32> {
+        let mut b = Vec::new();
+        proto::encode_option(&mut b, code, data);
+        s.write_all(&b).await.unwrap();
+        let mut types = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let h = proto::parse_opt_reply_header(&h).unwrap();
+            let mut d = vec![0u8; h.len as usize];
+            s.read_exact(&mut d).await.unwrap();
+            types.push(h.reply_type);
+            if h.reply_type == rep::ACK || rep::is_error(h.reply_type) {
+                return types;
+            }
+        }
+    }
+
+    let mut s = tokio::net::TcpStream::connect(&node.nbd).await.unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).await.unwrap();
+    s.write_all(&3u32.to_be_bytes()).await.unwrap();
+    assert_eq!(option(&mut s, opt::STARTTLS, &[]).await, vec![rep::ACK]);
+    let name = dlsm::tls::server_name(&node.nbd).unwrap();
+    let mut t = cfg.connector().connect(name, s).await.unwrap();
+    assert_eq!(
+        option(&mut t, opt::STARTTLS, &[]).await,
+        vec![rep::ERR_INVALID]
+    );
+    assert_eq!(option(&mut t, opt::LIST, &[]).await.last(), Some(&rep::ACK));
+    let go = proto::InfoRequest {
+        name: "vm1".into(),
+        requests: vec![],
+    };
+    let replies = option(&mut t, opt::GO, &go.encode()).await;
+    assert_eq!(replies.last(), Some(&rep::ACK), "{replies:?}");
+    // Transmission works over TLS: a read of 512 bytes.
+    let mut b = Vec::new();
+    proto::Request {
+        flags: 0,
+        command: proto::Command::Read,
+        cookie: 7,
+        offset: 0,
+        len: 512,
+    }
+    .encode(&mut b);
+    t.write_all(&b).await.unwrap();
+    let mut reply = [0u8; 16 + 512];
+    t.read_exact(&mut reply).await.unwrap();
+    assert_eq!(&reply[4..8], &0u32.to_be_bytes(), "read over TLS failed");
+    assert_eq!(&reply[8..16], &7u64.to_be_bytes());
+}

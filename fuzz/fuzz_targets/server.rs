@@ -2,6 +2,10 @@
 //! "client" sends, from its flags through options and requests, served by
 //! the real `serve_connection` over a real (sparse file) target. The server
 //! must answer or hang up, never panic, and never hang.
+//!
+//! The first input byte picks the mode: even, no TLS; odd, TLS required
+//! (options before STARTTLS refused; after it, whatever follows is fed to
+//! rustls as the client's side of a TLS handshake).
 #![no_main]
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +13,7 @@ use std::time::Duration;
 use dlsm::nbd::server::{serve_connection, Export, ExportRegistry};
 use dlsm::target::local::LocalTarget;
 use dlsm::target::BlockTarget;
+use dlsm::tls::TlsConfig;
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,6 +37,7 @@ impl ExportRegistry for OneExport {
 struct Env {
     rt: tokio::runtime::Runtime,
     registry: Arc<dyn ExportRegistry>,
+    tls: tokio_rustls::TlsAcceptor,
     _dir: tempfile::TempDir,
 }
 
@@ -46,13 +52,24 @@ fn env() -> &'static Env {
                 .build()
                 .unwrap(),
             registry: Arc::new(OneExport(Arc::new(t))),
+            tls: TlsConfig::load_node(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tls"
+            )))
+            .unwrap()
+            .acceptor()
+            .unwrap(),
             _dir: dir,
         }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
     let env = env();
+    let tls = (mode & 1 == 1).then(|| env.tls.clone());
     let data = data.to_vec();
     env.rt.block_on(async move {
         let (server_end, mut client_end) = tokio::io::duplex(1 << 16);
@@ -60,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         let server = tokio::spawn(serve_connection(
             server_end,
             env.registry.clone(),
-            None,
+            tls,
             stop_rx,
             "fuzz".into(),
         ));
