@@ -196,8 +196,13 @@ async fn destination_disk_full_stalls_the_copy_until_space_returns() {
     }
     ca.flush().await.unwrap();
     drop(ca);
-    a.cli_ok(&["migrate", "vm1", "--to", &b.api]);
+    // Paced, so the disk fills in about a second rather than milliseconds.
+    a.cli_ok(&["migrate", "vm1", "--to", &b.api, "--rate", "16M"]);
     b.cli_ok(&["migration", "handoff", "vm1"]);
+    // While there is room, read the first region: it is kept (present).
+    let cb = client(&b, "vm1").await;
+    assert!(cb.read(0, 65536).await.unwrap() == model[..65536]);
+    drop(cb);
 
     // The copy fills the 20 MiB disk and stalls, saying why.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -224,7 +229,8 @@ async fn destination_disk_full_stalls_the_copy_until_space_returns() {
     // A write that needs new space fails with ENOSPC and changes nothing.
     let e = cb.write(44 * MIB, &[0xee; 65536], true).await.unwrap_err();
     assert_eq!(errno_of(e), 28, "a full disk must give ENOSPC");
-    // A write over data already on disk needs no new space and succeeds.
+    // A write over data already on disk (the region read above) needs no
+    // new space and succeeds.
     cb.write(4096, &[0x42; 8192], true).await.unwrap();
     model[4096..4096 + 8192].fill(0x42);
     let s = b.status("vm1");

@@ -454,3 +454,35 @@ async fn starttls_twice_is_refused_inside_tls() {
     assert_eq!(&reply[4..8], &0u32.to_be_bytes(), "read over TLS failed");
     assert_eq!(&reply[8..16], &7u64.to_be_bytes());
 }
+
+/// A flood of API connections that send nothing, or half a request, holds
+/// at most 256 slots for at most the 10 s header timeout: NBD clients are
+/// never affected, and the API answers again once the flood is shed.
+#[test]
+fn api_connection_flood_is_bounded() {
+    let node = NodeProc::start();
+    node.create("vm1", "8M");
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(&node.api).unwrap();
+        if i % 2 == 1 {
+            s.write_all(b"GET /v1/node HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+        }
+        flood.push(s);
+    }
+    // The data path does not notice.
+    let o = nbdinfo(&node.uri("vm1"));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Every flood connection is closed by the node within the timeout
+    // (those over the cap at once).
+    let t = Instant::now();
+    for s in &mut flood {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(closed(s), "an idle API connection was kept open");
+    }
+    let shed = t.elapsed();
+    assert!(shed < Duration::from_secs(15), "flood shed after {shed:?}");
+    node.cli_ok(&["volume", "list"]);
+    assert!(node.rss() < 64 << 20, "RSS {}", node.rss());
+}

@@ -89,6 +89,59 @@ pub async fn require_token(
     next.run(req).await
 }
 
+/// Most API connections served at once; more are closed at accept, so a
+/// flood of API connections cannot take the file descriptors NBD needs.
+pub const MAX_API_CONNECTIONS: usize = 256;
+/// A client must send a request's headers within this time, and an idle
+/// keep-alive connection is closed after it (slowloris).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the API on `listener` until `shutdown`, then lets requests in
+/// progress finish. Unlike `axum::serve`, it bounds what a misbehaving
+/// client can hold: [`MAX_API_CONNECTIONS`] and [`HEADER_READ_TIMEOUT`].
+pub async fn serve<L: axum::serve::Listener>(
+    mut listener: L,
+    router: Router,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use crate::nbd::server::stopped;
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (io, _) = tokio::select! {
+            c = listener.accept() => c,
+            _ = stopped(&mut shutdown) => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!("{MAX_API_CONNECTIONS} API connections open: refusing another");
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut stop = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!("API connection ended: {e}");
+            }
+        });
+    }
+    while conns.join_next().await.is_some() {}
+}
+
 /// The API's listener when the node has TLS: accepts TCP, runs the TLS
 /// handshake (client certificate required) off the accept path, and hands
 /// axum only connections that completed it. A client that stalls its

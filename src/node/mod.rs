@@ -213,21 +213,15 @@ impl Node {
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
-        let mut api_shutdown = shutdown_rx.clone();
-        let api_tls = cfg.tls.as_ref().and_then(|t| t.acceptor());
-        tasks.spawn(async move {
-            let done = async move { stopped(&mut api_shutdown).await };
-            let r = match api_tls {
-                Some(acceptor) => {
-                    let l = api::TlsListener::new(api, acceptor);
-                    axum::serve(l, router).with_graceful_shutdown(done).await
-                }
-                None => axum::serve(api, router).with_graceful_shutdown(done).await,
-            };
-            if let Err(e) = r {
-                warn!("API server failed: {e}");
-            }
-        });
+        let api_shutdown = shutdown_rx.clone();
+        match cfg.tls.as_ref().and_then(|t| t.acceptor()) {
+            Some(acceptor) => tasks.spawn(api::serve(
+                api::TlsListener::new(api, acceptor),
+                router,
+                api_shutdown,
+            )),
+            None => tasks.spawn(api::serve(api, router, api_shutdown)),
+        };
         info!(node = %cfg.name, nbd = ?nbd_addr, unix = ?cfg.listen_unix, api = %api_addr, "node started");
         Ok(Node {
             state,
