@@ -107,6 +107,14 @@ fn nbd_requires_tls_and_a_trusted_client_certificate() {
     assert!(out.contains("export-size: 67108864"), "{out}");
     let o = qemu_io(&node, "vm1", &tls, "read -P 0x5a 1M 1M");
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 1048576"));
+    let o = Command::new(require("qemu-img"))
+        .arg("info")
+        .args(qemu_tls_args(&node, "vm1", &tls))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("67108864 bytes"), "{out}");
     let py = r#"
 import nbd, sys
 h = nbd.NBD()
