@@ -291,6 +291,12 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
+    // The completed migration's status survives a restart.
+    b.kill();
+    b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &[]);
+    let s = b.status("vm1");
+    assert_eq!(s["phase"], "complete", "{s}");
+    assert_eq!(s["role"], "destination", "{s}");
     println!(
         "FAULTS destination-kill: injected=3 writes_checked={} bytes_checked={} bytes_lost=0",
         written.len(),

@@ -414,10 +414,8 @@ async fn migration_status(
     State(s): State<Arc<NodeState>>,
     Path(name): Named,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    if let Some(done) = s.completed.lock().unwrap().get(&name) {
-        if s.store.get(&name).is_ok_and(|v| v.clone_target().is_none()) {
-            return Ok(Json(done.clone()));
-        }
+    if let Some(done) = migration::completed_status(&s, &name) {
+        return Ok(Json(done));
     }
     Ok(Json(migration::status(&s, &name).await?))
 }

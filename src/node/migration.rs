@@ -424,6 +424,11 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             },
             _ => None,
         };
+        // Kept beside the table, so `migration status` still answers after
+        // a restart (the in-memory record below is lost then).
+        if let Err(e) = write_completed(vol.dir(), &status) {
+            warn!(volume = %vol.name, "cannot record the completed migration: {e}");
+        }
         loop {
             match vol.collapse_to_local() {
                 Ok(()) => break,
@@ -444,6 +449,32 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             spawn_release(api, vol.name.clone(), state.peer_auth.clone());
         }
     });
+}
+
+/// File in a volume's directory holding the status of the migration that
+/// brought it here, once complete.
+const COMPLETED_FILE: &str = "last-migration.json";
+
+fn write_completed(dir: &std::path::Path, status: &MigrationStatus) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{COMPLETED_FILE}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(COMPLETED_FILE))
+}
+
+/// The completed migration that brought `name` here, if it is a plain
+/// local volume now: from memory, or from its directory after a restart.
+pub fn completed_status(state: &NodeState, name: &str) -> Option<MigrationStatus> {
+    let vol = state.store.get(name).ok()?;
+    // Migrating again (in or out): the newer migration is the answer.
+    if vol.clone_target().is_some() || vol.table().outgoing.is_some() {
+        return None;
+    }
+    if let Some(s) = state.completed.lock().unwrap().get(name) {
+        return Some(s.clone());
+    }
+    let text = std::fs::read(vol.dir().join(COMPLETED_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
 }
 
 /// Tells a source it may release `name`, retrying for a while.
