@@ -312,8 +312,24 @@ fn client_command(
     }
 }
 
+/// Raises the soft open-file limit to the hard one: each NBD or API
+/// connection is a descriptor, and a soft limit of 1024 (a common default)
+/// would make the node refuse clients long before memory runs short.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!("open-file limit raised from {soft} to {hard}"),
+            Err(e) => tracing::warn!("cannot raise the open-file limit from {soft}: {e}"),
+        },
+        Ok((soft, _)) => tracing::info!("open-file limit {soft}"),
+        Err(e) => tracing::warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
 async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    raise_fd_limit();
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let node = Node::start(cfg).await?;

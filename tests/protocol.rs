@@ -393,3 +393,37 @@ fn pipelined_requests_all_answered_with_their_cookies() {
     seen.sort();
     assert_eq!(seen, (1000..1100).collect::<Vec<_>>());
 }
+
+/// 1,500 connections held open at once (half attached, half stuck in the
+/// handshake) by a node started with a soft open-file limit of 1,024, the
+/// usual default: the node raises its limit, keeps serving a new client,
+/// and its memory stays bounded.
+#[test]
+fn fifteen_hundred_simultaneous_connections() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, mut hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 4096 {
+        // Raising the hard limit needs root, which these tests have.
+        setrlimit(Resource::RLIMIT_NOFILE, 4096, 4096).expect("raise the hard open-file limit");
+        hard = 4096;
+    }
+    // The node inherits the low soft limit; this process needs more fds
+    // than that for its own end of the connections.
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
+    let node = node_with_vm1();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let mut held = Vec::new();
+    for i in 0..1500 {
+        let mut c = Raw::connect(&node);
+        if i % 2 == 0 {
+            c.go("vm1", false);
+        }
+        held.push(c);
+    }
+    still_serving(&node);
+    let rss = node.rss();
+    eprintln!("RSS with 1,500 connections open: {} MiB", rss >> 20);
+    assert!(rss < 256 << 20, "RSS with 1,500 connections is {rss} bytes");
+    drop(held);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
+}
