@@ -507,9 +507,15 @@ fn spawn_release(api: String, name: String, auth: ApiAuth) {
 /// own origin links (`NAME@origin`) are not clients.
 fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
     tokio::spawn(async move {
+        let Ok(first) = state.store.get(&name) else {
+            return;
+        };
+        // Woken by every connect and disconnect; the timeout re-checks the
+        // table now and then (a migration can also end by other paths).
+        let mut count = first.watch_connections();
+        drop(first);
         let mut seen_client = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
             let Ok(vol) = state.store.get(&name) else {
                 return;
             };
@@ -521,14 +527,19 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
             }
             if vol.connections() > 0 {
                 seen_client = true;
-                continue;
             }
-            if !seen_client {
-                continue;
+            if !seen_client || vol.connections() > 0 {
+                drop(vol);
+                match tokio::time::timeout(Duration::from_secs(1), count.changed()).await {
+                    // The volume this watch was for is gone.
+                    Ok(Err(_)) => return,
+                    Ok(Ok(())) | Err(_) => continue,
+                }
             }
             info!(volume = %name, to = %out.to, "last client left: handing off");
             if let Err(e) = fence(&state, &name, &out.to).await {
-                warn!(volume = %name, "self-fence failed: {e}");
+                warn!(volume = %name, "self-fence failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
             let (to, n, auth) = (out.to.clone(), name.clone(), state.peer_auth.clone());

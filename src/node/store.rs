@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -124,19 +123,24 @@ pub struct Volume {
     target: std::sync::RwLock<Arc<dyn BlockTarget>>,
     clone: Mutex<Option<Arc<CloneTarget>>>,
     pub fence: Arc<Fence>,
-    connections: Arc<AtomicUsize>,
+    connections: Arc<tokio::sync::watch::Sender<usize>>,
     dir: PathBuf,
 }
 
 impl Volume {
     /// Open NBD connections to this volume.
     pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
+        *self.connections.borrow()
+    }
+
+    /// Wakes on every change of [`Volume::connections`].
+    pub fn watch_connections(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.connections.subscribe()
     }
 
     /// A guard counting one connection until dropped.
     pub fn connection_guard(&self) -> ConnectionGuard {
-        self.connections.fetch_add(1, Ordering::SeqCst);
+        self.connections.send_modify(|n| *n += 1);
         ConnectionGuard(self.connections.clone())
     }
 
@@ -211,11 +215,11 @@ pub struct CloneEnv {
     pub hooks: HooksFactory,
 }
 
-/// Counts a connection while alive.
-pub struct ConnectionGuard(Arc<AtomicUsize>);
+/// Counts a connection while alive (and wakes whoever watches the count).
+pub struct ConnectionGuard(Arc<tokio::sync::watch::Sender<usize>>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
@@ -513,7 +517,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         target: std::sync::RwLock::new(target),
         clone: Mutex::new(clone),
         fence: Arc::new(fence),
-        connections: Arc::new(AtomicUsize::new(0)),
+        connections: Arc::new(tokio::sync::watch::channel(0).0),
         dir: dir.to_owned(),
     })
 }
