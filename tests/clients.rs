@@ -228,6 +228,8 @@ fn fio_nbd_engine_verifies_random_writes() {
         "--verify=crc32c",
         "--verify_fatal=1",
         "--do_verify=1",
+        // fio would otherwise leave local-verify-*.state in the working tree.
+        "--verify_state_save=0",
         "--output-format=json",
     ]));
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
