@@ -69,6 +69,11 @@ pub enum Command {
         /// before failing with EIO.
         #[arg(long, default_value_t = 30)]
         source_timeout: u64,
+        /// Seconds an NBD client may take over its whole handshake (TLS
+        /// included) before it is dropped, so clients that connect and
+        /// stall cannot pile up.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        handshake_timeout: u64,
         /// Serve the API in plain HTTP on a non-loopback address. Anyone who
         /// can reach it can create, delete and migrate volumes: only for
         /// isolated test networks.
@@ -241,6 +246,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen_unix,
             node,
             source_timeout,
+            handshake_timeout,
             inject_origin_delay_ms,
             insecure_api,
         } => {
@@ -257,6 +263,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 name,
                 source_timeout: Duration::from_secs(source_timeout),
                 inject_origin_delay: Duration::from_millis(inject_origin_delay_ms),
+                handshake_timeout: Duration::from_secs(handshake_timeout),
                 tls: match &cli.tls_dir {
                     Some(d) => Some(crate::tls::TlsConfig::load_node(d)?),
                     None => None,

@@ -494,3 +494,84 @@ fn api_connection_flood_is_bounded() {
     node.cli_ok(&["volume", "list"]);
     assert!(node.rss() < 64 << 20, "RSS {}", node.rss());
 }
+
+/// Clients that connect and stall — silent after the greeting, half-way
+/// through a TLS handshake, or dribbling a byte at a time so no single read
+/// ever waits long — are all dropped when `--handshake-timeout` runs out:
+/// one deadline covers the whole handshake. Meanwhile real clients get in,
+/// and a client that got through is never timed out, however long it idles.
+#[test]
+fn stalled_handshakes_are_dropped_and_attached_clients_are_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let node = tls_node(&tls, &["--handshake-timeout", "2"], &[]);
+    node.create("vm1", "8M");
+    let start = Instant::now();
+
+    let mut silent = TcpStream::connect(&node.nbd).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    silent.read_exact(&mut [0u8; 18]).unwrap();
+
+    let mut half_tls = raw(&node);
+    assert_eq!(raw_option(&mut half_tls, opt::STARTTLS, &[]), rep::ACK);
+    // A TLS record header that promises 255 bytes of ClientHello, and 1 byte.
+    half_tls
+        .write_all(&[0x16, 0x03, 0x01, 0x00, 0xff, 0x01])
+        .unwrap();
+
+    // A LIST option, one byte every 300 ms (16 bytes: 4.8 s in all).
+    let mut dribble = raw(&node);
+    let mut list = Vec::new();
+    proto::encode_option(&mut list, opt::LIST, &[]);
+    let mut writer = dribble.try_clone().unwrap();
+    let dribbler = std::thread::spawn(move || {
+        for b in list {
+            if writer.write_all(&[b]).is_err() {
+                return true; // the node hung up
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        false
+    });
+
+    // Real clients are not held up by the stalled ones.
+    let good = format!("nbds://{}/vm1?tls-certificates={}", node.nbd, tls.display());
+    let o = nbdinfo(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    for (what, s) in [
+        ("silent", &mut silent),
+        ("half a TLS handshake", &mut half_tls),
+        ("dribbling", &mut dribble),
+    ] {
+        assert!(closed(s), "{what} client was kept");
+        let t = start.elapsed();
+        assert!(
+            t >= Duration::from_millis(1500) && t < Duration::from_secs(8),
+            "{what} client dropped after {t:?}, not at the 2 s handshake timeout"
+        );
+    }
+    // Its remaining bytes (16 take 4.8 s; the deadline came at 2 s) were
+    // refused: the node had hung up.
+    assert!(
+        dribbler.join().unwrap(),
+        "the node never hung up on the dribbler"
+    );
+
+    // Attached clients idle past the timeout and keep working.
+    let o = Command::new(require("qemu-io"))
+        .args(qemu_tls_args(&node, "vm1", &tls))
+        .args(["-c", "write -P 0x33 0 4k", "-c", "sleep 3000"])
+        .args(["-c", "read -P 0x33 0 4k"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("fail") && text.contains("read 4096/4096"),
+        "an attached client was timed out: {text}"
+    );
+}

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlsm::nbd::server::{serve_connection, Export, ExportRegistry};
+use dlsm::nbd::server::{serve_connection, Export, ExportRegistry, HandshakePolicy};
 use dlsm::target::local::LocalTarget;
 use dlsm::target::BlockTarget;
 use dlsm::tls::TlsConfig;
@@ -69,7 +69,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let env = env();
-    let tls = (mode & 1 == 1).then(|| env.tls.clone());
+    let policy = HandshakePolicy {
+        tls: (mode & 1 == 1).then(|| env.tls.clone()),
+        ..HandshakePolicy::plain()
+    };
     let data = data.to_vec();
     env.rt.block_on(async move {
         let (server_end, mut client_end) = tokio::io::duplex(1 << 16);
@@ -77,7 +80,7 @@ fuzz_target!(|data: &[u8]| {
         let server = tokio::spawn(serve_connection(
             server_end,
             env.registry.clone(),
-            tls,
+            policy,
             stop_rx,
             "fuzz".into(),
         ));

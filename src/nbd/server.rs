@@ -48,8 +48,10 @@ const MIN_REQUEST_COST: u32 = 16 << 10;
 const MAX_OPTION_DATA: u32 = 64 << 10;
 /// Option data larger than this is treated as an attack: disconnect.
 const MAX_OPTION_SKIP: u32 = 16 << 20;
-/// A client must finish the handshake within this time.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may take over the whole handshake (TLS included)
+/// unless the node says otherwise: QEMU's NBD server's default too. A real
+/// client needs a few round trips; anything slower is holding a slot.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads at least this large are sent sparsely (holes as `OFFSET_HOLE`).
 const SPARSE_READ_MIN: u32 = 64 << 10;
 
@@ -159,6 +161,29 @@ enum TlsState {
     Active,
 }
 
+/// What every client must get through before it reaches an export.
+#[derive(Clone)]
+pub struct HandshakePolicy {
+    /// With an acceptor, the connection must upgrade with
+    /// `NBD_OPT_STARTTLS` before anything else, and the client must present
+    /// a certificate the acceptor trusts (see [`crate::tls`]).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The whole handshake, from the greeting to the end of option
+    /// haggling, TLS included, must finish within this; then the
+    /// connection is dropped. The transmission phase has no such limit.
+    pub timeout: Duration,
+}
+
+impl HandshakePolicy {
+    /// Plain text, [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub fn plain() -> Self {
+        HandshakePolicy {
+            tls: None,
+            timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
 /// How option haggling ended.
 enum Haggled {
     /// The client sent ABORT (or left during a shutdown).
@@ -169,22 +194,19 @@ enum Haggled {
 }
 
 /// Serves one client connection until it disconnects, breaks the protocol,
-/// or `shutdown` becomes true.
-///
-/// With `tls`, the connection must upgrade with `NBD_OPT_STARTTLS` before
-/// anything else, and the client must present a certificate the acceptor
-/// trusts (see [`crate::tls`]).
+/// does not finish its handshake as `policy` demands, or `shutdown`
+/// becomes true.
 pub async fn serve_connection<S: NbdStream>(
     stream: S,
     registry: Arc<dyn ExportRegistry>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    policy: HandshakePolicy,
     mut shutdown: watch::Receiver<bool>,
     peer: String,
 ) -> Result<(), ConnError> {
     // One deadline for the whole handshake, TLS included: a client that
     // dribbles bytes cannot hold a connection slot forever.
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
-    let state = if tls.is_some() {
+    let deadline = tokio::time::Instant::now() + policy.timeout;
+    let state = if policy.tls.is_some() {
         TlsState::Required
     } else {
         TlsState::Off
@@ -203,7 +225,7 @@ pub async fn serve_connection<S: NbdStream>(
         Some((no_zeroes, Haggled::StartTls)) => {
             // `options` only ACKs STARTTLS in TlsState::Required, which
             // only exists with an acceptor; still, no panics on this path.
-            let Some(acceptor) = tls else {
+            let Some(acceptor) = policy.tls else {
                 return Err(ConnError::Protocol(
                     "STARTTLS without TLS configured".into(),
                 ));

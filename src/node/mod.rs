@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::nbd::server::{serve_connection, stopped, Export, ExportRegistry};
+use crate::nbd::server::{serve_connection, stopped, Export, ExportRegistry, HandshakePolicy};
 use store::VolumeStore;
 
 /// How a node is started.
@@ -43,6 +43,8 @@ pub struct NodeConfig {
     pub source_timeout: Duration,
     /// Fault injection (tests only): latency added to every origin read.
     pub inject_origin_delay: Duration,
+    /// How long an NBD client may take over its handshake.
+    pub handshake_timeout: Duration,
     /// TLS for NBD (required of every client, both listeners), for the API,
     /// and for this node's own outgoing connections.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -167,7 +169,10 @@ impl Node {
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
-        let acceptor = cfg.tls.as_ref().and_then(|t| t.acceptor());
+        let handshake = HandshakePolicy {
+            tls: cfg.tls.as_ref().and_then(|t| t.acceptor()),
+            timeout: cfg.handshake_timeout,
+        };
         let mut tasks = JoinSet::new();
 
         let mut nbd_addr = None;
@@ -179,7 +184,7 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Tcp(l),
                 registry.clone(),
-                acceptor.clone(),
+                handshake.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -194,7 +199,7 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Unix(l),
                 registry.clone(),
-                acceptor.clone(),
+                handshake.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -276,7 +281,7 @@ impl NbdListener {
 async fn accept_loop(
     l: NbdListener,
     registry: Arc<dyn ExportRegistry>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake: HandshakePolicy,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -289,16 +294,16 @@ async fn accept_loop(
                 Ok(conn) => {
                     let reg = registry.clone();
                     let sd = shutdown.clone();
-                    let tls = tls.clone();
+                    let hs = handshake.clone();
                     conns.spawn(async move {
                         let (peer, r) = match conn {
                             Accepted::Tcp(sock, peer) => {
                                 let _ = sock.set_nodelay(true);
                                 let peer = peer.to_string();
-                                (peer.clone(), serve_connection(sock, reg, tls, sd, peer).await)
+                                (peer.clone(), serve_connection(sock, reg, hs, sd, peer).await)
                             }
                             Accepted::Unix(sock) => {
-                                ("unix".to_string(), serve_connection(sock, reg, tls, sd, "unix".into()).await)
+                                ("unix".to_string(), serve_connection(sock, reg, hs, sd, "unix".into()).await)
                             }
                         };
                         if let Err(e) = r {
