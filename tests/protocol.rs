@@ -427,3 +427,85 @@ fn fifteen_hundred_simultaneous_connections() {
     drop(held);
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).unwrap();
 }
+
+/// A client that pipelines reads and never reads a reply (nor the error
+/// replies to bad requests) cannot make the node buffer replies without
+/// bound: replies count against the connection's in-flight budget until
+/// they are on the wire. Everyone else keeps being served, and the data
+/// the stuck client finally reads is right.
+#[test]
+fn a_client_that_never_reads_replies_holds_bounded_memory() {
+    const MIB: usize = 1 << 20;
+    let node = node_with_vm1();
+    let mut w = Raw::connect(&node);
+    w.go("vm1", false);
+    w.request(Command::Write, 0, 1, 0, 8 * MIB as u32, &[0x5a; 8 * MIB]);
+    assert_eq!(w.simple_reply(), (0, 1));
+    drop(w);
+    let base = node.rss();
+
+    // 200 reads of 8 MiB (1.6 GiB of replies) and 20,000 refused requests,
+    // in 6 MiB of requests; the client reads nothing back.
+    let mut hog = Raw::connect(&node);
+    hog.go("vm1", false);
+    let mut burst = Vec::new();
+    for i in 0..200u64 {
+        Request {
+            flags: 0,
+            command: Command::Read,
+            cookie: i,
+            offset: 0,
+            len: 8 * MIB as u32,
+        }
+        .encode(&mut burst);
+        for j in 0..100u64 {
+            Request {
+                flags: 0,
+                command: Command::Read,
+                cookie: 1 << 32 | (i * 100 + j),
+                offset: 1 << 40,
+                len: 4096,
+            }
+            .encode(&mut burst);
+        }
+    }
+    // The node stops reading once its budget is taken, so write from a
+    // thread: this one would block.
+    let mut tx = hog.s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || tx.write_all(&burst).is_ok());
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = node.rss();
+    println!(
+        "RSS {} MiB before, {} MiB with 1.6 GiB of replies unread",
+        base >> 20,
+        rss >> 20
+    );
+    assert!(
+        rss < base + (160 << 20),
+        "RSS grew from {} MiB to {} MiB while a client ignored its replies",
+        base >> 20,
+        rss >> 20
+    );
+    still_serving(&node);
+
+    // When the stuck client does read, every reply is there and right.
+    let mut data = vec![0u8; 8 * MIB];
+    let mut reads = 0;
+    let mut refusals = 0;
+    while reads + refusals < 200 * 101 {
+        let (e, cookie) = hog.simple_reply();
+        if cookie >> 32 == 1 {
+            assert_eq!(e, errno::EINVAL, "read past the end");
+            refusals += 1;
+        } else {
+            assert_eq!(e, 0);
+            hog.s.read_exact(&mut data).unwrap();
+            assert!(
+                data.iter().all(|&b| b == 0x5a),
+                "wrong data in reply {cookie}"
+            );
+            reads += 1;
+        }
+    }
+    assert!(sender.join().unwrap(), "the node stopped reading requests");
+}

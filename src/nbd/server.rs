@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, cmd_flags, errno, opt, rep, tflags, ClientOption, Command, Request};
@@ -629,6 +629,19 @@ where
         // Check the request before reading its payload, so that a bad WRITE
         // is drained (keeping the stream in sync) rather than buffered.
         let verdict = validate(&conn, &req);
+        // Take the request's share of the budget before buffering anything
+        // for it: its payload, then its reply until that is on the wire.
+        let cost = match (&verdict, req.command) {
+            (Ok(()), Command::Read | Command::Write) => {
+                req.len.clamp(MIN_REQUEST_COST, IN_FLIGHT_BUDGET)
+            }
+            _ => MIN_REQUEST_COST,
+        };
+        let permit = budget
+            .clone()
+            .acquire_many_owned(cost)
+            .await
+            .expect("semaphore never closed");
         let payload = if req.command == Command::Write {
             if verdict.is_err() {
                 let r =
@@ -650,26 +663,15 @@ where
         };
         if let Err((code, msg)) = verdict {
             debug!(?req, code, msg, "request refused");
-            sink.send(error_reply(&conn, req.cookie, code, msg)).await;
+            sink.send(error_reply(&conn, req.cookie, code, msg), permit)
+                .await;
             continue;
         }
-        let cost = req.len.clamp(MIN_REQUEST_COST, IN_FLIGHT_BUDGET);
-        let cost = if matches!(req.command, Command::Read | Command::Write) {
-            cost
-        } else {
-            MIN_REQUEST_COST
-        };
-        let permit = budget
-            .clone()
-            .acquire_many_owned(cost)
-            .await
-            .expect("semaphore never closed");
         let task_conn = conn.clone();
         let task_sink = sink.clone();
         let mut fut = Box::pin(async move {
             let reply = handle(&task_conn, req, payload).await;
-            task_sink.send(reply).await;
-            drop(permit);
+            task_sink.send(reply, permit).await;
         });
         // Fast path: most requests to a local target complete on their first
         // poll (page-cache copies). Finish those right here; only requests
@@ -682,7 +684,8 @@ where
             tokio::spawn(fut);
         }
     };
-    // Let every accepted request finish and its reply go out.
+    // Let every accepted request finish and its reply go out (or be dropped,
+    // if the client is gone).
     let _all = budget.acquire_many(IN_FLIGHT_BUDGET).await;
     sink.close().await;
     result
@@ -691,8 +694,12 @@ where
 /// Where replies go. Writers take turns: a reply is queued, and whoever
 /// finds the socket free drains the whole queue, then checks again after
 /// letting go, so no reply is ever stranded in the queue.
+///
+/// Each reply travels with its request's budget permit, released only once
+/// the reply is written (or dropped for a dead client): a client that stops
+/// reading replies stops being read from, instead of making the queue grow.
 struct ReplySink<W> {
-    queue: std::sync::Mutex<Vec<Vec<u8>>>,
+    queue: std::sync::Mutex<Vec<(Vec<u8>, OwnedSemaphorePermit)>>,
     writer: tokio::sync::Mutex<BufWriter<W>>,
     broken: std::sync::atomic::AtomicBool,
 }
@@ -711,8 +718,8 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
         self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn send(&self, reply: Vec<u8>) {
-        self.queue.lock().unwrap().push(reply);
+    async fn send(&self, reply: Vec<u8>, permit: OwnedSemaphorePermit) {
+        self.queue.lock().unwrap().push((reply, permit));
         loop {
             {
                 let Ok(mut w) = self.writer.try_lock() else {
@@ -728,15 +735,20 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
                         continue; // drop replies to a dead client
                     }
                     let mut r = Ok(());
-                    for b in batch {
+                    // Permits of replies still in the BufWriter are held
+                    // until the flush: the budget counts them too.
+                    let mut sent = Vec::with_capacity(batch.len());
+                    for (b, permit) in batch {
                         if r.is_ok() {
                             r = w.write_all(&b).await;
                         }
                         crate::bufpool::give(b);
+                        sent.push(permit);
                     }
                     if r.is_ok() {
                         r = w.flush().await;
                     }
+                    drop(sent);
                     if let Err(e) = r {
                         debug!("cannot send replies: {e}");
                         self.broken
