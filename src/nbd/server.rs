@@ -735,20 +735,19 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
                         continue; // drop replies to a dead client
                     }
                     let mut r = Ok(());
-                    // Permits of replies still in the BufWriter are held
-                    // until the flush: the budget counts them too.
-                    let mut sent = Vec::with_capacity(batch.len());
-                    for (b, permit) in batch {
+                    for (b, _) in &batch {
                         if r.is_ok() {
-                            r = w.write_all(&b).await;
+                            r = w.write_all(b).await;
                         }
-                        crate::bufpool::give(b);
-                        sent.push(permit);
                     }
                     if r.is_ok() {
                         r = w.flush().await;
                     }
-                    drop(sent);
+                    // Only now, with the replies on the wire, do their
+                    // buffers and budget permits go back.
+                    for (b, _permit) in batch {
+                        crate::bufpool::give(b);
+                    }
                     if let Err(e) = r {
                         debug!("cannot send replies: {e}");
                         self.broken
