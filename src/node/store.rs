@@ -60,6 +60,19 @@ pub enum StoreError {
     },
 }
 
+/// A size the data directory's filesystem cannot hold in one file (ext4
+/// stops just short of 16 TiB) is the caller's to fix, not a storage fault.
+fn too_large(e: BlockError, size: u64) -> StoreError {
+    match &e {
+        BlockError::Io(io) if io.raw_os_error() == Some(nix::libc::EFBIG) => {
+            StoreError::InvalidSize(format!(
+                "{size} bytes: larger than the data directory's filesystem allows for one file"
+            ))
+        }
+        _ => e.into(),
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
@@ -356,7 +369,7 @@ impl VolumeStore {
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir(&tmp).map_err(io_err(&tmp))?;
         let built = (|| {
-            drop(LocalTarget::create(&tmp.join("data.raw"), size)?);
+            drop(LocalTarget::create(&tmp.join("data.raw"), size).map_err(|e| too_large(e, size))?);
             extra(&tmp)?;
             write_table(&tmp, &table)?;
             let dir = self.root.join(name);
