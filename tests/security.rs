@@ -575,3 +575,54 @@ fn stalled_handshakes_are_dropped_and_attached_clients_are_not() {
         "an attached client was timed out: {text}"
     );
 }
+
+/// The same flood against an HTTPS API, stalled inside the TLS handshake:
+/// at most 256 handshakes are held (the rest are closed at once), each for
+/// at most the 10 s handshake timeout; NBD over TLS is unaffected and the
+/// API answers again once the flood is shed.
+#[test]
+fn api_tls_handshake_flood_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let node = tls_node(&tls, &[], &[]);
+    node.create("vm1", "8M");
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        let mut s = TcpStream::connect(&node.api).unwrap();
+        if i % 2 == 1 {
+            // A TLS record header promising a 255-byte ClientHello, and 1 byte.
+            s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xff, 0x01]).unwrap();
+        }
+        flood.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let shut_at_once = flood
+        .iter_mut()
+        .map(|s| {
+            s.set_nonblocking(true).unwrap();
+            let r = s.read(&mut [0u8; 64]);
+            s.set_nonblocking(false).unwrap();
+            !matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .filter(|&shut| shut)
+        .count();
+    assert_eq!(
+        shut_at_once, 44,
+        "connections past the 256 handshakes in progress should be closed at once"
+    );
+    let good = format!("nbds://{}/vm1?tls-certificates={}", node.nbd, tls.display());
+    let o = nbdinfo(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Instant::now();
+    for s in &mut flood {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert!(closed(s), "a stalled API handshake was kept open");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "shed after {:?}",
+        t.elapsed()
+    );
+    node.cli_ok(&["volume", "list"]);
+}

@@ -146,7 +146,7 @@ pub async fn serve<L: axum::serve::Listener>(
 /// handshake (client certificate required) off the accept path, and hands
 /// axum only connections that completed it. A client that stalls its
 /// handshake is dropped after [`TLS_HANDSHAKE_TIMEOUT`] without holding up
-/// anyone else.
+/// anyone else; at most [`MAX_API_CONNECTIONS`] handshakes run at once.
 pub struct TlsListener {
     local: std::net::SocketAddr,
     rx: tokio::sync::mpsc::Receiver<(
@@ -163,6 +163,10 @@ impl TlsListener {
     pub fn new(l: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
         let local = l.local_addr().expect("bound listener has an address");
         let (tx, rx) = tokio::sync::mpsc::channel(64);
+        // Handshakes in progress count against their own cap, so a flood
+        // of clients that connect and stall cannot take every descriptor
+        // for TLS_HANDSHAKE_TIMEOUT before `serve`'s cap applies.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
         let accept = tokio::spawn(async move {
             loop {
                 let (sock, peer) = match l.accept().await {
@@ -173,8 +177,13 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::warn!(%peer, "{MAX_API_CONNECTIONS} API TLS handshakes in progress: refusing another");
+                    continue;
+                };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {
                             let _ = tx.send((s, peer)).await;
