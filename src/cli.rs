@@ -74,6 +74,11 @@ pub enum Command {
         /// stall cannot pile up.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         handshake_timeout: u64,
+        /// Most NBD connections served at once (TCP and UNIX together);
+        /// more are closed at accept. 0: the open-file limit less 1,024
+        /// kept for the node's own files and connections.
+        #[arg(long, default_value_t = 0)]
+        max_connections: usize,
         /// Serve the API in plain HTTP on a non-loopback address. Anyone who
         /// can reach it can create, delete and migrate volumes: only for
         /// isolated test networks.
@@ -247,6 +252,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node,
             source_timeout,
             handshake_timeout,
+            max_connections,
             inject_origin_delay_ms,
             insecure_api,
         } => {
@@ -264,6 +270,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 source_timeout: Duration::from_secs(source_timeout),
                 inject_origin_delay: Duration::from_millis(inject_origin_delay_ms),
                 handshake_timeout: Duration::from_secs(handshake_timeout),
+                max_connections,
                 tls: match &cli.tls_dir {
                     Some(d) => Some(crate::tls::TlsConfig::load_node(d)?),
                     None => None,

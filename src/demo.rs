@@ -61,6 +61,7 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         source_timeout: Duration::from_secs(30),
         inject_origin_delay: Duration::ZERO,
         handshake_timeout: crate::nbd::server::DEFAULT_HANDSHAKE_TIMEOUT,
+        max_connections: 0,
         tls: None,
         api_token: None,
         insecure_api: false,

@@ -509,3 +509,65 @@ fn a_client_that_never_reads_replies_holds_bounded_memory() {
     }
     assert!(sender.join().unwrap(), "the node stopped reading requests");
 }
+
+/// With `--max-connections 20`, a 21st connection is closed at accept,
+/// before any greeting; the 20 are served; a slot freed by a client that
+/// leaves goes to the next one; the API is unaffected throughout.
+#[test]
+fn connections_past_the_cap_are_closed_at_accept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = NodeProc::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--max-connections", "20"],
+    );
+    node.create("vm1", "8M");
+    let mut held: Vec<Raw> = (0..20).map(|_| Raw::connect(&node)).collect();
+
+    // Some(stream) if the node greeted a new connection, None if it closed it.
+    let attempt = |node: &NodeProc| {
+        let mut s = TcpStream::connect(&node.nbd).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        match s.read_exact(&mut g) {
+            Ok(()) => Some(Raw { s }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                None
+            }
+            Err(e) => panic!("neither greeted nor closed: {e}"),
+        }
+    };
+    assert!(attempt(&node).is_none(), "a 21st connection was greeted");
+    node.cli_ok(&["volume", "list"]);
+
+    // The held connections are served.
+    held[0].go("vm1", false);
+    held[0].request(Command::Read, 0, 5, 0, 512, &[]);
+    assert_eq!(held[0].simple_reply(), (0, 5));
+    held[0].s.read_exact(&mut [0u8; 512]).unwrap();
+
+    // One leaves; once the node has noticed, the next client gets in and
+    // is served.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut next = loop {
+        if let Some(c) = attempt(&node) {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a freed slot was never reused"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    next.s.write_all(&3u32.to_be_bytes()).unwrap();
+    next.go("vm1", false);
+    next.request(Command::Read, 0, 6, 0, 512, &[]);
+    assert_eq!(next.simple_reply(), (0, 6));
+}

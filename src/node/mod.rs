@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -45,6 +45,10 @@ pub struct NodeConfig {
     pub inject_origin_delay: Duration,
     /// How long an NBD client may take over its handshake.
     pub handshake_timeout: Duration,
+    /// Most NBD connections (TCP and UNIX together) served at once; more
+    /// are closed at accept. 0: the open-file limit less
+    /// [`RESERVED_DESCRIPTORS`].
+    pub max_connections: usize,
     /// TLS for NBD (required of every client, both listeners), for the API,
     /// and for this node's own outgoing connections.
     pub tls: Option<crate::tls::TlsConfig>,
@@ -54,6 +58,25 @@ pub struct NodeConfig {
     /// Allow a plain-HTTP API on a non-loopback address (isolated test
     /// networks only).
     pub insecure_api: bool,
+}
+
+/// Descriptors kept back from NBD clients when `max_connections` is 0:
+/// volume files, region maps, the API's 256 connections and 256 TLS
+/// handshakes, and this node's own connections to migration sources.
+pub const RESERVED_DESCRIPTORS: usize = 1024;
+
+/// The NBD connection cap `max_connections` means (0: derived from the
+/// open-file limit, so that clients can never take the descriptors the
+/// node needs for itself).
+fn connection_cap(max_connections: usize) -> usize {
+    if max_connections > 0 {
+        return max_connections;
+    }
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    soft.saturating_sub(RESERVED_DESCRIPTORS).max(64)
 }
 
 /// Serves the store's volumes as NBD exports.
@@ -174,6 +197,9 @@ impl Node {
             timeout: cfg.handshake_timeout,
         };
         let mut tasks = JoinSet::new();
+        let cap = connection_cap(cfg.max_connections);
+        info!(max_connections = cap, "NBD connection cap");
+        let slots = Arc::new(Semaphore::new(cap));
 
         let mut nbd_addr = None;
         if let Some(listen) = &cfg.listen {
@@ -185,6 +211,7 @@ impl Node {
                 NbdListener::Tcp(l),
                 registry.clone(),
                 handshake.clone(),
+                slots.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -200,6 +227,7 @@ impl Node {
                 NbdListener::Unix(l),
                 registry.clone(),
                 handshake.clone(),
+                slots.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -277,25 +305,40 @@ impl NbdListener {
     }
 }
 
-/// Accepts connections until shutdown, then waits for them to finish.
+/// Accepts connections until shutdown, then waits for them to finish. A
+/// connection holds one of `slots` (shared by every listener of the node)
+/// for its lifetime; one accepted with none left is closed at once.
 async fn accept_loop(
     l: NbdListener,
     registry: Arc<dyn ExportRegistry>,
     handshake: HandshakePolicy,
+    slots: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
+    let mut last_refusal_warning: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             r = l.accept() => match r {
                 Ok(conn) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // One line a minute at most: a flood must not
+                        // flood the log too.
+                        if last_refusal_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                            warn!("NBD connection cap reached: closing new connections (--max-connections)");
+                            last_refusal_warning = Some(tokio::time::Instant::now());
+                        }
+                        drop(conn);
+                        continue;
+                    };
                     let reg = registry.clone();
                     let sd = shutdown.clone();
                     let hs = handshake.clone();
                     conns.spawn(async move {
+                        let _slot = slot;
                         let (peer, r) = match conn {
                             Accepted::Tcp(sock, peer) => {
                                 let _ = sock.set_nodelay(true);
