@@ -8,6 +8,7 @@
 //! | `server-key.pem`  | its key                                             |
 //! | `client-cert.pem` | what this node presents when it is the client (fetching from a migration source, calling another node's API) |
 //! | `client-key.pem`  | its key                                             |
+//! | `ca-crl.pem`      | optional: certificates the CA has revoked           |
 //!
 //! One directory therefore works for `dlsm serve --tls-dir`, for
 //! `nbdinfo 'nbds://…?tls-certificates=DIR'` and for QEMU's
@@ -17,14 +18,19 @@
 //! rustls's safe defaults (ring provider); servers *require* a client
 //! certificate signed by the CA (mutual TLS, like QEMU's `verify-peer=on`
 //! default); clients verify the server's certificate and its name (DNS name
-//! or IP address) against the CA.
+//! or IP address) against the CA. With `ca-crl.pem`, both sides refuse a
+//! peer whose certificate it lists (as QEMU and libnbd do with the same
+//! file), so a compromised host is shut out by revoking its certificate,
+//! without re-keying the cluster. The CRL is read at start: after changing
+//! it, restart the node.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -38,6 +44,8 @@ pub enum TlsError {
     },
     #[error("TLS: {path} holds no certificate")]
     NoCert { path: PathBuf },
+    #[error("TLS: {path} holds no certificate revocation list")]
+    NoCrl { path: PathBuf },
     #[error("TLS: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("TLS: CA certificate rejected: {0}")]
@@ -82,6 +90,25 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The CRLs in `path`, or none if there is no such file.
+fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|source| TlsError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::NoCrl {
+            path: path.to_owned(),
+        });
+    }
+    Ok(crls)
+}
+
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Read {
         path: path.to_owned(),
@@ -109,8 +136,10 @@ impl TlsConfig {
             })?;
         }
         let roots = Arc::new(roots);
+        let crls = crls(&dir.join("ca-crl.pem"))?;
         let server = if with_server {
             let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+                .with_crls(crls.clone())
                 .build()
                 .map_err(|e| TlsError::BadCa(e.to_string()))?;
             let cfg = ServerConfig::builder_with_provider(provider())
@@ -124,9 +153,13 @@ impl TlsConfig {
         } else {
             None
         };
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .with_crls(crls)
+            .build()
+            .map_err(|e| TlsError::BadCa(e.to_string()))?;
         let client = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(server_verifier)
             .with_client_auth_cert(
                 certs(&dir.join("client-cert.pem"))?,
                 key(&dir.join("client-key.pem"))?,

@@ -635,3 +635,97 @@ fn api_tls_handshake_flood_is_bounded() {
     );
     node.cli_ok(&["volume", "list"]);
 }
+
+/// With `ca-crl.pem` in the TLS directory (the optional CRL QEMU and libnbd
+/// read from the same layout), a revoked client certificate gets into
+/// neither NBD nor the API; a client holding a CRL that revokes the node's
+/// certificate refuses the node; everyone else is unaffected.
+#[test]
+fn revoked_certificates_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    require("openssl");
+    run_ok(
+        Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/tls/make-certs.sh"
+            ))
+            .arg(&tls)
+            .args(["127.0.0.1", "localhost"])
+            .env("EXTRA_CLIENTS", "stolen"),
+    );
+    let revoke = |dir: &Path, cert: &str| {
+        run_ok(
+            Command::new("bash")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tls/revoke.sh"))
+                .arg(dir)
+                .arg(cert),
+        );
+    };
+    // A client directory for the stolen identity, made before the CRL.
+    let stolen = tmp.path().join("stolen");
+    std::fs::create_dir(&stolen).unwrap();
+    for (from, to) in [
+        ("ca-cert.pem", "ca-cert.pem"),
+        ("stolen-cert.pem", "client-cert.pem"),
+        ("stolen-key.pem", "client-key.pem"),
+    ] {
+        std::fs::copy(tls.join(from), stolen.join(to)).unwrap();
+    }
+    // Before revocation the stolen identity works (so the refusals below
+    // are the CRL's doing).
+    let uri = |node: &NodeProc, dir: &Path| {
+        format!("nbds://{}/vm1?tls-certificates={}", node.nbd, dir.display())
+    };
+    let before = tls_node(&tls, &[], &[]);
+    before.create("vm1", "8M");
+    assert!(nbdinfo(&uri(&before, &stolen)).status.success());
+    drop(before);
+
+    revoke(&tls, "stolen-cert.pem");
+    let node = tls_node(&tls, &[], &[]);
+    node.create("vm1", "8M");
+    // NBD: refused to the stolen identity, served to the real client.
+    let o = nbdinfo(&uri(&node, &stolen));
+    assert!(!o.status.success(), "a revoked client got in over NBD");
+    let o = nbdinfo(&uri(&node, &tls));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // API: the same.
+    let list = |dir: &Path| {
+        Command::new(DLSM)
+            .args(["--api", &node.api, "--tls-dir"])
+            .arg(dir)
+            .args(["volume", "list"])
+            .output()
+            .unwrap()
+    };
+    assert!(
+        !list(&stolen).status.success(),
+        "a revoked client got into the API"
+    );
+    assert!(list(&tls).status.success());
+
+    // The other way round: a client whose CRL revokes the node's
+    // certificate will not talk to the node.
+    let wary = tmp.path().join("wary");
+    std::fs::create_dir(&wary).unwrap();
+    for f in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "client-cert.pem",
+        "client-key.pem",
+        "server-cert.pem",
+    ] {
+        std::fs::copy(tls.join(f), wary.join(f)).unwrap();
+    }
+    revoke(&wary, "server-cert.pem");
+    // A client's directory holds no CA key or server certificate.
+    std::fs::remove_file(wary.join("ca-key.pem")).unwrap();
+    std::fs::remove_file(wary.join("server-cert.pem")).unwrap();
+    let o = list(&wary);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a client talked to a revoked node");
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+    println!("a client refusing a revoked node says: {}", err.trim());
+}

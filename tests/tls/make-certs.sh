@@ -1,7 +1,8 @@
 #!/bin/bash
 # Makes a TLS directory in the layout QEMU, libnbd and `dlsm serve --tls-dir`
 # share: a CA, a server certificate valid for the given addresses, and a
-# client certificate, all signed by that CA.
+# client certificate, all signed by that CA. EXTRA_CLIENTS="a b" also makes
+# a-cert.pem/a-key.pem, b-cert.pem/b-key.pem: more client identities.
 #
 #   make-certs.sh DIR [IP-or-NAME ...]     (default: 127.0.0.1 localhost)
 set -euo pipefail
@@ -32,7 +33,9 @@ sign server "${names[0]}" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
 subjectAltName=$san"
-sign client "dlsm client" "basicConstraints=critical,CA:FALSE
+for c in client ${EXTRA_CLIENTS:-}; do
+    sign "$c" "dlsm $c" "basicConstraints=critical,CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth"
+done
 chmod 600 ./*-key.pem
