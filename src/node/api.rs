@@ -107,6 +107,7 @@ pub async fn serve<L: axum::serve::Listener>(
     use crate::nbd::server::stopped;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
+    let mut refusals = super::WarnThrottle::default();
     loop {
         let (io, _) = tokio::select! {
             c = listener.accept() => c,
@@ -114,7 +115,9 @@ pub async fn serve<L: axum::serve::Listener>(
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tracing::warn!("{MAX_API_CONNECTIONS} API connections open: refusing another");
+            if refusals.ready() {
+                tracing::warn!("{MAX_API_CONNECTIONS} API connections open: refusing more");
+            }
             continue;
         };
         let svc = hyper_util::service::TowerToHyperService::new(router.clone());
@@ -168,6 +171,7 @@ impl TlsListener {
         // for TLS_HANDSHAKE_TIMEOUT before `serve`'s cap applies.
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
         let accept = tokio::spawn(async move {
+            let mut refusals = super::WarnThrottle::default();
             loop {
                 let (sock, peer) = match l.accept().await {
                     Ok(c) => c,
@@ -178,7 +182,11 @@ impl TlsListener {
                     }
                 };
                 let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    tracing::warn!(%peer, "{MAX_API_CONNECTIONS} API TLS handshakes in progress: refusing another");
+                    if refusals.ready() {
+                        tracing::warn!(
+                            "{MAX_API_CONNECTIONS} API TLS handshakes in progress: refusing more"
+                        );
+                    }
                     continue;
                 };
                 let (acceptor, tx) = (acceptor.clone(), tx.clone());

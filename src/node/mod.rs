@@ -79,6 +79,23 @@ fn connection_cap(max_connections: usize) -> usize {
     soft.saturating_sub(RESERVED_DESCRIPTORS).max(64)
 }
 
+/// Lets a warning through at most once a minute, for warnings a flood of
+/// connections would otherwise repeat once per connection.
+#[derive(Default)]
+pub(crate) struct WarnThrottle(Option<tokio::time::Instant>);
+
+impl WarnThrottle {
+    /// Whether to log now.
+    pub(crate) fn ready(&mut self) -> bool {
+        let now = tokio::time::Instant::now();
+        if self.0.is_some_and(|t| now - t < Duration::from_secs(60)) {
+            return false;
+        }
+        self.0 = Some(now);
+        true
+    }
+}
+
 /// Serves the store's volumes as NBD exports.
 struct Registry(Arc<VolumeStore>);
 
@@ -317,7 +334,7 @@ async fn accept_loop(
 ) {
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
-    let mut last_refusal_warning: Option<tokio::time::Instant> = None;
+    let mut refusals = WarnThrottle::default();
     loop {
         tokio::select! {
             _ = stopped(&mut stop) => break,
@@ -325,11 +342,8 @@ async fn accept_loop(
             r = l.accept() => match r {
                 Ok(conn) => {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        // One line a minute at most: a flood must not
-                        // flood the log too.
-                        if last_refusal_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        if refusals.ready() {
                             warn!("NBD connection cap reached: closing new connections (--max-connections)");
-                            last_refusal_warning = Some(tokio::time::Instant::now());
                         }
                         drop(conn);
                         continue;
