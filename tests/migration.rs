@@ -548,3 +548,147 @@ async fn whole_region_writes_fetch_nothing_and_sequential_reads_prefetch() {
     b.wait_phase("vm1", "complete", 60);
     model.check(&cb).await;
 }
+
+/// The source dies before handoff. The destination cannot fence it, so it
+/// takes no write (single writer): a write there waits, then fails with EIO
+/// and changes nothing; reads (passed through) fail the same way. When the
+/// source returns, the next write hands off, fences it, and the migration
+/// completes with every byte right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
+    let adir = tempfile::tempdir().unwrap();
+    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
+    let b = NodeProc::start_with(
+        tempfile::tempdir().unwrap().keep().as_path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--source-timeout", "2"],
+    );
+    a.create("vm1", "16M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(16 * MIB);
+    model.write(&ca, 0, &pattern(16 * MIB as usize, 21)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &[]);
+    let cb = client(&b, "vm1").await;
+    assert_eq!(cb.read(0, 4096).await.unwrap(), model.0[..4096]);
+    assert_eq!(b.status("vm1")["phase"], "passthrough");
+
+    a.kill();
+    let t = Instant::now();
+    let e = cb.write(MIB, &[0xab; 65536], true).await.unwrap_err();
+    assert_eq!(
+        errno_of(e),
+        5,
+        "a write without fencing the source must fail"
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert_eq!(errno_of(cb.read(0, 4096).await.unwrap_err()), 5);
+    assert_eq!(b.status("vm1")["phase"], "passthrough");
+
+    // The source returns with its data; its clients may still write there
+    // until the handoff.
+    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    let ca = client(&a, "vm1").await;
+    model
+        .write(&ca, 2 * MIB, b"written at A after its restart")
+        .await;
+    ca.flush().await.unwrap();
+    // The next write at B hands off; A is fenced.
+    model.write(&cb, MIB, &[0xab; 65536]).await;
+    cb.flush().await.unwrap();
+    assert_eq!(errno_of(ca.write(0, b"late", true).await.unwrap_err()), 1);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&cb).await;
+}
+
+/// The source dies before handoff and the operator forces it (`migration
+/// handoff --force`: the source is gone and its VM with it). The
+/// destination takes ownership: writes covering whole regions need nothing
+/// from the source and succeed, reads of what they wrote are right, reads
+/// of absent regions fail with EIO after the timeout. If the source comes
+/// back after all, the destination fences it before reading anything more
+/// from it (a client still attached there cannot write behind its back),
+/// and the copy resumes and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_handoff_with_the_source_dead() {
+    let adir = tempfile::tempdir().unwrap();
+    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
+    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
+    let bdir = tempfile::tempdir().unwrap();
+    let mut b = NodeProc::start_with(
+        bdir.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--source-timeout", "2"],
+    );
+    a.create("vm1", "16M");
+    let ca = client(&a, "vm1").await;
+    let mut model = Model::new(16 * MIB);
+    model.write(&ca, 0, &pattern(16 * MIB as usize, 22)).await;
+    ca.flush().await.unwrap();
+    drop(ca);
+    migrate(&a, &b, "vm1", &[]);
+    a.kill();
+
+    // Without --force the handoff is refused: the source cannot be fenced.
+    let o = b.cli(&["migration", "handoff", "vm1"]);
+    assert!(!o.status.success(), "handoff without fencing the source");
+    b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
+    assert_eq!(b.status("vm1")["phase"], "hydrating");
+    let cb = client(&b, "vm1").await;
+    // A whole 64 KiB region: nothing to fetch.
+    model.write(&cb, 4 * MIB, &[0x77; 65536]).await;
+    cb.flush().await.unwrap();
+    assert_eq!(cb.read(4 * MIB, 65536).await.unwrap(), vec![0x77; 65536]);
+    // Part of an absent region needs the source: EIO, nothing changed.
+    assert_eq!(
+        errno_of(cb.write(6 * MIB + 100, b"partial", true).await.unwrap_err()),
+        5
+    );
+    assert_eq!(errno_of(cb.read(8 * MIB, 4096).await.unwrap_err()), 5);
+
+    // The destination restarts meanwhile: it remembers that the source
+    // still has to be fenced (the table says so), and what was written.
+    drop(cb);
+    let (bnbd, bapi) = (b.nbd.clone(), b.api.clone());
+    b.kill();
+    b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &["--source-timeout", "2"]);
+    let cb = client(&b, "vm1").await;
+    assert_eq!(cb.read(4 * MIB, 65536).await.unwrap(), vec![0x77; 65536]);
+
+    // The source comes back after all. The destination fences it first.
+    b.cli_ok(&["migration", "set-rate", "vm1", "1M"]);
+    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_str(&a.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
+        if v["fenced_to"].is_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the returning source was never fenced: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ca = client(&a, "vm1").await;
+    assert_eq!(
+        errno_of(ca.write(0, b"zombie", true).await.unwrap_err()),
+        1,
+        "the returning source took a write"
+    );
+    drop(ca);
+    // Then the copy resumes and completes.
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(&cb).await;
+    drop(a);
+}

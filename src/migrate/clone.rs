@@ -62,8 +62,10 @@ pub trait MigrationHooks: Send + Sync + 'static {
     /// Asks the source to refuse writes from now on and make the ones it
     /// accepted durable. Returns once it has.
     async fn fence_source(&self) -> Result<(), String>;
-    /// Records durably that this node now owns the volume.
-    fn persist_handoff(&self) -> Result<(), String>;
+    /// Records durably that this node now owns the volume, and whether the
+    /// source is known to be fenced (false after a forced handoff, until
+    /// the source has been reached and fenced).
+    fn persist_handoff(&self, source_fenced: bool) -> Result<(), String>;
 }
 
 /// Tunables of a clone.
@@ -132,6 +134,11 @@ pub struct CloneTarget {
     locks: RegionLocks,
     handed_off: AtomicBool,
     handoff_lock: tokio::sync::Mutex<()>,
+    /// Handed off by force, and the source not fenced since: it must be
+    /// before anything more is read from it ([`Self::ensure_source_fenced`]).
+    source_unfenced: AtomicBool,
+    /// The last failed attempt to fence the source after a forced handoff.
+    fence_failed: Mutex<Option<(Instant, String)>>,
     hooks: Arc<dyn MigrationHooks>,
     cfg: CloneConfig,
     limiter: RateLimiter,
@@ -181,6 +188,8 @@ impl CloneTarget {
             locks: RegionLocks::default(),
             handed_off: AtomicBool::new(handed_off),
             handoff_lock: Default::default(),
+            source_unfenced: AtomicBool::new(false),
+            fence_failed: Mutex::new(None),
             hooks,
             limiter: RateLimiter::new(cfg.rate),
             cfg,
@@ -208,6 +217,48 @@ impl CloneTarget {
 
     pub fn is_handed_off(&self) -> bool {
         self.handed_off.load(Ordering::SeqCst)
+    }
+
+    /// Records (from the table, at open) that the handoff was forced and the
+    /// source has not been fenced since.
+    pub fn mark_source_unfenced(&self) {
+        self.source_unfenced.store(true, Ordering::SeqCst);
+    }
+
+    /// After a forced handoff the source was never fenced. If it comes back,
+    /// it must refuse writes before anything more is read from it, or a
+    /// client still attached there could write what this node never sees
+    /// (two writers). One attempt at a time; callers that waited behind a
+    /// failed attempt get its error instead of starting another, so no
+    /// request waits longer than one `--source-timeout`.
+    async fn ensure_source_fenced(&self) -> BlockResult<()> {
+        if !self.source_unfenced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let asked = Instant::now();
+        let _h = self.handoff_lock.lock().await;
+        if !self.source_unfenced.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if let Some((at, why)) = self.fence_failed.lock().unwrap().clone() {
+            if at >= asked {
+                return Err(BlockError::Unavailable(why));
+            }
+        }
+        if let Err(e) = self.hooks.fence_source().await {
+            let why = format!(
+                "{}: the source of a forced handoff is not fenced yet: {e}",
+                self.name
+            );
+            *self.fence_failed.lock().unwrap() = Some((Instant::now(), why.clone()));
+            return Err(BlockError::Unavailable(why));
+        }
+        self.hooks
+            .persist_handoff(true)
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+        self.source_unfenced.store(false, Ordering::SeqCst);
+        info!(volume = %self.name, "source reached and fenced after the forced handoff");
+        Ok(())
     }
     pub fn is_complete(&self) -> bool {
         self.complete.load(Ordering::SeqCst)
@@ -312,6 +363,7 @@ impl CloneTarget {
     /// skipping any already present. Data is written (or, if all zero,
     /// punched) locally before the regions are marked present.
     async fn fetch_locked(&self, first: u64, count: u64, kind: FetchKind) -> BlockResult<()> {
+        self.ensure_source_fenced().await?;
         let mut r = first;
         let end = first + count;
         while r < end {
@@ -422,6 +474,7 @@ impl CloneTarget {
     /// from the origin, under the regions' locks so that none changes
     /// state mid-read.
     async fn read_through(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.ensure_source_fenced().await?;
         let end = offset + buf.len() as u64;
         let (first, last) = (self.region_of(offset), self.region_of(end - 1));
         let _g = self.locks.lock(first, last).await;
@@ -489,7 +542,8 @@ impl CloneTarget {
             return Err(BlockError::Unavailable(why));
         }
         if force {
-            warn!(volume = %self.name, "forced handoff: the source is not fenced");
+            warn!(volume = %self.name, "forced handoff: the source is not fenced; it will be before anything more is read from it");
+            self.source_unfenced.store(true, Ordering::SeqCst);
         } else {
             self.hooks.fence_source().await.map_err(|e| {
                 self.note_error(&e);
@@ -503,7 +557,7 @@ impl CloneTarget {
         }
         self.commit().await?;
         self.hooks
-            .persist_handoff()
+            .persist_handoff(!force)
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         self.handed_off.store(true, Ordering::SeqCst);
         *self.stats.handoff_at.lock().unwrap() = Some(Instant::now());

@@ -162,10 +162,16 @@ impl MigrationHooks for NodeHooks {
         }
     }
 
-    fn persist_handoff(&self) -> Result<(), String> {
+    fn persist_handoff(&self, source_fenced: bool) -> Result<(), String> {
         update_table(&self.dir, &self.table, |t| {
-            if let TargetSpec::Clone { handed_off, .. } = &mut t.target {
+            if let TargetSpec::Clone {
+                handed_off,
+                source_unfenced,
+                ..
+            } = &mut t.target
+            {
                 *handed_off = true;
+                *source_unfenced = !source_fenced;
             }
         })
         .map(drop)

@@ -101,6 +101,9 @@ pub enum TargetSpec {
         map: String,
         region_size: u64,
         handed_off: bool,
+        /// Handed off by force; the source not fenced since.
+        #[serde(default)]
+        source_unfenced: bool,
         #[serde(default)]
         rate: u64,
     },
@@ -332,6 +335,7 @@ impl VolumeStore {
                 map: "regions.map".into(),
                 region_size,
                 handed_off: false,
+                source_unfenced: false,
                 rate,
             },
             fenced_to: None,
@@ -480,6 +484,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             local,
             map,
             handed_off,
+            source_unfenced,
             rate,
             ..
         } => {
@@ -515,6 +520,9 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
                 cfg,
             )
             .map_err(BlockError::from_io)?;
+            if *source_unfenced {
+                c.mark_source_unfenced();
+            }
             clone = Some(c.clone());
             c
         }
@@ -582,7 +590,7 @@ mod tests {
         async fn fence_source(&self) -> Result<(), String> {
             Err("no source in this test".into())
         }
-        fn persist_handoff(&self) -> Result<(), String> {
+        fn persist_handoff(&self, _: bool) -> Result<(), String> {
             Ok(())
         }
     }
