@@ -641,7 +641,9 @@ async fn forced_handoff_with_the_source_dead() {
     let o = b.cli(&["migration", "handoff", "vm1"]);
     assert!(!o.status.success(), "handoff without fencing the source");
     b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
-    assert_eq!(b.status("vm1")["phase"], "hydrating");
+    let s = b.status("vm1");
+    assert_eq!(s["phase"], "hydrating", "{s}");
+    assert!(s["stalled"].as_str().unwrap().contains("fenced"), "{s}");
     let cb = client(&b, "vm1").await;
     // A whole 64 KiB region: nothing to fetch.
     model.write(&cb, 4 * MIB, &[0x77; 65536]).await;
@@ -686,7 +688,13 @@ async fn forced_handoff_with_the_source_dead() {
         "the returning source took a write"
     );
     drop(ca);
-    // Then the copy resumes and completes.
+    // Then the copy resumes (no longer stalled, once B has its answer) and
+    // completes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.status("vm1")["stalled"].is_null() {
+        assert!(Instant::now() < deadline, "{}", b.status("vm1"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&cb).await;

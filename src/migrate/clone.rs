@@ -830,10 +830,16 @@ impl CloneTarget {
             eta_seconds: (rate > 0 && phase == Phase::Hydrating)
                 .then(|| remaining as f64 / rate as f64),
             paused: self.paused.load(Ordering::SeqCst),
-            stalled: self
-                .no_space
-                .load(Ordering::SeqCst)
-                .then(|| "destination disk full: background copy waits for free space".into()),
+            stalled: if self.no_space.load(Ordering::SeqCst) {
+                Some("destination disk full: background copy waits for free space".into())
+            } else if self.source_unfenced.load(Ordering::SeqCst) {
+                Some(
+                    "forced handoff: the copy waits until the source can be reached and fenced"
+                        .into(),
+                )
+            } else {
+                None
+            },
             handoff_after_seconds: handoff_at.map(|h| h.duration_since(self.started).as_secs_f64()),
             hydrate_seconds: match (handoff_at, completed_at) {
                 (Some(h), Some(c)) => Some(c.duration_since(h).as_secs_f64()),
