@@ -357,9 +357,20 @@ async fn serve(cfg: NodeConfig) -> anyhow::Result<()> {
             .unwrap_or_default(),
         node.api_addr
     );
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    // SIGHUP reloads the TLS directory (a new CRL, renewed certificates)
+    // without dropping a single connection; by default it would kill the
+    // node.
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => match node.reload_tls() {
+                Ok(true) => tracing::info!("SIGHUP: TLS directory reloaded; new connections use it"),
+                Ok(false) => tracing::info!("SIGHUP: this node has no TLS directory to reload"),
+                Err(e) => tracing::error!("SIGHUP: TLS directory not reloaded, the old material stays in force: {e}"),
+            },
+        }
     }
     node.shutdown(Duration::from_secs(30)).await;
     Ok(())

@@ -21,8 +21,9 @@
 //! or IP address) against the CA. With `ca-crl.pem`, both sides refuse a
 //! peer whose certificate it lists (as QEMU and libnbd do with the same
 //! file), so a compromised host is shut out by revoking its certificate,
-//! without re-keying the cluster. The CRL is read at start: after changing
-//! it, restart the node.
+//! without re-keying the cluster. A node reads the directory at start and
+//! again on `SIGHUP` (see `Node::reload_tls`), without dropping a
+//! connection.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -678,21 +678,10 @@ fn revoked_certificates_are_refused() {
     let uri = |node: &NodeProc, dir: &Path| {
         format!("nbds://{}/vm1?tls-certificates={}", node.nbd, dir.display())
     };
-    let before = tls_node(&tls, &[], &[]);
-    before.create("vm1", "8M");
-    assert!(nbdinfo(&uri(&before, &stolen)).status.success());
-    drop(before);
-
-    revoke(&tls, "stolen-cert.pem");
     let node = tls_node(&tls, &[], &[]);
     node.create("vm1", "8M");
-    // NBD: refused to the stolen identity, served to the real client.
-    let o = nbdinfo(&uri(&node, &stolen));
-    assert!(!o.status.success(), "a revoked client got in over NBD");
-    let o = nbdinfo(&uri(&node, &tls));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // API: the same.
-    let list = |dir: &Path| {
+    assert!(nbdinfo(&uri(&node, &stolen)).status.success());
+    let list = |node: &NodeProc, dir: &Path| {
         Command::new(DLSM)
             .args(["--api", &node.api, "--tls-dir"])
             .arg(dir)
@@ -700,11 +689,73 @@ fn revoked_certificates_are_refused() {
             .output()
             .unwrap()
     };
+    assert!(list(&node, &stolen).status.success());
+    // A client attached before the revocation (its session stays).
+    let mut attached = raw(&node);
+    assert_eq!(raw_option(&mut attached, opt::STARTTLS, &[]), rep::ACK);
+
+    // Revoke, and tell the running node with SIGHUP: no restart, no
+    // connection dropped.
+    revoke(&tls, "stolen-cert.pem");
+    let hup = |node: &NodeProc| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(node.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    hup(&node);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nbdinfo(&uri(&node, &stolen)).status.success() {
+        assert!(
+            Instant::now() < deadline,
+            "a revoked client still gets in over NBD after SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // NBD and API: refused to the stolen identity, served to the real client.
+    let o = nbdinfo(&uri(&node, &tls));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        !list(&stolen).status.success(),
+        !list(&node, &stolen).status.success(),
         "a revoked client got into the API"
     );
-    assert!(list(&tls).status.success());
+    assert!(list(&node, &tls).status.success());
+    // The connection from before is still there (it was never dropped).
+    attached.set_nonblocking(true).unwrap();
+    assert!(
+        matches!(attached.read(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "SIGHUP dropped an established connection"
+    );
+
+    // A broken CRL on reload: the node says so, keeps what it had, and
+    // keeps serving.
+    let crl = std::fs::read(tls.join("ca-crl.pem")).unwrap();
+    std::fs::write(
+        tls.join("ca-crl.pem"),
+        "-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n",
+    )
+    .unwrap();
+    hup(&node);
+    std::thread::sleep(Duration::from_millis(500));
+    // (Clients read the directory's CRL too, so they use one without it.)
+    let good = tmp.path().join("good");
+    std::fs::create_dir(&good).unwrap();
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        std::fs::copy(tls.join(f), good.join(f)).unwrap();
+    }
+    assert!(!nbdinfo(&uri(&node, &stolen)).status.success());
+    let o = nbdinfo(&uri(&node, &good));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(list(&node, &good).status.success());
+    std::fs::write(tls.join("ca-crl.pem"), crl).unwrap();
+
+    // A node started with the CRL enforces it from the start.
+    let fresh = tls_node(&tls, &[], &[]);
+    fresh.create("vm1", "8M");
+    assert!(!nbdinfo(&uri(&fresh, &stolen)).status.success());
+    assert!(nbdinfo(&uri(&fresh, &tls)).status.success());
+    let list = |dir: &Path| list(&node, dir);
 
     // The other way round: a client whose CRL revokes the node's
     // certificate will not talk to the node.

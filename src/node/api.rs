@@ -163,7 +163,12 @@ pub struct TlsListener {
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl TlsListener {
-    pub fn new(l: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) -> Self {
+    /// `acceptor` is read at each accept, so a reloaded TLS directory
+    /// applies to the next connection (a `None` refuses connections).
+    pub fn new(
+        l: tokio::net::TcpListener,
+        acceptor: tokio::sync::watch::Receiver<Option<tokio_rustls::TlsAcceptor>>,
+    ) -> Self {
         let local = l.local_addr().expect("bound listener has an address");
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         // Handshakes in progress count against their own cap, so a flood
@@ -189,7 +194,10 @@ impl TlsListener {
                     }
                     continue;
                 };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                let Some(acceptor) = acceptor.borrow().clone() else {
+                    continue;
+                };
+                let tx = tx.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {

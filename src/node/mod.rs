@@ -167,6 +167,10 @@ pub struct Node {
     pub api_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// Where the TLS material came from, for [`Node::reload_tls`].
+    tls_dir: Option<PathBuf>,
+    /// The acceptor every new NBD and API connection takes (`None`: no TLS).
+    acceptor: watch::Sender<Option<tokio_rustls::TlsAcceptor>>,
 }
 
 impl Node {
@@ -209,10 +213,7 @@ impl Node {
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
-        let handshake = HandshakePolicy {
-            tls: cfg.tls.as_ref().and_then(|t| t.acceptor()),
-            timeout: cfg.handshake_timeout,
-        };
+        let (acceptor, acceptor_rx) = watch::channel(cfg.tls.as_ref().and_then(|t| t.acceptor()));
         let mut tasks = JoinSet::new();
         let cap = connection_cap(cfg.max_connections);
         info!(max_connections = cap, "NBD connection cap");
@@ -227,7 +228,8 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Tcp(l),
                 registry.clone(),
-                handshake.clone(),
+                cfg.handshake_timeout,
+                acceptor_rx.clone(),
                 slots.clone(),
                 shutdown_rx.clone(),
             ));
@@ -243,7 +245,8 @@ impl Node {
             tasks.spawn(accept_loop(
                 NbdListener::Unix(l),
                 registry.clone(),
-                handshake.clone(),
+                cfg.handshake_timeout,
+                acceptor_rx.clone(),
                 slots.clone(),
                 shutdown_rx.clone(),
             ));
@@ -264,21 +267,39 @@ impl Node {
         migration::resume_all(&state);
         let router = api::router(state.clone());
         let api_shutdown = shutdown_rx.clone();
-        match cfg.tls.as_ref().and_then(|t| t.acceptor()) {
-            Some(acceptor) => tasks.spawn(api::serve(
-                api::TlsListener::new(api, acceptor),
+        if cfg.tls.is_some() {
+            tasks.spawn(api::serve(
+                api::TlsListener::new(api, acceptor_rx.clone()),
                 router,
                 api_shutdown,
-            )),
-            None => tasks.spawn(api::serve(api, router, api_shutdown)),
-        };
+            ));
+        } else {
+            tasks.spawn(api::serve(api, router, api_shutdown));
+        }
         info!(node = %cfg.name, nbd = ?nbd_addr, unix = ?cfg.listen_unix, api = %api_addr, "node started");
         Ok(Node {
             state,
             api_addr,
             shutdown,
             tasks,
+            tls_dir: cfg.tls.as_ref().map(|t| t.dir.clone()),
+            acceptor,
         })
+    }
+
+    /// Reads the TLS directory again (`SIGHUP`): new NBD and API
+    /// connections are then verified against the new CA and CRL and shown
+    /// the new server certificate; established ones keep their session.
+    /// On any error the old material stays in force. This node's own
+    /// outgoing connections keep the material it started with. Returns
+    /// whether there was TLS to reload.
+    pub fn reload_tls(&self) -> Result<bool, crate::tls::TlsError> {
+        let Some(dir) = &self.tls_dir else {
+            return Ok(false);
+        };
+        let fresh = crate::tls::TlsConfig::load_node(dir)?;
+        self.acceptor.send_replace(fresh.acceptor());
+        Ok(true)
     }
 
     /// Stops accepting, waits for connections to finish their in-flight
@@ -328,7 +349,8 @@ impl NbdListener {
 async fn accept_loop(
     l: NbdListener,
     registry: Arc<dyn ExportRegistry>,
-    handshake: HandshakePolicy,
+    handshake_timeout: Duration,
+    acceptor: watch::Receiver<Option<tokio_rustls::TlsAcceptor>>,
     slots: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -350,7 +372,12 @@ async fn accept_loop(
                     };
                     let reg = registry.clone();
                     let sd = shutdown.clone();
-                    let hs = handshake.clone();
+                    // The acceptor in force now: a SIGHUP reload applies
+                    // from the next connection on.
+                    let hs = HandshakePolicy {
+                        tls: acceptor.borrow().clone(),
+                        timeout: handshake_timeout,
+                    };
                     conns.spawn(async move {
                         let _slot = slot;
                         let (peer, r) = match conn {
