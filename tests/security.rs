@@ -699,7 +699,7 @@ fn revoked_certificates_are_refused() {
     revoke(&tls, "stolen-cert.pem");
     let hup = |node: &NodeProc| {
         nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(node.pid() as i32),
+            nix::unistd::Pid::from_raw(node.pid()),
             nix::sys::signal::Signal::SIGHUP,
         )
         .unwrap()
