@@ -64,6 +64,17 @@ fn migrate(a: &NodeProc, b: &NodeProc, vol: &str, extra: &[&str]) -> serde_json:
     serde_json::from_str(&a.cli_ok(&args)).unwrap()
 }
 
+/// A destination that gives up on an unreachable source after 2 s.
+fn impatient_node() -> NodeProc {
+    let tmp = tempfile::tempdir().unwrap().keep();
+    NodeProc::start_with(
+        &tmp,
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--source-timeout", "2"],
+    )
+}
+
 fn errno_of(e: ClientError) -> u32 {
     match e {
         ClientError::Server { errno, .. } => errno,
@@ -251,9 +262,7 @@ async fn concurrent_writes_never_lose_to_fetches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_killed_and_restarted_resumes_without_loss() {
     let a = NodeProc::start();
-    let bdir = tempfile::tempdir().unwrap();
-    let mut b = NodeProc::start_with(bdir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
-    let (bnbd, bapi) = (b.nbd.clone(), b.api.clone());
+    let mut b = NodeProc::start();
     a.create("vm1", "48M");
     let ca = client(&a, "vm1").await;
     let mut model = Model::new(48 * MIB);
@@ -273,8 +282,7 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
         cb.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(300 + round * 200)).await;
         drop(cb);
-        b.kill();
-        b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &[]);
+        b.restart();
         let s = b.status("vm1");
         assert_eq!(s["phase"], "hydrating", "round {round}: {s}");
         // Every flushed write so far is there (reading only those ranges,
@@ -292,8 +300,7 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
     // The completed migration's status survives a restart.
-    b.kill();
-    b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &[]);
+    b.restart();
     let s = b.status("vm1");
     assert_eq!(s["phase"], "complete", "{s}");
     assert_eq!(s["role"], "destination", "{s}");
@@ -306,15 +313,8 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_loss_is_contained_and_migration_resumes() {
-    let adir = tempfile::tempdir().unwrap();
-    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
-    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
-    let b = NodeProc::start_with(
-        tempfile::tempdir().unwrap().keep().as_path(),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--source-timeout", "2"],
-    );
+    let mut a = NodeProc::start();
+    let b = impatient_node();
     a.create("vm1", "32M");
     let ca = client(&a, "vm1").await;
     let mut model = Model::new(32 * MIB);
@@ -352,7 +352,7 @@ async fn source_loss_is_contained_and_migration_resumes() {
     model.write(&cb, 100, b"still writable").await;
     cb.flush().await.unwrap();
     // The source returns: everything resumes by itself.
-    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    a.restart();
     assert_eq!(
         cb.read(30 * MIB, 4096).await.unwrap(),
         model.0[30 * MIB as usize..][..4096]
@@ -556,15 +556,8 @@ async fn whole_region_writes_fetch_nothing_and_sequential_reads_prefetch() {
 /// completes with every byte right.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
-    let adir = tempfile::tempdir().unwrap();
-    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
-    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
-    let b = NodeProc::start_with(
-        tempfile::tempdir().unwrap().keep().as_path(),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--source-timeout", "2"],
-    );
+    let mut a = NodeProc::start();
+    let b = impatient_node();
     a.create("vm1", "16M");
     let ca = client(&a, "vm1").await;
     let mut model = Model::new(16 * MIB);
@@ -594,7 +587,7 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
 
     // The source returns with its data; its clients may still write there
     // until the handoff.
-    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    a.restart();
     let ca = client(&a, "vm1").await;
     model
         .write(&ca, 2 * MIB, b"written at A after its restart")
@@ -618,16 +611,8 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
 /// and the copy resumes and completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_handoff_with_the_source_dead() {
-    let adir = tempfile::tempdir().unwrap();
-    let mut a = NodeProc::start_with(adir.path(), "127.0.0.1:0", "127.0.0.1:0", &[]);
-    let (anbd, aapi) = (a.nbd.clone(), a.api.clone());
-    let bdir = tempfile::tempdir().unwrap();
-    let mut b = NodeProc::start_with(
-        bdir.path(),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &["--source-timeout", "2"],
-    );
+    let mut a = NodeProc::start();
+    let mut b = impatient_node();
     a.create("vm1", "16M");
     let ca = client(&a, "vm1").await;
     let mut model = Model::new(16 * MIB);
@@ -659,15 +644,13 @@ async fn forced_handoff_with_the_source_dead() {
     // The destination restarts meanwhile: it remembers that the source
     // still has to be fenced (the table says so), and what was written.
     drop(cb);
-    let (bnbd, bapi) = (b.nbd.clone(), b.api.clone());
-    b.kill();
-    b = NodeProc::start_with(bdir.path(), &bnbd, &bapi, &["--source-timeout", "2"]);
+    b.restart();
     let cb = client(&b, "vm1").await;
     assert_eq!(cb.read(4 * MIB, 65536).await.unwrap(), vec![0x77; 65536]);
 
     // The source comes back after all. The destination fences it first.
     b.cli_ok(&["migration", "set-rate", "vm1", "1M"]);
-    a = NodeProc::start_with(adir.path(), &anbd, &aapi, &[]);
+    a.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v: serde_json::Value =

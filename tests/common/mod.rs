@@ -36,6 +36,8 @@ pub struct NodeProc {
     pub unix: PathBuf,
     /// Global flags every CLI call adds (`--tls-dir`, `--api-token-file`).
     pub client_flags: Vec<String>,
+    /// The extra `serve` flags it was started with (for [`Self::restart`]).
+    serve_flags: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -122,8 +124,30 @@ impl NodeProc {
             data_dir: dir.to_owned(),
             unix,
             client_flags: Vec::new(),
+            serve_flags: extra.iter().map(|s| s.to_string()).collect(),
             _tmp: None,
         }
+    }
+
+    /// Kills the node if it runs, and starts it again on the same data
+    /// directory, addresses and flags (a crash and a restart, or a host
+    /// coming back).
+    pub fn restart(&mut self) {
+        self.kill();
+        let flags: Vec<&str> = self.serve_flags.iter().map(String::as_str).collect();
+        let fresh = Self::spawn(
+            self.netns.as_deref(),
+            &self.data_dir,
+            &self.nbd,
+            &self.api,
+            &flags,
+        );
+        self.child = fresh.into_child();
+    }
+
+    /// Takes the child out of a `NodeProc` without killing it.
+    fn into_child(mut self) -> Option<Child> {
+        self.child.take()
     }
 
     /// Makes every CLI call against this node carry `flags`.
