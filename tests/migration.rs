@@ -44,6 +44,19 @@ impl Model {
     }
 }
 
+/// Creates `vm1` of `mib` MiB on `node`, written all over with a seeded
+/// pattern and flushed; returns its model.
+async fn filled_vm1(node: &NodeProc, mib: u64, seed: u64) -> Model {
+    node.create("vm1", &format!("{mib}M"));
+    let c = client(node, "vm1").await;
+    let mut model = Model::new(mib * MIB);
+    model
+        .write(&c, 0, &pattern((mib * MIB) as usize, seed))
+        .await;
+    c.flush().await.unwrap();
+    model
+}
+
 /// Writes 1 MiB of data every 10 MiB: a 10%-allocated volume.
 async fn fill_sparse(c: &NbdClient, m: &mut Model, seed: u64) -> u64 {
     let mut allocated = 0;
@@ -223,12 +236,7 @@ async fn concurrent_writes_never_lose_to_fetches() {
     // are still absent while the hydrator and on-demand fetches run.
     let a = NodeProc::start();
     let b = NodeProc::start();
-    a.create("vm1", "32M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(32 * MIB);
-    model.write(&ca, 0, &pattern(32 * MIB as usize, 9)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 32, 9).await;
     migrate(&a, &b, "vm1", &["--rate", "8M", "--region-size", "16K"]);
     let mut tasks = Vec::new();
     for t in 0..8u64 {
@@ -263,12 +271,7 @@ async fn concurrent_writes_never_lose_to_fetches() {
 async fn destination_killed_and_restarted_resumes_without_loss() {
     let a = NodeProc::start();
     let mut b = NodeProc::start();
-    a.create("vm1", "48M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(48 * MIB);
-    model.write(&ca, 0, &pattern(48 * MIB as usize, 5)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 48, 5).await;
     migrate(&a, &b, "vm1", &["--rate", "6M"]);
     let mut written = Vec::new();
     for round in 0..3u64 {
@@ -315,12 +318,7 @@ async fn destination_killed_and_restarted_resumes_without_loss() {
 async fn source_loss_is_contained_and_migration_resumes() {
     let mut a = NodeProc::start();
     let b = impatient_node();
-    a.create("vm1", "32M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(32 * MIB);
-    model.write(&ca, 0, &pattern(32 * MIB as usize, 7)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 32, 7).await;
     migrate(&a, &b, "vm1", &["--rate", "1M"]);
     b.cli_ok(&["migration", "handoff", "vm1"]);
     let cb = client(&b, "vm1").await;
@@ -372,12 +370,7 @@ async fn chain_a_to_b_to_c_while_b_still_hydrates() {
     let a = NodeProc::start();
     let b = NodeProc::start();
     let c = NodeProc::start();
-    a.create("vm1", "40M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(40 * MIB);
-    model.write(&ca, 0, &pattern(40 * MIB as usize, 11)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 40, 11).await;
     migrate(&a, &b, "vm1", &["--rate", "2M"]);
     let cb = client(&b, "vm1").await;
     model.write(&cb, 3 * MIB, b"written at B").await;
@@ -506,12 +499,7 @@ fn bad_migration_requests_get_clear_errors() {
 async fn whole_region_writes_fetch_nothing_and_sequential_reads_prefetch() {
     let a = NodeProc::start();
     let b = NodeProc::start();
-    a.create("vm1", "16M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(16 * MIB);
-    model.write(&ca, 0, &pattern(16 * MIB as usize, 21)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 16, 21).await;
     migrate(&a, &b, "vm1", &[]);
     b.cli_ok(&["migration", "pause", "vm1"]);
     b.cli_ok(&["migration", "handoff", "vm1"]);
@@ -558,12 +546,7 @@ async fn whole_region_writes_fetch_nothing_and_sequential_reads_prefetch() {
 async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
     let mut a = NodeProc::start();
     let b = impatient_node();
-    a.create("vm1", "16M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(16 * MIB);
-    model.write(&ca, 0, &pattern(16 * MIB as usize, 21)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 16, 21).await;
     migrate(&a, &b, "vm1", &[]);
     let cb = client(&b, "vm1").await;
     assert_eq!(cb.read(0, 4096).await.unwrap(), model.0[..4096]);
@@ -613,12 +596,7 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
 async fn forced_handoff_with_the_source_dead() {
     let mut a = NodeProc::start();
     let mut b = impatient_node();
-    a.create("vm1", "16M");
-    let ca = client(&a, "vm1").await;
-    let mut model = Model::new(16 * MIB);
-    model.write(&ca, 0, &pattern(16 * MIB as usize, 22)).await;
-    ca.flush().await.unwrap();
-    drop(ca);
+    let mut model = filled_vm1(&a, 16, 22).await;
     migrate(&a, &b, "vm1", &[]);
     a.kill();
 
