@@ -76,19 +76,25 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
+/// Every PEM item of type `T` in `path`; `empty` is the error for none.
+fn pem_all<T: PemObject + 'static>(
+    path: &Path,
+    empty: fn(PathBuf) -> TlsError,
+) -> Result<Vec<T>, TlsError> {
+    let items = T::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|source| TlsError::Read {
             path: path.to_owned(),
             source,
         })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCert {
-            path: path.to_owned(),
-        });
+    if items.is_empty() {
+        return Err(empty(path.to_owned()));
     }
-    Ok(certs)
+    Ok(items)
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    pem_all(path, |path| TlsError::NoCert { path })
 }
 
 /// The CRLs in `path`, or none if there is no such file.
@@ -96,18 +102,7 @@ fn crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsEr
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    if crls.is_empty() {
-        return Err(TlsError::NoCrl {
-            path: path.to_owned(),
-        });
-    }
-    Ok(crls)
+    pem_all(path, |path| TlsError::NoCrl { path })
 }
 
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
