@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 run() { cargo test --release --quiet --test "$1" -- --nocapture --test-threads=1 "${@:2}" 2>/dev/null | grep -o 'FAULTS.*' ; }
 run model
-run migration destination_killed source_loss
+run migration destination_killed source_loss source_lost forced_handoff
 run faults

@@ -582,6 +582,10 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
     assert_eq!(errno_of(ca.write(0, b"late", true).await.unwrap_err()), 1);
     b.wait_phase("vm1", "complete", 60);
     model.check(&cb).await;
+    println!(
+        "FAULTS source-lost-before-handoff: injected=1 writes_checked=4 bytes_checked={} bytes_lost=0",
+        model.0.len()
+    );
 }
 
 /// The source dies before handoff and the operator forces it (`migration
@@ -659,5 +663,9 @@ async fn forced_handoff_with_the_source_dead() {
     b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&cb).await;
+    println!(
+        "FAULTS forced-handoff: injected=2 writes_checked=3 bytes_checked={} bytes_lost=0",
+        model.0.len()
+    );
     drop(a);
 }
