@@ -77,6 +77,26 @@ fn migrate(a: &NodeProc, b: &NodeProc, vol: &str, extra: &[&str]) -> serde_json:
     serde_json::from_str(&a.cli_ok(&args)).unwrap()
 }
 
+/// The end of a fault test: lifts `vm1`'s rate limit on destination `b`,
+/// waits for completion, checks every byte against `model`, and prints the
+/// test's `FAULTS` line (collected by `scripts/fault-figures.sh`).
+async fn complete_and_report(
+    b: &NodeProc,
+    cb: &NbdClient,
+    model: &Model,
+    name: &str,
+    injected: u32,
+    writes_checked: u32,
+) {
+    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    b.wait_phase("vm1", "complete", 60);
+    model.check(cb).await;
+    println!(
+        "FAULTS {name}: injected={injected} writes_checked={writes_checked} bytes_checked={} bytes_lost=0",
+        model.0.len()
+    );
+}
+
 /// A destination that gives up on an unreachable source after 2 s.
 fn impatient_node() -> NodeProc {
     let tmp = tempfile::tempdir().unwrap().keep();
@@ -355,13 +375,7 @@ async fn source_loss_is_contained_and_migration_resumes() {
         cb.read(30 * MIB, 4096).await.unwrap(),
         model.0[30 * MIB as usize..][..4096]
     );
-    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
-    b.wait_phase("vm1", "complete", 60);
-    model.check(&cb).await;
-    println!(
-        "FAULTS source-kill: injected=1 writes_checked=1 bytes_checked={} bytes_lost=0",
-        model.0.len()
-    );
+    complete_and_report(&b, &cb, &model, "source-kill", 1, 1).await;
     drop(a);
 }
 
@@ -580,12 +594,7 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
     model.write(&cb, MIB, &[0xab; 65536]).await;
     cb.flush().await.unwrap();
     assert_eq!(errno_of(ca.write(0, b"late", true).await.unwrap_err()), 1);
-    b.wait_phase("vm1", "complete", 60);
-    model.check(&cb).await;
-    println!(
-        "FAULTS source-lost-before-handoff: injected=1 writes_checked=4 bytes_checked={} bytes_lost=0",
-        model.0.len()
-    );
+    complete_and_report(&b, &cb, &model, "source-lost-before-handoff", 1, 4).await;
 }
 
 /// The source dies before handoff and the operator forces it (`migration
@@ -660,12 +669,6 @@ async fn forced_handoff_with_the_source_dead() {
         assert!(Instant::now() < deadline, "{}", b.status("vm1"));
         std::thread::sleep(Duration::from_millis(50));
     }
-    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
-    b.wait_phase("vm1", "complete", 60);
-    model.check(&cb).await;
-    println!(
-        "FAULTS forced-handoff: injected=2 writes_checked=3 bytes_checked={} bytes_lost=0",
-        model.0.len()
-    );
+    complete_and_report(&b, &cb, &model, "forced-handoff", 2, 3).await;
     drop(a);
 }
