@@ -84,6 +84,15 @@ pub enum Command {
         /// isolated test networks.
         #[arg(long)]
         insecure_api: bool,
+        /// The NBD address other nodes are told to reach this node's exports
+        /// by, when it differs from --listen (NAT, a proxy, a wildcard
+        /// listener).
+        #[arg(long)]
+        advertise_nbd: Option<String>,
+        /// The API address other nodes are told to reach this node by, when
+        /// it differs from --api.
+        #[arg(long)]
+        advertise_api: Option<String>,
         /// Fault injection for tests: milliseconds added to every read from
         /// a migration source.
         #[arg(long, default_value_t = 0, hide = true)]
@@ -255,6 +264,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_connections,
             inject_origin_delay_ms,
             insecure_api,
+            advertise_nbd,
+            advertise_api,
         } => {
             let name = node.unwrap_or_else(|| {
                 nix::unistd::gethostname()
@@ -277,6 +288,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 api_token: token,
                 insecure_api,
+                advertise_nbd,
+                advertise_api,
             };
             runtime()?.block_on(serve(cfg))
         }

@@ -65,6 +65,8 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         tls: None,
         api_token: None,
         insecure_api: false,
+        advertise_nbd: None,
+        advertise_api: None,
     })
     .await
 }

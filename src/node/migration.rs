@@ -232,11 +232,16 @@ pub async fn migrate(
         }
     }
     let nbd = state
-        .nbd_addr
+        .advertised_nbd
+        .clone()
         .ok_or_else(|| MigrationError::Conflict("this node has no TCP NBD listener".into()))?;
-    if nbd.ip().is_unspecified() {
+    if nbd
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
         return Err(MigrationError::Conflict(
-            "this node listens on a wildcard address; the destination cannot reach it by that"
+            "this node listens on a wildcard address; the destination cannot reach it by that \
+             (give --advertise-nbd)"
                 .into(),
         ));
     }
@@ -250,8 +255,8 @@ pub async fn migrate(
     let prep = PrepareRequest {
         name: name.to_owned(),
         size: vol.size,
-        origin_nbd: nbd.to_string(),
-        origin_api: state.api_addr.to_string(),
+        origin_nbd: nbd,
+        origin_api: state.advertised_api.clone(),
         region_size,
         rate: req.rate.unwrap_or(0),
     };

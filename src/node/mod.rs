@@ -58,6 +58,12 @@ pub struct NodeConfig {
     /// Allow a plain-HTTP API on a non-loopback address (isolated test
     /// networks only).
     pub insecure_api: bool,
+    /// The NBD address other nodes are told to use (default: the bound
+    /// `listen` address).
+    pub advertise_nbd: Option<String>,
+    /// The API address other nodes are told to use (default: the bound
+    /// `api` address).
+    pub advertise_api: Option<String>,
 }
 
 /// Descriptors kept back from NBD clients when `max_connections` is 0:
@@ -141,6 +147,10 @@ pub struct NodeState {
     pub nbd_addr: Option<SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
     pub api_addr: SocketAddr,
+    /// The NBD address other nodes reach this node's exports by.
+    pub advertised_nbd: Option<String>,
+    /// The API address other nodes reach this node by.
+    pub advertised_api: String,
     /// What this node presents when it calls another node's API.
     pub peer_auth: crate::api_client::ApiAuth,
     /// The token incoming API requests must carry, if any.
@@ -202,7 +212,9 @@ impl Node {
             origin_read_delay: cfg.inject_origin_delay,
             origin_tls: cfg.tls.as_ref().map(|t| t.connector()),
             hooks: migration::hooks_factory(
-                api_addr.to_string(),
+                cfg.advertise_api
+                    .clone()
+                    .unwrap_or_else(|| api_addr.to_string()),
                 cfg.source_timeout,
                 peer_auth.clone(),
             ),
@@ -260,6 +272,14 @@ impl Node {
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),
             api_addr,
+            advertised_nbd: cfg
+                .advertise_nbd
+                .clone()
+                .or_else(|| nbd_addr.map(|a| a.to_string())),
+            advertised_api: cfg
+                .advertise_api
+                .clone()
+                .unwrap_or_else(|| api_addr.to_string()),
             peer_auth,
             api_token: cfg.api_token.clone(),
             completed: Default::default(),
