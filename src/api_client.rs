@@ -44,6 +44,23 @@ impl ApiAuth {
     }
 }
 
+/// A volume name as one URL path segment. Names are checked against the
+/// node's rules first (so `..` or `a/b` never become a different path) and
+/// then percent-encoded, so `x?y` cannot end the path early.
+pub fn seg(name: &str) -> anyhow::Result<String> {
+    crate::node::store::validate_name(name)?;
+    Ok(name
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect())
+}
+
 /// A blocking client of a node's control API.
 pub struct Api {
     base: String,

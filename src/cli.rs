@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context};
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api_client::{Api, ApiAuth};
+use crate::api_client::{seg, Api, ApiAuth};
 
 use crate::migrate::{MigrationStatus, Phase};
 use crate::nbd::client::{NbdAddr, NbdClient};
@@ -325,7 +325,8 @@ fn client_command(
                 rate,
                 keep_source,
             };
-            let s: MigrationStatus = api.post(&format!("/v1/volumes/{name}/migrate"), &req)?;
+            let s: MigrationStatus =
+                api.post(&format!("/v1/volumes/{}/migrate", seg(&name)?), &req)?;
             if !wait {
                 return print_status(&s, json);
             }
@@ -451,7 +452,7 @@ fn wait_for(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
         b
     });
     loop {
-        let s: MigrationStatus = api.get(&format!("/v1/migrations/{name}"))?;
+        let s: MigrationStatus = api.get(&format!("/v1/migrations/{}", seg(&name)?))?;
         if let Some(b) = &bar {
             b.set_length(s.regions_total.max(1));
             b.set_position(s.regions_present);
@@ -486,25 +487,27 @@ fn wait_for(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
 
 fn migration(api: &Api, cmd: MigrationCmd) -> anyhow::Result<()> {
     let (s, json): (MigrationStatus, bool) = match cmd {
-        MigrationCmd::Status { name, json } => (api.get(&format!("/v1/migrations/{name}"))?, json),
+        MigrationCmd::Status { name, json } => {
+            (api.get(&format!("/v1/migrations/{}", seg(&name)?))?, json)
+        }
         MigrationCmd::Handoff { name, force, json } => (
             api.post(
-                &format!("/v1/migrations/{name}/handoff"),
+                &format!("/v1/migrations/{}/handoff", seg(&name)?),
                 &HandoffRequest { force },
             )?,
             json,
         ),
         MigrationCmd::Pause { name, json } => (
-            api.post(&format!("/v1/migrations/{name}/pause"), &())?,
+            api.post(&format!("/v1/migrations/{}/pause", seg(&name)?), &())?,
             json,
         ),
         MigrationCmd::Resume { name, json } => (
-            api.post(&format!("/v1/migrations/{name}/resume"), &())?,
+            api.post(&format!("/v1/migrations/{}/resume", seg(&name)?), &())?,
             json,
         ),
         MigrationCmd::SetRate { name, rate, json } => (
             api.post(
-                &format!("/v1/migrations/{name}/rate"),
+                &format!("/v1/migrations/{}/rate", seg(&name)?),
                 &RateRequest { rate },
             )?,
             json,
@@ -590,14 +593,14 @@ fn volume(
                     nbd_tls,
                 ));
                 if let Err(e) = uploaded {
-                    let _ = api.delete(&format!("/v1/volumes/{name}"));
+                    let _ = api.delete(&format!("/v1/volumes/{}", seg(&name)?));
                     return Err(e.context(format!(
                         "upload of {} failed; volume removed",
                         path.display()
                     )));
                 }
             }
-            let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", v.name))?;
+            let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", seg(&v.name)?))?;
             if json {
                 print_json(&v)
             } else {
@@ -615,7 +618,7 @@ fn volume(
             }
         }
         VolumeCmd::Show { name, json } => {
-            let v: VolumeInfo = api.get(&format!("/v1/volumes/{name}"))?;
+            let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", seg(&name)?))?;
             if json {
                 print_json(&v)
             } else {
@@ -624,7 +627,7 @@ fn volume(
             }
         }
         VolumeCmd::Rm { name, json } => {
-            api.delete(&format!("/v1/volumes/{name}"))?;
+            api.delete(&format!("/v1/volumes/{}", seg(&name)?))?;
             if json {
                 print_json(&serde_json::json!({ "removed": name }))
             } else {

@@ -126,7 +126,7 @@ pub struct CloneTarget {
     origin: Arc<RemoteTarget>,
     local: Arc<LocalTarget>,
     map: Mutex<RegionMap>,
-    map_file: File,
+    map_file: Mutex<File>,
     commit_lock: tokio::sync::Mutex<()>,
     write_turn: tokio::sync::Mutex<()>,
     /// Background writes whose writeback was started: ranges, total bytes.
@@ -147,6 +147,8 @@ pub struct CloneTarget {
     no_space: AtomicBool,
     stopped: AtomicBool,
     failed: Mutex<Option<String>>,
+    /// A sync of the local data file failed: see [`CloneTarget::commit`].
+    data_lost: AtomicBool,
     wake: Notify,
     complete: AtomicBool,
     completed: Notify,
@@ -180,7 +182,7 @@ impl CloneTarget {
             region_size: map.region_size(),
             origin,
             local,
-            map_file,
+            map_file: Mutex::new(map_file),
             map: Mutex::new(map),
             commit_lock: Default::default(),
             write_turn: Default::default(),
@@ -197,6 +199,7 @@ impl CloneTarget {
             no_space: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             failed: Mutex::new(None),
+            data_lost: AtomicBool::new(false),
             wake: Notify::new(),
             complete: AtomicBool::new(complete),
             completed: Notify::new(),
@@ -297,8 +300,11 @@ impl CloneTarget {
         self.stopped.store(true, Ordering::SeqCst);
         self.wake.notify_waiters();
     }
-    /// Marks the migration failed for good (e.g. the source released it).
-    pub fn fail(&self, why: String) {
+    /// Marks the migration failed for good because the local copy cannot
+    /// be trusted (a failed data sync): the copier stops and every later
+    /// flush and commit fails.
+    fn fail(&self, why: String) {
+        self.data_lost.store(true, Ordering::SeqCst);
         *self.failed.lock().unwrap() = Some(why);
         self.stop();
     }
@@ -505,26 +511,62 @@ impl CloneTarget {
 
     /// Commits the region map: snapshot, sync data, write changed pages,
     /// sync map (see `region_map`). Serialised by `commit_lock`.
+    ///
+    /// A commit that does not finish (any error, or its future dropped at
+    /// an await, e.g. by an API caller that went away) gives its snapshot's
+    /// pages back to the dirty set, so the next commit writes them.
+    /// A failed sync of the *data* file is fatal for the clone: the kernel
+    /// may have dropped the unwritten pages and a later sync would report
+    /// success over the hole (PostgreSQL's fsync lesson), so the migration
+    /// is marked failed and every later flush fails too.
     pub async fn commit(&self) -> BlockResult<usize> {
         let _c = self.commit_lock.lock().await;
+        self.check_data_intact()?;
         let batch = self.map.lock().unwrap().snapshot();
-        self.local.flush().await?;
+        let mut pending = PendingCommit {
+            map: &self.map,
+            pages: batch.page_numbers(),
+        };
+        if let Err(e) = self.local.flush().await {
+            let why = format!(
+                "{}: syncing the local data file failed ({e}); data written since the last \
+                 sync may be lost, so this copy can no longer be trusted",
+                self.name
+            );
+            tracing::error!(volume = %self.name, "{why}");
+            self.fail(why);
+            return Err(e);
+        }
         let pages = batch.pages();
         if pages == 0 {
             return Ok(0);
         }
-        let file = self.map_file.try_clone().map_err(BlockError::from_io)?;
-        let written = tokio::task::spawn_blocking(move || batch.write(&file).map(|_| batch))
+        let file = self
+            .map_file
+            .lock()
+            .unwrap()
+            .try_clone()
+            .map_err(BlockError::from_io)?;
+        tokio::task::spawn_blocking(move || batch.write(&file))
             .await
-            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
-        match written {
-            Ok(_) => Ok(pages),
-            Err(e) => {
-                // The bits are still set in memory; the next commit rewrites
-                // every page, so nothing the failed write missed is lost.
-                self.map.lock().unwrap().mark_all_dirty();
-                Err(BlockError::from_io(e))
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?
+            .map_err(BlockError::from_io)?;
+        pending.pages.clear();
+        Ok(pages)
+    }
+
+    #[cfg(test)]
+    fn map_file_for_test(&self) -> std::sync::MutexGuard<'_, File> {
+        self.map_file.lock().unwrap()
+    }
+
+    /// Fails if a sync of the data file ever failed (see [`Self::commit`]).
+    fn check_data_intact(&self) -> BlockResult<()> {
+        match &*self.failed.lock().unwrap() {
+            Some(why) if self.data_lost.load(Ordering::SeqCst) => {
+                Err(BlockError::Io(std::io::Error::other(why.clone())))
             }
+            _ => Ok(()),
         }
     }
 
@@ -855,6 +897,22 @@ impl CloneTarget {
     }
 }
 
+/// A commit in progress: unless it reaches its end (and clears `pages`),
+/// dropping it marks the snapshot's pages dirty again.
+struct PendingCommit<'a> {
+    map: &'a Mutex<RegionMap>,
+    pages: Vec<u64>,
+}
+
+impl Drop for PendingCommit<'_> {
+    fn drop(&mut self) {
+        if !self.pages.is_empty() {
+            let pages = std::mem::take(&mut self.pages);
+            self.map.lock().unwrap().redirty(pages);
+        }
+    }
+}
+
 /// The local half of a write-like operation.
 enum LocalOp<'a> {
     Write(&'a [u8]),
@@ -958,14 +1016,18 @@ impl BlockTarget for CloneTarget {
         // sees them, absent runs as data (their content is the origin's).
         let end = offset + len;
         let first = self.region_of(offset);
-        let present = self.map.lock().unwrap().is_present(first);
-        let mut r = first;
-        {
+        // One look at the map: `present` and the run it starts must come
+        // from the same state, or a region marked present in between
+        // would end the run before it began (a zero-length extent).
+        let (present, r) = {
             let map = self.map.lock().unwrap();
+            let present = map.is_present(first);
+            let mut r = first + 1;
             while r * self.region_size < end && map.is_present(r) == present {
                 r += 1;
             }
-        }
+            (present, r)
+        };
         let run_end = (r * self.region_size).min(end);
         if present {
             self.local.extents(offset, run_end - offset)
@@ -992,5 +1054,114 @@ impl BlockTarget for CloneTarget {
 
     fn allocated_bytes(&self) -> u64 {
         self.local.allocated_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::client::NbdAddr;
+
+    struct Hooks;
+    #[async_trait]
+    impl MigrationHooks for Hooks {
+        async fn fence_source(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn persist_handoff(&self, _: bool) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    const RS: u64 = 4096;
+
+    /// A handed-off clone of 16 regions whose origin is never reached
+    /// (the tests write whole regions, which fetch nothing).
+    fn handed_off_clone(dir: &std::path::Path) -> Arc<CloneTarget> {
+        let size = 16 * RS;
+        let local = Arc::new(LocalTarget::create(&dir.join("data.raw"), size).unwrap());
+        let map = RegionMap::create(&dir.join("regions.map"), size, RS).unwrap();
+        let origin = Arc::new(RemoteTarget::lazy(
+            NbdAddr::Tcp("127.0.0.1:1".into()),
+            "vm@origin",
+            size,
+            1,
+            Duration::from_millis(100),
+        ));
+        CloneTarget::new(
+            "vm",
+            "peer",
+            origin,
+            local,
+            map,
+            true,
+            Arc::new(Hooks),
+            CloneConfig::default(),
+        )
+        .unwrap()
+    }
+
+    fn present_on_disk(dir: &std::path::Path, r: u64) -> bool {
+        RegionMap::open(&dir.join("regions.map"))
+            .unwrap()
+            .is_present(r)
+    }
+
+    #[tokio::test]
+    async fn a_commit_dropped_mid_way_gives_its_pages_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = handed_off_clone(dir.path());
+        c.write(0, &[7u8; RS as usize], false).await.unwrap();
+        // The commit's caller goes away while the data sync is in progress
+        // (an HTTP handler whose client disconnected).
+        c.local()
+            .sync_faults()
+            .delay_ms
+            .store(300, Ordering::SeqCst);
+        let dropped = tokio::time::timeout(Duration::from_millis(50), c.commit()).await;
+        assert!(dropped.is_err(), "the commit should still be syncing");
+        c.local().sync_faults().delay_ms.store(0, Ordering::SeqCst);
+        assert!(
+            c.commit().await.unwrap() > 0,
+            "the next commit rewrites the page"
+        );
+        assert!(present_on_disk(dir.path(), 0));
+    }
+
+    #[tokio::test]
+    async fn a_failed_map_write_keeps_its_pages_dirty() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = handed_off_clone(dir.path());
+        c.write(RS, &[7u8; RS as usize], false).await.unwrap();
+        // The map file cannot be written: make it read-only underneath.
+        let map_path = dir.path().join("regions.map");
+        let good = std::mem::replace(
+            &mut *(c.map_file_for_test()),
+            std::fs::File::open(&map_path).unwrap(),
+        );
+        assert!(c.commit().await.is_err());
+        *c.map_file_for_test() = good;
+        assert!(c.commit().await.unwrap() > 0);
+        assert!(present_on_disk(dir.path(), 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_data_sync_fails_the_migration_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = handed_off_clone(dir.path());
+        c.write(0, &[7u8; RS as usize], false).await.unwrap();
+        c.local().sync_faults().fail_next.store(1, Ordering::SeqCst);
+        assert!(c.flush().await.is_err());
+        // The disk "recovered": a second sync would succeed, but the pages
+        // it lost are gone, so nothing may report success any more.
+        assert!(c.flush().await.is_err(), "a later flush must not succeed");
+        assert!(c.write(RS, &[1u8; RS as usize], true).await.is_err());
+        let s = c.status();
+        assert_eq!(s.phase, Phase::Failed);
+        assert!(s
+            .last_error
+            .unwrap()
+            .contains("syncing the local data file failed"));
+        assert!(!present_on_disk(dir.path(), 0));
     }
 }

@@ -87,6 +87,13 @@ impl PagedBits {
 }
 
 /// The in-memory map plus its file.
+///
+/// **Who keeps the commit order.** The map only copies pages out
+/// ([`RegionMap::snapshot`]) and writes them ([`CommitBatch::write`]); the
+/// clone target (`CloneTarget::commit`) is the one place that runs the
+/// steps in order (snapshot, sync data, write, sync map), one commit at a
+/// time, and gives the snapshot's pages back ([`RegionMap::redirty`]) when
+/// a commit stops before its write is durable.
 pub struct RegionMap {
     file: File,
     region_size: u64,
@@ -107,6 +114,12 @@ impl CommitBatch {
     /// Number of 4 KiB pages this commit writes.
     pub fn pages(&self) -> usize {
         self.pages.len()
+    }
+
+    /// Which bitmap pages this commit writes (to mark them dirty again if
+    /// it does not finish: see [`RegionMap::redirty`]).
+    pub fn page_numbers(&self) -> Vec<u64> {
+        self.pages.iter().map(|(p, _)| *p).collect()
     }
 
     /// Writes the pages and syncs the map file. Call only after the data
@@ -359,11 +372,12 @@ impl RegionMap {
         CommitBatch { pages }
     }
 
-    /// Marks every bitmap page dirty (after a failed commit write, so the
-    /// next commit rewrites whatever may be missing on disk).
-    pub fn mark_all_dirty(&mut self) {
-        let pages = self.words.pages.len() as u64;
-        self.dirty.extend(0..pages);
+    /// Marks `pages` dirty again: a commit that took them in its snapshot
+    /// did not finish (an error, or its future was dropped), so what they
+    /// say may not be on disk. A bit dirties its page only when it changes,
+    /// so without this those pages would never be written again.
+    pub fn redirty(&mut self, pages: impl IntoIterator<Item = u64>) {
+        self.dirty.extend(pages);
     }
 
     /// Whether anything changed since the last snapshot.

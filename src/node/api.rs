@@ -265,9 +265,10 @@ fn store_status(e: &StoreError) -> StatusCode {
         StoreError::AlreadyExists(_) | StoreError::Busy(..) => StatusCode::CONFLICT,
         StoreError::NotFound(_) => StatusCode::NOT_FOUND,
         StoreError::Block(crate::target::BlockError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
-        StoreError::Corrupt { .. } | StoreError::Block(_) | StoreError::Io { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
+        StoreError::Corrupt { .. }
+        | StoreError::DirLocked { .. }
+        | StoreError::Block(_)
+        | StoreError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -371,14 +372,14 @@ async fn create_volume(
 
 async fn show_volume(
     State(s): State<Arc<NodeState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     Ok(Json(info(&s, &s.store.get(&name)?)))
 }
 
 async fn remove_volume(
     State(s): State<Arc<NodeState>>,
-    Path(name): Path<String>,
+    VolumeName(name): VolumeName,
 ) -> Result<StatusCode, ApiError> {
     let store = s.store.clone();
     tokio::task::spawn_blocking(move || store.remove(&name, false))
@@ -387,11 +388,29 @@ async fn remove_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-type Named = Path<String>;
+/// A volume name taken from the URL path and checked before any handler
+/// sees it: a name outside the allowed set is a 400, never a lookup (so no
+/// encoding trick can reach another volume or a path on disk).
+pub struct VolumeName(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for VolumeName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+        super::store::validate_name(&name)?;
+        Ok(VolumeName(name))
+    }
+}
 
 async fn migrate(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
     body: Result<Json<MigrateRequest>, JsonRejection>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let Json(req) = body?;
@@ -408,7 +427,7 @@ async fn migrate(
 
 async fn fence(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
     body: Result<Json<FenceRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
@@ -418,7 +437,7 @@ async fn fence(
 
 async fn release(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     migration::release(&s, &name).await?;
     Ok(Json(serde_json::json!({ "released": name })))
@@ -437,7 +456,7 @@ async fn prepare(
 
 async fn migration_status(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     if let Some(done) = migration::completed_status(&s, &name) {
         return Ok(Json(done));
@@ -447,7 +466,7 @@ async fn migration_status(
 
 async fn handoff(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
     body: Option<Json<HandoffRequest>>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let force = body.is_some_and(|Json(b)| b.force);
@@ -456,7 +475,7 @@ async fn handoff(
 
 async fn pause(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let c = migration::clone_of(&s, &name)?;
     c.pause();
@@ -465,7 +484,7 @@ async fn pause(
 
 async fn resume(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let c = migration::clone_of(&s, &name)?;
     c.resume();
@@ -474,7 +493,7 @@ async fn resume(
 
 async fn set_rate(
     State(s): State<Arc<NodeState>>,
-    Path(name): Named,
+    VolumeName(name): VolumeName,
     body: Result<Json<RateRequest>, JsonRejection>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let Json(req) = body?;

@@ -51,6 +51,11 @@ pub enum StoreError {
     Busy(String, usize),
     #[error("volume {name:?} is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
+    #[error(
+        "data directory {dir} is in use by another dlsm node ({holder}); two nodes on one \
+         directory would both write its volumes"
+    )]
+    DirLocked { dir: PathBuf, holder: String },
     #[error("storage error: {0}")]
     Block(#[from] BlockError),
     #[error("I/O error on {path}: {source}")]
@@ -264,6 +269,8 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
 
 /// Every volume of a node.
 pub struct VolumeStore {
+    /// Held for the store's life: one node per data directory.
+    _lock: DirLock,
     root: PathBuf,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     env: CloneEnv,
@@ -273,6 +280,10 @@ impl VolumeStore {
     /// Opens (creating if needed) the store under `data_dir`, loading every
     /// volume and sweeping unfinished creations and removals.
     pub fn open(data_dir: &Path, env: CloneEnv) -> Result<Self, StoreError> {
+        // Before anything is read or swept: a second node on this
+        // directory would delete the first one's volumes in creation and
+        // serve the same files as a second writer.
+        let lock = DirLock::take(data_dir)?;
         let root = data_dir.join("volumes");
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         let mut volumes = BTreeMap::new();
@@ -294,6 +305,7 @@ impl VolumeStore {
         }
         tracing::info!(count = volumes.len(), root = %root.display(), "volume store opened");
         Ok(Self {
+            _lock: lock,
             root,
             volumes: Mutex::new(volumes),
             env,
@@ -442,6 +454,47 @@ impl VolumeStore {
             if let Err(e) = v.target().flush().await {
                 tracing::error!(volume = %v.name, "flush at shutdown failed: {e}");
             }
+        }
+    }
+}
+
+/// An exclusive `flock` on `DATA_DIR/lock`, released when the process
+/// exits however it exits (the kernel drops it with the descriptor), so a
+/// crashed node never leaves a stale lock behind. The file holds the pid of
+/// the holder, for the error message only.
+struct DirLock(#[allow(dead_code)] nix::fcntl::Flock<fs::File>);
+
+impl DirLock {
+    fn take(data_dir: &Path) -> Result<Self, StoreError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = data_dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut held) => {
+                held.set_len(0).map_err(io_err(&path))?;
+                let _ = held.write_all(format!("{}\n", std::process::id()).as_bytes());
+                Ok(Self(held))
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let holder = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .map_or_else(|| "pid unknown".to_owned(), |p| format!("pid {p}"));
+                Err(StoreError::DirLocked {
+                    dir: data_dir.to_owned(),
+                    holder,
+                })
+            }
+            Err((_, e)) => Err(StoreError::Io {
+                path,
+                source: e.into(),
+            }),
         }
     }
 }
@@ -603,6 +656,24 @@ mod tests {
             origin_tls: None,
             hooks: Arc::new(|_, _| Arc::new(NoHooks) as Arc<dyn MigrationHooks>),
         }
+    }
+
+    #[test]
+    fn a_second_store_on_one_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = VolumeStore::open(dir.path(), test_env()).unwrap();
+        first.create("vm1", 4096).unwrap();
+        let e = VolumeStore::open(dir.path(), test_env()).err().unwrap();
+        assert!(matches!(e, StoreError::DirLocked { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(first);
+        // Released with the first store (as with the process at exit).
+        let again = VolumeStore::open(dir.path(), test_env()).unwrap();
+        assert_eq!(again.list().len(), 1);
     }
 
     #[test]

@@ -33,6 +33,19 @@ pub struct LocalTarget {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    faults: Arc<SyncFaults>,
+}
+
+/// Test seam: failures and delays injected into a [`LocalTarget`]'s data
+/// syncs, so tests can reach the paths a failing or slow disk takes (as
+/// raft-engine's `FileSystem` seam does). Inert unless a test sets it;
+/// the cost on the data path is one atomic load per sync.
+#[derive(Default)]
+pub struct SyncFaults {
+    /// The next this-many syncs fail with EIO.
+    pub fail_next: std::sync::atomic::AtomicU32,
+    /// Every sync first waits this many milliseconds.
+    pub delay_ms: std::sync::atomic::AtomicU64,
 }
 
 impl LocalTarget {
@@ -51,6 +64,7 @@ impl LocalTarget {
             path: path.to_owned(),
             size,
             read_only: false,
+            faults: Default::default(),
         })
     }
 
@@ -67,6 +81,7 @@ impl LocalTarget {
             path: path.to_owned(),
             size,
             read_only,
+            faults: Default::default(),
         })
     }
 
@@ -83,7 +98,27 @@ impl LocalTarget {
         }
     }
 
+    /// The sync fault seam (see [`SyncFaults`]).
+    pub fn sync_faults(&self) -> &SyncFaults {
+        &self.faults
+    }
+
     async fn sync(&self) -> BlockResult<()> {
+        use std::sync::atomic::Ordering;
+        let delay = self.faults.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+        if self
+            .faults
+            .fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(BlockError::Io(std::io::Error::from_raw_os_error(
+                nix::libc::EIO,
+            )));
+        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || file.sync_data())
             .await
