@@ -49,8 +49,12 @@ impl ApiAuth {
 /// then percent-encoded, so `x?y` cannot end the path early.
 pub fn seg(name: &str) -> anyhow::Result<String> {
     crate::node::store::validate_name(name)?;
-    Ok(name
-        .bytes()
+    Ok(encode_segment(name))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+pub fn encode_segment(s: &str) -> String {
+    s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
                 (b as char).to_string()
@@ -58,7 +62,21 @@ pub fn seg(name: &str) -> anyhow::Result<String> {
                 format!("%{b:02X}")
             }
         })
-        .collect())
+        .collect()
+}
+
+/// A node answered with an HTTP error status: the status as a value (so a
+/// caller can tell "refused" from "unreachable"), and the node's message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct HttpStatus {
+    pub status: u16,
+    pub message: String,
+}
+
+/// The HTTP status a failed call got, if the node answered at all.
+pub fn status_of(e: &anyhow::Error) -> Option<u16> {
+    e.downcast_ref::<HttpStatus>().map(|h| h.status)
 }
 
 /// A blocking client of a node's control API.
@@ -76,6 +94,12 @@ impl Api {
 
     /// A client presenting `auth`.
     pub fn with_auth(addr: &str, auth: &ApiAuth) -> Self {
+        Self::with_timeout(addr, auth, Duration::from_secs(120))
+    }
+
+    /// A client presenting `auth` whose every call gives up after
+    /// `timeout` (node-to-node calls use the node's `--source-timeout`).
+    pub fn with_timeout(addr: &str, auth: &ApiAuth, timeout: Duration) -> Self {
         let addr = addr.trim_end_matches('/');
         let base = if addr.starts_with("http://") || addr.starts_with("https://") {
             addr.to_owned()
@@ -85,8 +109,8 @@ impl Api {
             format!("http://{addr}")
         };
         let mut agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(120));
+            .timeout_connect(Duration::from_secs(5).min(timeout))
+            .timeout(timeout);
         if let Some(tls) = &auth.tls {
             agent = agent.tls_config(tls.clone());
         }
@@ -120,7 +144,11 @@ impl Api {
                     .ok()
                     .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
                     .unwrap_or(body);
-                bail!("{msg} (HTTP {code})");
+                return Err(HttpStatus {
+                    status: code,
+                    message: msg,
+                }
+                .into());
             }
             Err(e) if self.base.starts_with("http://") => bail!(
                 "cannot reach the node API at {}: {e} (if the node runs with --tls-dir, \

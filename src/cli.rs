@@ -16,7 +16,7 @@ use crate::api_client::{seg, Api, ApiAuth};
 use crate::migrate::{MigrationStatus, Phase};
 use crate::nbd::client::{NbdAddr, NbdClient};
 use crate::node::api::{CreateVolume, NodeInfo, VolumeInfo};
-use crate::node::migration::{HandoffRequest, MigrateRequest, RateRequest};
+use crate::node::migration::{CancelRequest, HandoffRequest, MigrateRequest, RateRequest};
 use crate::node::{Node, NodeConfig};
 use crate::size::{format_size, parse_size};
 
@@ -150,6 +150,17 @@ pub enum MigrationCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a migration that was not handed off yet (on the source): the
+    /// destination drops its copy and the volume stays here, writable.
+    Cancel {
+        name: String,
+        /// The destination is gone for good: forget the migration without
+        /// its answer (its copy, should it return, is refused by this node).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pause the background copy (on-demand fetches go on).
     Pause {
         name: String,
@@ -197,9 +208,18 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a volume and its data.
+    /// Delete a volume and its data. Refused while NBD clients are attached
+    /// or while a migration needs this copy (the source of a migration, or
+    /// its destination), unless --force.
     Rm {
         name: String,
+        /// Remove it anyway, destroying what depends on it: on a migration
+        /// source, every region the destination has not copied yet; on a
+        /// destination after handoff, every write made there since; on a
+        /// destination before handoff, only the clone (the source keeps the
+        /// volume, and cancels the migration with `migration cancel`).
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -487,13 +507,24 @@ fn wait_for(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
 
 fn migration(api: &Api, cmd: MigrationCmd) -> anyhow::Result<()> {
     let (s, json): (MigrationStatus, bool) = match cmd {
+        MigrationCmd::Cancel { name, force, json } => {
+            let r: serde_json::Value = api.post(
+                &format!("/v1/migrations/{}/cancel", seg(&name)?),
+                &CancelRequest { force },
+            )?;
+            if json {
+                return print_json(&r);
+            }
+            println!("migration of {name} cancelled: the volume stays on this node");
+            return Ok(());
+        }
         MigrationCmd::Status { name, json } => {
             (api.get(&format!("/v1/migrations/{}", seg(&name)?))?, json)
         }
         MigrationCmd::Handoff { name, force, json } => (
             api.post(
                 &format!("/v1/migrations/{}/handoff", seg(&name)?),
-                &HandoffRequest { force },
+                &HandoffRequest { force, id: None },
             )?,
             json,
         ),
@@ -626,8 +657,9 @@ fn volume(
                 Ok(())
             }
         }
-        VolumeCmd::Rm { name, json } => {
-            api.delete(&format!("/v1/volumes/{}", seg(&name)?))?;
+        VolumeCmd::Rm { name, force, json } => {
+            let force = if force { "?force=true" } else { "" };
+            api.delete(&format!("/v1/volumes/{}{force}", seg(&name)?))?;
             if json {
                 print_json(&serde_json::json!({ "removed": name }))
             } else {

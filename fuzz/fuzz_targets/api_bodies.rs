@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Method, Request};
-use dlsm::node::store::{CloneEnv, VolumeStore};
+use dlsm::node::store::{CloneEnv, RemoveMode, VolumeStore};
 use dlsm::node::{api, migration, NodeState};
 use libfuzzer_sys::fuzz_target;
 use tower::ServiceExt;
@@ -45,6 +45,9 @@ fn env() -> &'static Env {
             nbd_addr: None,
             nbd_unix: None,
             api_addr: "127.0.0.1:1".parse().unwrap(),
+            advertised_nbd: None,
+            advertised_api: "127.0.0.1:1".into(),
+            source_timeout: Duration::from_millis(100),
             peer_auth: Default::default(),
             api_token: None,
             completed: Default::default(),
@@ -63,6 +66,10 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/migrations/fz/rate"),
     ("POST", "/v1/migrations/fz/pause"),
     ("POST", "/v1/volumes/fz/release"),
+    ("POST", "/v1/volumes/fz/fence"),
+    ("POST", "/v1/migrations/fz/cancel"),
+    ("POST", "/v1/migrations/fz/drop"),
+    ("POST", "/v1/migrations/fz/handoff"),
     ("GET", "/v1/volumes/fz"),
 ];
 
@@ -91,7 +98,10 @@ fuzz_target!(|data: &[u8]| {
         }
         // Keep the store small: remove whatever a valid body created.
         for v in env.state.store.list() {
-            let _ = env.state.store.remove(&v.name, true);
+            let _ = env
+                .state
+                .store
+                .remove(&v.name, RemoveMode::Operator { force: true });
         }
     });
 });

@@ -121,6 +121,8 @@ struct Stats {
 pub struct CloneTarget {
     name: String,
     peer: String,
+    /// The migration's identity (see `node::store::Outgoing::id`).
+    migration: String,
     size: u64,
     region_size: u64,
     origin: Arc<RemoteTarget>,
@@ -166,6 +168,7 @@ impl CloneTarget {
     pub fn new(
         name: &str,
         peer: &str,
+        migration: &str,
         origin: Arc<RemoteTarget>,
         local: Arc<LocalTarget>,
         map: RegionMap,
@@ -178,6 +181,7 @@ impl CloneTarget {
         Ok(Arc::new(Self {
             name: name.to_owned(),
             peer: peer.to_owned(),
+            migration: migration.to_owned(),
             size: local.size(),
             region_size: map.region_size(),
             origin,
@@ -216,6 +220,11 @@ impl CloneTarget {
     pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move { me.hydrate().await })
+    }
+
+    /// The migration's identity.
+    pub fn migration_id(&self) -> &str {
+        &self.migration
     }
 
     pub fn is_handed_off(&self) -> bool {
@@ -261,6 +270,12 @@ impl CloneTarget {
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         self.source_unfenced.store(false, Ordering::SeqCst);
         info!(volume = %self.name, "source reached and fenced after the forced handoff");
+        // Its zeros need not cross the network now (a crash before the
+        // next commit only means they are fetched after all).
+        if let Err(e) = self.mark_source_zeroes().await {
+            warn!(volume = %self.name, "zero scan after the forced handoff failed; zeros are copied: {e}");
+        }
+        self.wake.notify_waiters();
         Ok(())
     }
     pub fn is_complete(&self) -> bool {
@@ -570,6 +585,18 @@ impl CloneTarget {
         }
     }
 
+    /// Makes sure this clone is never handed off (its migration was
+    /// cancelled at the source): false if it already was.
+    pub async fn cancel_before_handoff(&self) -> bool {
+        let _h = self.handoff_lock.lock().await;
+        if self.is_handed_off() {
+            return false;
+        }
+        *self.failed.lock().unwrap() = Some("migration cancelled at the source".into());
+        self.stop();
+        true
+    }
+
     /// The handoff (see module docs). Idempotent; `force` skips fencing the
     /// source (an operator's decision that the source is dead).
     pub async fn handoff(&self, force: bool) -> BlockResult<()> {
@@ -592,10 +619,11 @@ impl CloneTarget {
                 BlockError::Unavailable(format!("cannot hand off {}: {e}", self.name))
             })?;
         }
-        match self.mark_source_zeroes().await {
-            Ok(()) => {}
-            Err(e) if force => warn!(volume = %self.name, "zero scan skipped: {e}"),
-            Err(e) => return Err(e),
+        if !force {
+            // Only a fenced source's block status is final. After a forced
+            // handoff the scan waits until the source has been reached and
+            // fenced (`ensure_source_fenced`).
+            self.mark_source_zeroes().await?;
         }
         self.commit().await?;
         self.hooks
@@ -627,10 +655,7 @@ impl CloneTarget {
                         end / self.region_size
                     };
                     if first < end_region {
-                        let newly = self.map.lock().unwrap().mark_range(first, end_region - 1);
-                        self.stats
-                            .skipped
-                            .fetch_add(newly * self.region_size, Ordering::Relaxed);
+                        self.mark_zero_run(first, end_region).await?;
                     }
                 }
                 pos = end;
@@ -638,6 +663,41 @@ impl CloneTarget {
                     break;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Marks the absent regions of `first..end` present as zeros (the
+    /// fenced source reads them as zero), punching their local range first
+    /// (a crash may have lost the bit of data fetched there before). Skips
+    /// the run if a fetch holds part of it: that fetch copies what it needs.
+    async fn mark_zero_run(&self, first: u64, end: u64) -> BlockResult<()> {
+        let Some(_g) = self.locks.try_lock(first, end - 1) else {
+            return Ok(());
+        };
+        let mut r = first;
+        while r < end {
+            let (a, b) = {
+                let map = self.map.lock().unwrap();
+                while r < end && map.is_present(r) {
+                    r += 1;
+                }
+                let a = r;
+                while r < end && !map.is_present(r) {
+                    r += 1;
+                }
+                (a, r)
+            };
+            if a == b {
+                break;
+            }
+            let (off, _) = self.region_span(a);
+            let (_, stop) = self.region_span(b - 1);
+            self.local.trim(off, stop - off, false).await?;
+            let newly = self.map.lock().unwrap().mark_range(a, b - 1);
+            self.stats
+                .skipped
+                .fetch_add(newly * self.region_size, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -741,7 +801,11 @@ impl CloneTarget {
             // in flight, so their fetches do not queue behind megabytes of
             // background data on a saturated link.
             let busy = self.on_demand_recently(250);
-            let parallel = if busy { 1 } else { self.cfg.parallel };
+            // After a failed fetch, one batch at a time until one succeeds:
+            // batches paced while the source was away would otherwise all
+            // land at once when it returns, far above the rate limit.
+            let degraded = backoff > Duration::from_millis(100);
+            let parallel = if busy || degraded { 1 } else { self.cfg.parallel };
             let batch_regions = if busy {
                 ((256 << 10) / self.region_size).max(1)
             } else {
@@ -782,6 +846,12 @@ impl CloneTarget {
             // copier sleeps, so on-demand fetches never wait for the limit.
             if hint.is_none() {
                 self.limiter.acquire(count * self.region_size).await;
+                // Paused (or stopped) while waiting for the limit: this
+                // batch does not go; the cursor comes back to it.
+                if self.paused.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst) {
+                    cursor = first;
+                    continue;
+                }
             }
             let Some(guard) = self.locks.try_lock(first, first + count - 1) else {
                 // A client holds part of it; its own fetch covers it, and
@@ -858,6 +928,7 @@ impl CloneTarget {
         let completed_at = *self.stats.completed_at.lock().unwrap();
         MigrationStatus {
             volume: self.name.clone(),
+            id: self.migration.clone(),
             phase,
             role: "destination".into(),
             peer: self.peer.clone(),
@@ -1091,6 +1162,7 @@ mod tests {
         CloneTarget::new(
             "vm",
             "peer",
+            "0123456789abcdef",
             origin,
             local,
             map,

@@ -38,6 +38,10 @@ pub enum Phase {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
     pub volume: String,
+    /// The migration's identity (16 hex digits; empty for migrations
+    /// started before identities existed).
+    #[serde(default)]
+    pub id: String,
     pub phase: Phase,
     /// `destination` or `source`: which node answered.
     pub role: String,

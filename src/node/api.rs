@@ -34,9 +34,10 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::migration::{
-    self, FenceRequest, HandoffRequest, MigrateRequest, MigrationError, PrepareRequest, RateRequest,
+    self, CancelRequest, DropRequest, FenceRequest, HandoffRequest, MigrateRequest,
+    MigrationError, MigrationState, PrepareRequest, RateRequest, ReleaseRequest, StateQuery,
 };
-use super::store::{StoreError, TargetSpec, Volume};
+use super::store::{RemoveMode, StoreError, TargetSpec, Volume};
 use super::NodeState;
 use crate::migrate::MigrationStatus;
 
@@ -55,6 +56,9 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations", post(prepare))
         .route("/v1/migrations/{name}", get(migration_status))
         .route("/v1/migrations/{name}/handoff", post(handoff))
+        .route("/v1/migrations/{name}/state", get(migration_state))
+        .route("/v1/migrations/{name}/cancel", post(cancel))
+        .route("/v1/migrations/{name}/drop", post(drop_clone))
         .route("/v1/migrations/{name}/pause", post(pause))
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
@@ -262,7 +266,9 @@ pub fn status_of(e: &MigrationError) -> StatusCode {
 fn store_status(e: &StoreError) -> StatusCode {
     match e {
         StoreError::InvalidName(_) | StoreError::InvalidSize(_) => StatusCode::BAD_REQUEST,
-        StoreError::AlreadyExists(_) | StoreError::Busy(..) => StatusCode::CONFLICT,
+        StoreError::AlreadyExists(_) | StoreError::Busy(..) | StoreError::Migrating(_) => {
+            StatusCode::CONFLICT
+        }
         StoreError::NotFound(_) => StatusCode::NOT_FOUND,
         StoreError::Block(crate::target::BlockError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
         StoreError::Corrupt { .. }
@@ -377,12 +383,25 @@ async fn show_volume(
     Ok(Json(info(&s, &s.store.get(&name)?)))
 }
 
+/// Query of `DELETE /v1/volumes/{name}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Remove even what clients or a migration still need.
+    #[serde(default)]
+    pub force: bool,
+}
+
 async fn remove_volume(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    query: Result<axum::extract::Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let store = s.store.clone();
-    tokio::task::spawn_blocking(move || store.remove(&name, false))
+    let mode = RemoveMode::Operator { force: q.force };
+    tokio::task::spawn_blocking(move || store.remove(&name, mode))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok(StatusCode::NO_CONTENT)
@@ -431,16 +450,47 @@ async fn fence(
     body: Result<Json<FenceRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
-    migration::fence(&s, &name, &req.to).await?;
+    migration::fence(&s, &name, &req.to, &req.id).await?;
     Ok(Json(serde_json::json!({ "fenced": name })))
 }
 
 async fn release(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    body: Result<Json<ReleaseRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    migration::release(&s, &name).await?;
+    let Json(req) = body?;
+    migration::release(&s, &name, &req.id).await?;
     Ok(Json(serde_json::json!({ "released": name })))
+}
+
+async fn migration_state(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<MigrationState>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    Ok(Json(migration::migration_state(&s, &name, &q.id)))
+}
+
+async fn cancel(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    body: Option<Json<CancelRequest>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let force = body.is_some_and(|Json(b)| b.force);
+    Ok(Json(migration::cancel(&s, &name, force).await?))
+}
+
+async fn drop_clone(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    body: Result<Json<DropRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body?;
+    migration::drop_clone(&s, &name, &req.id).await?;
+    Ok(Json(serde_json::json!({ "dropped": name })))
 }
 
 async fn prepare(
@@ -469,8 +519,8 @@ async fn handoff(
     VolumeName(name): VolumeName,
     body: Option<Json<HandoffRequest>>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let force = body.is_some_and(|Json(b)| b.force);
-    Ok(Json(migration::handoff(&s, &name, force).await?))
+    let req = body.map(|Json(b)| b).unwrap_or_default();
+    Ok(Json(migration::handoff(&s, &name, req).await?))
 }
 
 async fn pause(

@@ -6,6 +6,12 @@
 //! writes already admitted to finish, and flushes: when it returns, no write
 //! can land here any more and every write this node acknowledged is durable.
 //! That is the source's half of the single-writer invariant.
+//!
+//! A fence can also be *held*: writes are refused while the node does not
+//! know whether it still owns the volume (a source that restarted with an
+//! outgoing migration recorded asks the destination first; see
+//! `node::migration::reconcile_outgoing`). A hold is lifted, or turned
+//! into a fence, by what the destination answers.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +27,8 @@ pub struct Fence {
     fenced: AtomicBool,
     in_flight: AtomicUsize,
     to: Mutex<String>,
+    /// Why writes are held (not fenced for good), if they are.
+    held: Mutex<Option<String>>,
 }
 
 impl Fence {
@@ -34,6 +42,21 @@ impl Fence {
 
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Refuses writes until [`Fence::release_hold`], saying `why`.
+    pub fn hold(&self, why: String) {
+        *self.held.lock().unwrap() = Some(why);
+    }
+
+    /// Lifts a hold (writes go through again unless fenced).
+    pub fn release_hold(&self) {
+        *self.held.lock().unwrap() = None;
+    }
+
+    /// Why writes are held, if they are.
+    pub fn held(&self) -> Option<String> {
+        self.held.lock().unwrap().clone()
     }
 
     /// Refuses writes from now on, waits for admitted writes, flushes `target`.
@@ -54,6 +77,9 @@ impl Fence {
                 "volume handed off to {}",
                 self.to.lock().unwrap()
             )));
+        }
+        if let Some(why) = &*self.held.lock().unwrap() {
+            return Err(BlockError::Fenced(why.clone()));
         }
         Ok(g)
     }

@@ -24,10 +24,11 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::store::{
-    update_table, HooksFactory, Outgoing, StoreError, TargetSpec, Volume, VolumeTable,
+    new_migration_id, update_table, HooksFactory, Outgoing, PendingRelease, RemoveMode,
+    StoreError, TargetSpec, Volume, VolumeTable, ARRIVED_KEPT,
 };
 use super::NodeState;
-use crate::api_client::{Api, ApiAuth};
+use crate::api_client::{encode_segment, Api, ApiAuth};
 use crate::migrate::clone::MigrationHooks;
 use crate::migrate::{MigrationStatus, Phase};
 use crate::target::BlockError;
@@ -69,6 +70,8 @@ pub struct MigrateRequest {
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
     pub name: String,
+    /// The migration's identity, made by the source.
+    pub id: String,
     pub size: u64,
     pub origin_nbd: String,
     pub origin_api: String,
@@ -77,10 +80,22 @@ pub struct PrepareRequest {
     pub rate: u64,
 }
 
-/// Body of `POST /v1/volumes/{name}/fence`.
+/// Body of `POST /v1/volumes/{name}/fence` (destination to source).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FenceRequest {
+    /// The destination's API address (recorded as who the volume went to).
     pub to: String,
+    /// The migration the destination holds; the source fences only for
+    /// its own outgoing migration.
+    pub id: String,
+}
+
+/// Body of `POST /v1/volumes/{name}/release` (destination to source).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// The migration that completed; the source releases only the copy
+    /// it handed off in that migration.
+    pub id: String,
 }
 
 /// Body of `POST /v1/migrations/{name}/handoff`.
@@ -88,6 +103,24 @@ pub struct FenceRequest {
 pub struct HandoffRequest {
     #[serde(default)]
     pub force: bool,
+    /// Set by a source (its last writer left): the migration it means.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// Body of `POST /v1/migrations/{name}/cancel` (operator, at the source).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CancelRequest {
+    /// The destination cannot be reached: forget the migration anyway.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Body of `POST /v1/migrations/{name}/drop` (source to destination: a
+/// cancelled migration's clone, before handoff).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DropRequest {
+    pub id: String,
 }
 
 /// Body of `POST /v1/migrations/{name}/rate`.
@@ -96,16 +129,74 @@ pub struct RateRequest {
     pub rate: u64,
 }
 
-/// Runs a blocking API call off the async workers.
-async fn call<T, F>(f: F) -> Result<T, MigrationError>
+/// What a destination knows of one migration (`GET
+/// /v1/migrations/{name}/state?id=ID`): how a source that restarted, or
+/// lost track, learns whether it still owns the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// The destination holds the clone of this migration, not handed off:
+    /// the source still owns the volume.
+    Passthrough,
+    /// The volume was handed off to the destination in this migration
+    /// (hydrating, complete, or moved on from there): the source must
+    /// refuse writes.
+    HandedOff,
+    /// The destination has no record of this migration.
+    Unknown,
+}
+
+/// Query of `GET /v1/migrations/{name}/state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateQuery {
+    pub id: String,
+}
+
+/// A failed call to another node: its HTTP status when it answered
+/// (`None`: unreachable or timed out), and what went wrong.
+#[derive(Debug)]
+struct PeerFailure {
+    status: Option<u16>,
+    message: String,
+}
+
+impl std::fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<PeerFailure> for MigrationError {
+    fn from(e: PeerFailure) -> Self {
+        MigrationError::Peer(e.message)
+    }
+}
+
+/// Calls another node's API off the async workers, giving up after
+/// `timeout` (the node's `--source-timeout`, not the HTTP client's two
+/// minutes).
+async fn call_peer<T, F>(
+    state_auth: &ApiAuth,
+    addr: &str,
+    timeout: Duration,
+    f: F,
+) -> Result<T, PeerFailure>
 where
     T: Send + 'static,
-    F: FnOnce() -> anyhow::Result<T> + Send + 'static,
+    F: FnOnce(&Api) -> anyhow::Result<T> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MigrationError::Peer(e.to_string()))?
-        .map_err(|e| MigrationError::Peer(format!("{e:#}")))
+    let api = Api::with_timeout(addr, state_auth, timeout);
+    match tokio::task::spawn_blocking(move || f(&api)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(PeerFailure {
+            status: crate::api_client::status_of(&e),
+            message: format!("{e:#}"),
+        }),
+        Err(e) => Err(PeerFailure {
+            status: None,
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// The hooks a destination clone uses: fence the source over its API, and
@@ -123,31 +214,41 @@ pub struct NodeHooks {
 #[async_trait]
 impl MigrationHooks for NodeHooks {
     async fn fence_source(&self) -> Result<(), String> {
-        let (name, api) = {
+        let (name, api, id) = {
             let t = self.table.lock().unwrap();
             match &t.target {
-                TargetSpec::Clone { origin, .. } => match origin.as_ref() {
-                    TargetSpec::Remote { api, .. } => (t.name.clone(), api.clone()),
+                TargetSpec::Clone {
+                    origin, migration, ..
+                } => match origin.as_ref() {
+                    TargetSpec::Remote { api, .. } => {
+                        (t.name.clone(), api.clone(), migration.clone())
+                    }
                     _ => return Err("clone origin is not remote".into()),
                 },
                 _ => return Err("volume is not a clone".into()),
             }
         };
         let deadline = Instant::now() + self.timeout;
-        let mut backoff = Duration::from_millis(50);
+        let mut retry = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
-            let (api2, name2, me) = (api.clone(), name.clone(), self.me.clone());
-            let auth = self.auth.clone();
-            let r = call(move || {
-                Api::with_auth(&api2, &auth).post::<serde_json::Value>(
-                    &format!("/v1/volumes/{name2}/fence"),
-                    &FenceRequest { to: me },
-                )
+            let req = FenceRequest {
+                to: self.me.clone(),
+                id: id.clone(),
+            };
+            let path = format!("/v1/volumes/{}/fence", encode_segment(&name));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = call_peer(&self.auth, &api, left.max(Duration::from_millis(100)), move |a| {
+                a.post::<serde_json::Value>(&path, &req)
             })
             .await;
             match r {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() + backoff > deadline => {
+                // The source answered, and said no: this migration is not
+                // (or no longer) its outgoing one. Retrying cannot help.
+                Err(e) if e.status == Some(409) || e.status == Some(404) => {
+                    return Err(format!("source {api} refused to fence for migration {id}: {e}"))
+                }
+                Err(e) if Instant::now() + retry.peek() > deadline => {
                     return Err(format!(
                         "source {api} did not fence within {:?}: {e}",
                         self.timeout
@@ -155,8 +256,7 @@ impl MigrationHooks for NodeHooks {
                 }
                 Err(e) => {
                     warn!(volume = %name, "fencing the source failed, retrying: {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    retry.wait().await;
                 }
             }
         }
@@ -167,15 +267,43 @@ impl MigrationHooks for NodeHooks {
             if let TargetSpec::Clone {
                 handed_off,
                 source_unfenced,
+                migration,
                 ..
             } = &mut t.target
             {
                 *handed_off = true;
                 *source_unfenced = !source_fenced;
+                if !t.arrived.contains(migration) {
+                    t.arrived.push(migration.clone());
+                }
+                let extra = t.arrived.len().saturating_sub(ARRIVED_KEPT);
+                t.arrived.drain(..extra);
             }
         })
         .map(drop)
         .map_err(|e| e.to_string())
+    }
+}
+
+/// Doubling waits between retries, up to a cap: the one retry policy of
+/// node-to-node calls.
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self { next: first, max }
+    }
+    /// The next wait, without taking it.
+    pub fn peek(&self) -> Duration {
+        self.next
+    }
+    /// Waits, and doubles the next wait.
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(self.max);
     }
 }
 
@@ -192,16 +320,31 @@ pub fn hooks_factory(me: String, timeout: Duration, auth: ApiAuth) -> HooksFacto
     })
 }
 
-/// After the store opened: start hydrators and watchers of every volume
-/// that was migrating when the node stopped.
+/// After the store opened, before any NBD client is served: start the
+/// hydrators of volumes migrating in, the release of source copies still
+/// owed, and for every volume that was migrating *out* and is not fenced,
+/// hold its writes until the destination says who owns it (see
+/// [`reconcile_outgoing`]): while this node was down, the destination may
+/// have been handed the volume by force.
 pub fn resume_all(state: &Arc<NodeState>) {
     for v in state.store.list() {
         if let Some(c) = v.clone_target() {
             c.start();
             spawn_supervisor(state.clone(), v.clone());
         }
-        if v.table().outgoing.is_some() && !v.fence.is_fenced() {
-            spawn_writer_watch(state.clone(), v.name.clone());
+        let t = v.table();
+        if let Some(out) = &t.outgoing {
+            if !v.fence.is_fenced() {
+                v.fence.hold(format!(
+                    "writes held: this node restarted while migrating the volume to {} \
+                     (migration {}); waiting to learn from it who owns the volume",
+                    out.to, out.id
+                ));
+                spawn_reconcile(state.clone(), v.name.clone(), out.id.clone());
+            }
+        }
+        if let Some(p) = t.release_pending {
+            spawn_release(state.clone(), v.name.clone(), p);
         }
     }
 }
@@ -218,10 +361,13 @@ pub async fn migrate(
             "volume {name:?} was already handed off from this node"
         )));
     }
+    if let Some(why) = vol.fence.held() {
+        return Err(MigrationError::Conflict(format!("volume {name:?}: {why}")));
+    }
     if let Some(o) = vol.table().outgoing {
         return Err(MigrationError::Conflict(format!(
-            "volume {name:?} is already migrating to {}",
-            o.to
+            "volume {name:?} is already migrating to {} (migration {})",
+            o.to, o.id
         )));
     }
     if let Some(c) = vol.clone_target() {
@@ -230,6 +376,12 @@ pub async fn migrate(
                 "volume {name:?} has not been handed off to this node yet"
             )));
         }
+    }
+    if req.to == state.advertised_api || req.to == state.api_addr.to_string() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} is on this node already ({}); name another node with --to",
+            req.to
+        )));
     }
     let nbd = state
         .advertised_nbd
@@ -246,106 +398,190 @@ pub async fn migrate(
         ));
     }
     let region_size = req.region_size.unwrap_or(DEFAULT_REGION_SIZE);
+    let id = new_migration_id();
     vol.update_table(|t| {
         t.outgoing = Some(Outgoing {
             to: req.to.clone(),
             keep_source: req.keep_source,
+            id: id.clone(),
         })
     })?;
     let prep = PrepareRequest {
         name: name.to_owned(),
+        id: id.clone(),
         size: vol.size,
         origin_nbd: nbd,
         origin_api: state.advertised_api.clone(),
         region_size,
         rate: req.rate.unwrap_or(0),
     };
-    let (to, auth) = (req.to.clone(), state.peer_auth.clone());
-    let r =
-        call(move || Api::with_auth(&to, &auth).post::<MigrationStatus>("/v1/migrations", &prep))
-            .await;
+    let r = call_peer(&state.peer_auth, &req.to, state.source_timeout, move |a| {
+        a.post::<MigrationStatus>("/v1/migrations", &prep)
+    })
+    .await;
     match r {
         Ok(mut status) => {
-            info!(volume = name, to = %req.to, "migration prepared");
-            spawn_writer_watch(state.clone(), name.to_owned());
+            info!(volume = name, to = %req.to, migration = %id, "migration prepared");
+            spawn_writer_watch(state.clone(), name.to_owned(), id);
             status.role = "source".into();
             status.peer = req.to.clone();
             Ok(status)
         }
         Err(e) => {
-            // Nothing was created at the destination: forget the attempt.
-            let _ = vol.update_table(|t| t.outgoing = None);
-            Err(e)
+            // The destination may or may not have made the clone (the
+            // answer may be what was lost). Forgetting the migration is
+            // safe either way: a clone of this identity is refused the
+            // origin link and the fence from now on, so it can never take
+            // the volume.
+            let _ = vol.update_table(|t| {
+                if t.outgoing.as_ref().is_some_and(|o| o.id == id) {
+                    t.outgoing = None;
+                }
+            });
+            Err(e.into())
         }
     }
 }
 
-/// Destination: creates the clone volume and exports it at once.
+/// Destination: creates the clone volume and exports it at once. A
+/// repeated prepare of the same migration answers as the first did.
 pub async fn prepare(
     state: &Arc<NodeState>,
     req: PrepareRequest,
 ) -> Result<MigrationStatus, MigrationError> {
-    let origin = TargetSpec::Remote {
-        nbd: req.origin_nbd.clone(),
-        export: req.name.clone(),
-        api: req.origin_api.clone(),
-    };
-    let store = state.store.clone();
-    let r = req.clone();
-    let vol = tokio::task::spawn_blocking(move || {
-        store.create_clone(&r.name, r.size, origin, r.region_size, r.rate)
-    })
-    .await
-    .map_err(|e| MigrationError::Peer(e.to_string()))??;
-    let clone = vol.clone_target().expect("a clone volume");
-    clone.start();
-    spawn_supervisor(state.clone(), vol);
-    info!(volume = %req.name, from = %req.origin_api, "migration prepared: passthrough");
-    Ok(clone.status())
+    if req.id.is_empty() {
+        return Err(MigrationError::Conflict(
+            "prepare without a migration identity".into(),
+        ));
+    }
+    if let Ok(v) = state.store.get(&req.name) {
+        if let Some(c) = v.clone_target().filter(|c| c.migration_id() == req.id) {
+            return Ok(c.status());
+        }
+    }
+    // Create, start and supervise in a task of its own: if the caller
+    // goes away mid-way (its future dropped), the clone still gets its
+    // hydrator and supervisor instead of idling until a restart.
+    let st = state.clone();
+    let task = tokio::spawn(async move {
+        let origin = TargetSpec::Remote {
+            nbd: req.origin_nbd.clone(),
+            export: req.name.clone(),
+            api: req.origin_api.clone(),
+        };
+        let store = st.store.clone();
+        let r = req.clone();
+        let vol = tokio::task::spawn_blocking(move || {
+            store.create_clone(&r.name, r.size, origin, r.region_size, r.rate, &r.id)
+        })
+        .await
+        .map_err(|e| MigrationError::Peer(e.to_string()))??;
+        let clone = vol.clone_target().expect("a clone volume");
+        clone.start();
+        spawn_supervisor(st, vol);
+        info!(volume = %req.name, from = %req.origin_api, migration = %req.id, "migration prepared: passthrough");
+        Ok::<_, MigrationError>(clone.status())
+    });
+    task.await
+        .map_err(|e| MigrationError::Peer(e.to_string()))?
 }
 
-/// Source: fences the volume (writes refused from now on) and flushes.
-pub async fn fence(state: &Arc<NodeState>, name: &str, to: &str) -> Result<(), MigrationError> {
+/// Source: fences the volume for migration `id` (writes refused from now
+/// on) and flushes. Only the destination of this node's outgoing
+/// migration may: a fence for any other migration is refused, so a stale
+/// clone on some third node can never take the volume. Idempotent for the
+/// migration it was fenced for.
+pub async fn fence(
+    state: &Arc<NodeState>,
+    name: &str,
+    to: &str,
+    id: &str,
+) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
+    let t = vol.table();
+    let ours = t.outgoing.as_ref().is_some_and(|o| o.id == id);
+    if !ours {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: refusing to fence for migration {id}: {}",
+            match (&t.outgoing, &t.fenced_for) {
+                (Some(o), _) => format!("this node is migrating it in migration {} to {}", o.id, o.to),
+                (None, Some(f)) if f == id => "that migration is over here".to_owned(),
+                _ => "this node has no such migration of it".to_owned(),
+            }
+        )));
+    }
     vol.fence.fence(to, &*vol.target()).await?;
     if let Some(c) = vol.clone_target() {
         // A clone that is itself a source: its map must be durable too.
         c.commit().await?;
     }
-    vol.update_table(|t| t.fenced_to = Some(to.to_owned()))?;
-    info!(volume = name, to, "fenced: writes now refused here");
+    vol.update_table(|t| {
+        t.fenced_to = Some(to.to_owned());
+        t.fenced_for = Some(id.to_owned());
+    })?;
+    vol.fence.release_hold();
+    info!(volume = name, to, migration = id, "fenced: writes now refused here");
     Ok(())
 }
 
-/// Source: the destination has everything; delete (or keep) our copy.
-pub async fn release(state: &Arc<NodeState>, name: &str) -> Result<(), MigrationError> {
+/// Source: migration `id` completed at its destination; delete (or keep,
+/// fenced) this node's copy. Refused for any other migration: a release
+/// left over from an earlier migration of the volume must never delete a
+/// later incarnation's copy. Idempotent: a repeated release of a copy
+/// already released answers as the first did.
+pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
-    if !vol.fence.is_fenced() {
+    let t = vol.table();
+    let Some(out) = t.outgoing.clone().filter(|o| o.id == id) else {
+        if t.outgoing.is_none() && t.fenced_for.as_deref() == Some(id) {
+            return Ok(()); // kept as asked by an earlier release
+        }
         return Err(MigrationError::Conflict(format!(
-            "volume {name:?} was never handed off; refusing to release it"
+            "volume {name:?}: refusing to release for migration {id}: it is not this \
+             node's outgoing migration of the volume"
         )));
+    };
+    if !vol.fence.is_fenced() {
+        // The destination completed without ever fencing this node (a
+        // forced handoff while it was down): it owns the volume, so fence
+        // before anything else.
+        fence(state, name, &out.to, id).await?;
     }
     // A clone that still pulls from its own origin (B in A -> B -> C) does
-    // not need it any more: release that too.
+    // not need it any more: that origin is released first (so a failure
+    // here leaves this copy, and the destination retries), then this copy.
+    let mut keep = out.keep_source;
     if let Some(c) = vol.clone_target() {
         c.stop();
-        if let Some(TargetSpec::Clone { origin, .. }) = Some(vol.table().target) {
+        if let TargetSpec::Clone {
+            origin, migration, ..
+        } = t.target
+        {
             if let TargetSpec::Remote { api, .. } = *origin {
-                spawn_release(api, name.to_owned(), state.peer_auth.clone());
+                release_once(state, &api, name, &migration).await?;
             }
         }
+        if keep && !c.is_complete() {
+            warn!(volume = name, "not keeping the source copy: it is incomplete (this node was still hydrating it)");
+            keep = false;
+        }
     }
-    let keep = vol.table().outgoing.is_some_and(|o| o.keep_source);
+    // Likewise a release this node still owes its own source: once this
+    // copy is gone nobody would remember it.
+    if let Some(p) = &t.release_pending {
+        release_once(state, &p.api, name, &p.id).await?;
+        vol.update_table(|t| t.release_pending = None)?;
+    }
     if keep {
         vol.update_table(|t| t.outgoing = None)?;
-        info!(volume = name, "released: kept (fenced) as asked");
+        info!(volume = name, migration = id, "released: kept (fenced) as asked");
     } else {
         let store = state.store.clone();
         let n = name.to_owned();
-        tokio::task::spawn_blocking(move || store.remove(&n, true))
+        tokio::task::spawn_blocking(move || store.remove(&n, RemoveMode::Released))
             .await
             .map_err(|e| MigrationError::Peer(e.to_string()))??;
-        info!(volume = name, "released: deleted");
+        info!(volume = name, migration = id, "released: deleted");
     }
     Ok(())
 }
@@ -354,14 +590,124 @@ pub async fn release(state: &Arc<NodeState>, name: &str) -> Result<(), Migration
 pub async fn handoff(
     state: &Arc<NodeState>,
     name: &str,
-    force: bool,
+    req: HandoffRequest,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
     let c = vol
         .clone_target()
         .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
-    c.handoff(force).await?;
+    if let Some(id) = req.id.as_deref().filter(|id| *id != c.migration_id()) {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: handoff asked for migration {id}, but this node holds migration {}",
+            c.migration_id()
+        )));
+    }
+    c.handoff(req.force).await?;
     Ok(c.status())
+}
+
+/// Destination: what this node knows of migration `id` of `name` (see
+/// [`MigrationState`]).
+pub fn migration_state(state: &NodeState, name: &str, id: &str) -> MigrationState {
+    let Ok(vol) = state.store.get(name) else {
+        return MigrationState::Unknown;
+    };
+    if let Some(c) = vol.clone_target().filter(|c| c.migration_id() == id) {
+        return if c.is_handed_off() {
+            MigrationState::HandedOff
+        } else {
+            MigrationState::Passthrough
+        };
+    }
+    if vol.table().arrived.iter().any(|a| a == id) {
+        MigrationState::HandedOff
+    } else {
+        MigrationState::Unknown
+    }
+}
+
+/// Source: cancels an outgoing migration that was not handed off: the
+/// destination drops its clone, this node forgets the migration and takes
+/// writes again. After handoff it is refused (rolling back is not built
+/// yet). `force` forgets the migration when the destination cannot be
+/// reached (its clone, should it come back, is refused by this node).
+pub async fn cancel(
+    state: &Arc<NodeState>,
+    name: &str,
+    force: bool,
+) -> Result<serde_json::Value, MigrationError> {
+    let vol = state.store.get(name)?;
+    let Some(out) = vol.table().outgoing else {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    };
+    if vol.fence.is_fenced() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} was handed off to {} already: cancelling now would need a \
+             rollback, which dlsm cannot do yet; let the migration complete",
+            out.to
+        )));
+    }
+    let (path, req) = (
+        format!("/v1/migrations/{}/drop", encode_segment(name)),
+        DropRequest { id: out.id.clone() },
+    );
+    let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
+        a.post::<serde_json::Value>(&path, &req)
+    })
+    .await;
+    match r {
+        Ok(_) => {}
+        Err(e) if e.status == Some(404) => {}
+        Err(e) if e.status == Some(409) => {
+            // The destination has it: it was handed off, so this node
+            // must not write any more.
+            fence(state, name, &out.to, &out.id).await?;
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?} was handed off to {} already (this node is fenced now): {e}",
+                out.to
+            )));
+        }
+        Err(e) if force => {
+            warn!(volume = name, "cancel --force: destination unreachable ({e}); forgetting the migration");
+        }
+        Err(e) => {
+            return Err(MigrationError::Peer(format!(
+                "cannot reach the destination {} to drop its clone: {e} (give --force if it is \
+                 gone for good)",
+                out.to
+            )))
+        }
+    }
+    vol.update_table(|t| {
+        if t.outgoing.as_ref().is_some_and(|o| o.id == out.id) {
+            t.outgoing = None;
+        }
+    })?;
+    vol.fence.release_hold();
+    info!(volume = name, migration = %out.id, "migration cancelled: the volume stays here");
+    Ok(serde_json::json!({ "cancelled": name, "migration": out.id }))
+}
+
+/// Destination: drops the clone of a cancelled migration, if it was not
+/// handed off (409 if it was; 404 if there is no such clone).
+pub async fn drop_clone(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(), MigrationError> {
+    let vol = state.store.get(name)?;
+    let c = vol
+        .clone_target()
+        .filter(|c| c.migration_id() == id)
+        .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
+    if !c.cancel_before_handoff().await {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} was handed off to this node in migration {id}"
+        )));
+    }
+    let store = state.store.clone();
+    let n = name.to_owned();
+    tokio::task::spawn_blocking(move || store.remove(&n, RemoveMode::Cancelled))
+        .await
+        .map_err(|e| MigrationError::Peer(e.to_string()))??;
+    info!(volume = name, migration = id, "cancelled by the source: clone dropped");
+    Ok(())
 }
 
 /// Status, on either node. The source asks the destination.
@@ -373,39 +719,51 @@ pub async fn status(state: &Arc<NodeState>, name: &str) -> Result<MigrationStatu
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
-    let (to, n, auth) = (out.to.clone(), name.to_owned(), state.peer_auth.clone());
-    let get =
-        move || Api::with_auth(&to, &auth).get::<MigrationStatus>(&format!("/v1/migrations/{n}"));
-    match call(get).await {
-        Ok(mut s) => {
+    let path = format!("/v1/migrations/{}", encode_segment(name));
+    let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
+        a.get::<MigrationStatus>(&path)
+    })
+    .await;
+    match r {
+        Ok(mut s) if s.id == out.id => {
             s.role = "source".into();
             s.peer = out.to;
             Ok(s)
         }
-        Err(e) => Ok(MigrationStatus {
-            volume: name.to_owned(),
-            phase: if vol.fence.is_fenced() {
-                Phase::Hydrating
-            } else {
-                Phase::Passthrough
-            },
-            role: "source".into(),
-            peer: out.to,
-            region_size: 0,
-            regions_total: 0,
-            regions_present: 0,
-            bytes_on_demand: 0,
-            bytes_background: 0,
-            bytes_skipped: 0,
-            rate_limit: 0,
-            rate: 0,
-            eta_seconds: None,
-            paused: false,
-            stalled: None,
-            handoff_after_seconds: None,
-            hydrate_seconds: None,
-            last_error: Some(format!("destination unreachable: {e}")),
-        }),
+        other => {
+            let why = match other {
+                Ok(s) => format!(
+                    "the destination reports migration {:?}, not this node's {}",
+                    s.id, out.id
+                ),
+                Err(e) => format!("destination unreachable: {e}"),
+            };
+            Ok(MigrationStatus {
+                volume: name.to_owned(),
+                id: out.id,
+                phase: if vol.fence.is_fenced() {
+                    Phase::Hydrating
+                } else {
+                    Phase::Passthrough
+                },
+                role: "source".into(),
+                peer: out.to,
+                region_size: 0,
+                regions_total: 0,
+                regions_present: 0,
+                bytes_on_demand: 0,
+                bytes_background: 0,
+                bytes_skipped: 0,
+                rate_limit: 0,
+                rate: 0,
+                eta_seconds: None,
+                paused: false,
+                stalled: vol.fence.held(),
+                handoff_after_seconds: None,
+                hydrate_seconds: None,
+                last_error: Some(why),
+            })
+        }
     }
 }
 
@@ -421,16 +779,19 @@ pub fn clone_of(
         .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))
 }
 
-/// Destination: when the clone completes, collapse the table to `local`,
-/// drop the origin link and release the source.
+/// Destination: when the clone completes, collapse the table to `local`
+/// (recording, in the same durable write, that the source copy is still
+/// to be released), drop the origin link and release the source.
 fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
     tokio::spawn(async move {
         let Some(c) = vol.clone_target() else { return };
         c.wait_complete().await;
         let status = c.status();
-        let origin_api = match vol.table().target {
-            TargetSpec::Clone { origin, .. } => match *origin {
-                TargetSpec::Remote { api, .. } => Some(api),
+        let pending = match vol.table().target {
+            TargetSpec::Clone {
+                origin, migration, ..
+            } => match *origin {
+                TargetSpec::Remote { api, .. } => Some(PendingRelease { api, id: migration }),
                 _ => None,
             },
             _ => None,
@@ -440,12 +801,16 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
         if let Err(e) = write_completed(vol.dir(), &status) {
             warn!(volume = %vol.name, "cannot record the completed migration: {e}");
         }
+        let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         loop {
-            match vol.collapse_to_local() {
+            if state.store.get(&vol.name).is_err() {
+                return; // removed meanwhile
+            }
+            match vol.collapse_to_local(pending.clone()) {
                 Ok(()) => break,
                 Err(e) => {
                     warn!(volume = %vol.name, "cannot collapse table, retrying: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    retry.wait().await;
                 }
             }
         }
@@ -456,8 +821,8 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             .unwrap()
             .insert(vol.name.clone(), status);
         info!(volume = %vol.name, "migration complete: volume is local");
-        if let Some(api) = origin_api {
-            spawn_release(api, vol.name.clone(), state.peer_auth.clone());
+        if let Some(p) = pending {
+            spawn_release(state.clone(), vol.name.clone(), p);
         }
     });
 }
@@ -488,35 +853,124 @@ pub fn completed_status(state: &NodeState, name: &str) -> Option<MigrationStatus
     serde_json::from_slice(&text).ok()
 }
 
-/// Tells a source it may release `name`, retrying for a while.
-fn spawn_release(api: String, name: String, auth: ApiAuth) {
+/// Asks `api` once to release its copy of `name` for migration `id`.
+/// Done when it did, when it has no such volume (404) or when it says the
+/// copy is not that migration's (409: a later incarnation, never to be
+/// touched).
+async fn release_once(
+    state: &NodeState,
+    api: &str,
+    name: &str,
+    id: &str,
+) -> Result<(), MigrationError> {
+    let path = format!("/v1/volumes/{}/release", encode_segment(name));
+    let req = ReleaseRequest { id: id.to_owned() };
+    match call_peer(&state.peer_auth, api, state.source_timeout, move |a| {
+        a.post::<serde_json::Value>(&path, &req)
+    })
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.status == Some(404) => Ok(()),
+        Err(e) if e.status == Some(409) => {
+            warn!(volume = name, source = api, migration = id, "source refused the release (not that migration's copy): {e}");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Tells the source of a completed migration to release its copy, until
+/// it is done (see [`release_once`]); then forgets the obligation. The
+/// obligation is in the table, so a restart resumes it.
+fn spawn_release(state: Arc<NodeState>, name: String, p: PendingRelease) {
     tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
-        for _ in 0..30 {
-            let (a, n, auth) = (api.clone(), name.clone(), auth.clone());
-            let r = call(move || {
-                Api::with_auth(&a, &auth)
-                    .post::<serde_json::Value>(&format!("/v1/volumes/{n}/release"), &())
-            })
-            .await;
-            match r {
-                Ok(_) => return,
-                Err(e) if e.to_string().contains("HTTP 404") => return,
+        let mut retry = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            let Ok(vol) = state.store.get(&name) else {
+                return;
+            };
+            if vol.table().release_pending.as_ref() != Some(&p) {
+                return;
+            }
+            match release_once(&state, &p.api, &name, &p.id).await {
+                Ok(()) => {
+                    let _ = vol.update_table(|t| {
+                        if t.release_pending.as_ref() == Some(&p) {
+                            t.release_pending = None;
+                        }
+                    });
+                    return;
+                }
                 Err(e) => {
-                    warn!(volume = %name, source = %api, "release failed, retrying: {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    warn!(volume = %name, source = %p.api, "release failed, retrying: {e}");
+                    retry.wait().await;
                 }
             }
         }
-        warn!(volume = %name, source = %api, "gave up releasing the source copy; release it by hand");
     });
 }
 
-/// Source: hands off when the last client (a hypervisor, typically) that
-/// was attached since the migration started disconnects. The destination's
-/// own origin links (`NAME@origin`) are not clients.
-fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
+/// Source that restarted with an outgoing migration it is not fenced for:
+/// asks the destination what it knows of that migration, until it says.
+/// Passthrough: this node still owns the volume (writes resume, and the
+/// writer watch with them). Handed off: this node fences itself. Unknown:
+/// writes stay held until an operator runs `migration cancel` here (the
+/// destination may have moved the volume on and forgotten it; taking
+/// writes again could make a second writer).
+fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
+    tokio::spawn(async move {
+        let mut retry = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let Ok(vol) = state.store.get(&name) else {
+                return;
+            };
+            let Some(out) = vol.table().outgoing.filter(|o| o.id == id) else {
+                return; // cancelled meanwhile
+            };
+            if vol.fence.is_fenced() {
+                vol.fence.release_hold();
+                return;
+            }
+            let path = format!("/v1/migrations/{}/state?id={}", encode_segment(&name), id);
+            let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
+                a.get::<MigrationState>(&path)
+            })
+            .await;
+            match r {
+                Ok(MigrationState::Passthrough) => {
+                    vol.fence.release_hold();
+                    info!(volume = %name, migration = %id, "destination has not taken the volume: writes resume");
+                    spawn_writer_watch(state.clone(), name.clone(), id.clone());
+                    return;
+                }
+                Ok(MigrationState::HandedOff) => match fence(&state, &name, &out.to, &id).await {
+                    Ok(()) => {
+                        info!(volume = %name, migration = %id, "destination owns the volume: fenced");
+                        return;
+                    }
+                    Err(e) => warn!(volume = %name, "cannot fence: {e}"),
+                },
+                Ok(MigrationState::Unknown) => {
+                    vol.fence.hold(format!(
+                        "writes held: the destination {} has no record of migration {id}; \
+                         run `dlsm migration cancel {name}` on this node if the volume is \
+                         to stay here",
+                        out.to
+                    ));
+                }
+                Err(e) => warn!(volume = %name, "cannot ask the destination who owns the volume: {e}"),
+            }
+            retry.wait().await;
+        }
+    });
+}
+
+/// Source: when the last client (a hypervisor, typically) that was
+/// attached since the migration started disconnects, asks the destination
+/// to hand off (it fences this node, for this migration, as part of it).
+/// The destination's own origin links are not clients.
+fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
     tokio::spawn(async move {
         let Ok(first) = state.store.get(&name) else {
             return;
@@ -530,7 +984,7 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
             let Ok(vol) = state.store.get(&name) else {
                 return;
             };
-            let Some(out) = vol.table().outgoing else {
+            let Some(out) = vol.table().outgoing.filter(|o| o.id == id) else {
                 return;
             };
             if vol.fence.is_fenced() {
@@ -547,23 +1001,20 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String) {
                     Ok(Ok(())) | Err(_) => continue,
                 }
             }
-            info!(volume = %name, to = %out.to, "last client left: handing off");
-            if let Err(e) = fence(&state, &name, &out.to).await {
-                warn!(volume = %name, "self-fence failed, retrying: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-            let (to, n, auth) = (out.to.clone(), name.clone(), state.peer_auth.clone());
-            let r = call(move || {
-                Api::with_auth(&to, &auth).post::<serde_json::Value>(
-                    &format!("/v1/migrations/{n}/handoff"),
-                    &HandoffRequest::default(),
-                )
+            info!(volume = %name, to = %out.to, "last client left: asking the destination to hand off");
+            let path = format!("/v1/migrations/{}/handoff", encode_segment(&name));
+            let req = HandoffRequest {
+                force: false,
+                id: Some(id.clone()),
+            };
+            let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
+                a.post::<serde_json::Value>(&path, &req)
             })
             .await;
             if let Err(e) = r {
-                // Fenced already; the destination hands off on its first write.
-                warn!(volume = %name, "telling the destination failed: {e}");
+                // Not fenced: this node still owns the volume; the
+                // destination hands off on its first write.
+                warn!(volume = %name, "asking the destination to hand off failed: {e}");
             }
             return;
         }

@@ -115,12 +115,18 @@ impl ExportRegistry for Registry {
     }
 
     fn open(&self, name: &str) -> Option<Export> {
-        // `NAME@origin` is how a migration destination reads its source:
-        // read-only (a destination never writes its origin), and not counted
-        // as a client (so the source can tell when its last real client
-        // leaves).
-        if let Some(vol) = name.strip_suffix(store::ORIGIN_SUFFIX) {
+        // `NAME@origin:ID` is how the destination of migration ID reads
+        // its source: read-only (a destination never writes its origin),
+        // not counted as a client (so the source can tell when its last
+        // real client leaves), and served only while ID is this volume's
+        // outgoing migration: a clone left over from an older or abandoned
+        // migration gets "no such export", never this incarnation's data.
+        if let Some((vol, id)) = name.split_once(store::ORIGIN_MARK) {
             let v = self.0.get(vol).ok()?;
+            if v.table().outgoing.is_none_or(|o| o.id != id) {
+                debug!(export = name, "origin link refused: not this volume's outgoing migration");
+                return None;
+            }
             return Some(Export {
                 name: name.to_owned(),
                 description: format!("dlsm volume {vol}, origin link"),
@@ -151,6 +157,8 @@ pub struct NodeState {
     pub advertised_nbd: Option<String>,
     /// The API address other nodes reach this node by.
     pub advertised_api: String,
+    /// How long a call to another node may take (`--source-timeout`).
+    pub source_timeout: Duration,
     /// What this node presents when it calls another node's API.
     pub peer_auth: crate::api_client::ApiAuth,
     /// The token incoming API requests must carry, if any.
@@ -280,6 +288,7 @@ impl Node {
                 .advertise_api
                 .clone()
                 .unwrap_or_else(|| api_addr.to_string()),
+            source_timeout: cfg.source_timeout,
             peer_auth,
             api_token: cfg.api_token.clone(),
             completed: Default::default(),

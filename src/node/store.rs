@@ -49,6 +49,8 @@ pub enum StoreError {
     NotFound(String),
     #[error("volume {0:?} is in use by {1} NBD connection(s)")]
     Busy(String, usize),
+    #[error("{0}")]
+    Migrating(String),
     #[error("volume {name:?} is corrupt: {reason}")]
     Corrupt { name: String, reason: String },
     #[error(
@@ -111,6 +113,9 @@ pub enum TargetSpec {
         source_unfenced: bool,
         #[serde(default)]
         rate: u64,
+        /// The migration's identity (see [`Outgoing::id`]).
+        #[serde(default)]
+        migration: String,
     },
 }
 
@@ -120,7 +125,35 @@ pub struct Outgoing {
     /// The destination node's API.
     pub to: String,
     pub keep_source: bool,
+    /// The migration's identity: made by the source when the migration
+    /// starts, persisted on both sides, carried by every node-to-node call
+    /// (prepare, fence, handoff, release, the origin link's export name).
+    /// A call naming any other identity is refused, so a late or
+    /// duplicated message can never act on a later incarnation of the
+    /// volume (DESIGN invariant 7).
+    #[serde(default)]
+    pub id: String,
 }
+
+/// A migration identity: 64 random bits, as 16 hex digits.
+pub fn new_migration_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A source copy the destination still has to release (persisted, so a
+/// restart or a long outage of the source does not leak the copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRelease {
+    /// The source node's API.
+    pub api: String,
+    /// The migration whose source copy it is.
+    pub id: String,
+}
+
+/// How many identities of migrations that handed off to this node a
+/// volume remembers (so a source returning after a long outage learns
+/// that it lost the volume).
+pub const ARRIVED_KEPT: usize = 32;
 
 /// The persisted description of a volume (`table.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,9 +164,19 @@ pub struct VolumeTable {
     /// Set once this node handed the volume off: writes are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fenced_to: Option<String>,
+    /// The migration this node was fenced for (with `fenced_to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fenced_for: Option<String>,
     /// Set while the volume migrates away from this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outgoing: Option<Outgoing>,
+    /// Identities of the migrations that handed the volume off to this
+    /// node, newest last (at most [`ARRIVED_KEPT`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arrived: Vec<String>,
+    /// The source copy this node must still tell to release itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_pending: Option<PendingRelease>,
 }
 
 /// A live volume: its table and the stacked target that serves it.
@@ -199,21 +242,38 @@ impl Volume {
     }
 
     /// Collapses a completed clone to its local target: table first
-    /// (durable), then the live target; finally the map file goes.
-    pub fn collapse_to_local(&self) -> Result<(), StoreError> {
+    /// (durable, with the source copy still to release in the same write),
+    /// then the live target; finally the map file goes.
+    pub fn collapse_to_local(&self, release: Option<PendingRelease>) -> Result<(), StoreError> {
         let Some(clone) = self.clone_target() else {
             return Ok(());
         };
         let TargetSpec::Clone { local, map, .. } = self.table().target else {
             return Ok(());
         };
-        self.update_table(|t| t.target = *local.clone())?;
+        self.update_table(|t| {
+            t.target = *local.clone();
+            t.release_pending = release;
+        })?;
         *self.target.write().unwrap() = clone.local();
         *self.clone.lock().unwrap() = None;
         let map_path = self.dir.join(map);
         let _ = fs::remove_file(&map_path);
         Ok(())
     }
+}
+
+/// Who removes a volume, which decides what is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMode {
+    /// `volume rm`: refused while clients are attached or while a
+    /// migration needs the copy (source or destination), unless `force`.
+    Operator { force: bool },
+    /// The destination of a completed migration released this source
+    /// copy: clients still attached keep reading the unlinked file.
+    Released,
+    /// The source cancelled a migration before handoff: this clone goes.
+    Cancelled,
 }
 
 /// Makes a clone's hooks from its volume directory and live table.
@@ -260,9 +320,16 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Export-name suffix of the read-only origin link a migration destination
-/// uses (`vm1@origin`); `@` cannot appear in a volume name.
-pub const ORIGIN_SUFFIX: &str = "@origin";
+/// Marks the read-only origin link a migration destination uses:
+/// `vm1@origin:ID`, where ID is the migration's identity (`@` cannot
+/// appear in a volume name). The source serves it only while that
+/// migration is its outgoing one.
+pub const ORIGIN_MARK: &str = "@origin:";
+
+/// The export name of `volume`'s origin link for migration `id`.
+pub fn origin_export(volume: &str, id: &str) -> String {
+    format!("{volume}{ORIGIN_MARK}{id}")
+}
 
 /// Largest volume: 2^63 bytes keeps every offset computation in range.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
@@ -321,7 +388,10 @@ impl VolumeStore {
                 file: "data.raw".into(),
             },
             fenced_to: None,
+            fenced_for: None,
             outgoing: None,
+            arrived: Vec::new(),
+            release_pending: None,
         };
         self.create_with(table, |_| Ok(()))
     }
@@ -335,6 +405,7 @@ impl VolumeStore {
         origin: TargetSpec,
         region_size: u64,
         rate: u64,
+        migration: &str,
     ) -> Result<Arc<Volume>, StoreError> {
         let table = VolumeTable {
             name: name.to_owned(),
@@ -349,9 +420,13 @@ impl VolumeStore {
                 handed_off: false,
                 source_unfenced: false,
                 rate,
+                migration: migration.to_owned(),
             },
             fenced_to: None,
+            fenced_for: None,
             outgoing: None,
+            arrived: Vec::new(),
+            release_pending: None,
         };
         self.create_with(table, |dir| {
             RegionMap::create(&dir.join("regions.map"), size, region_size)
@@ -420,28 +495,72 @@ impl VolumeStore {
         self.volumes.lock().unwrap().values().cloned().collect()
     }
 
-    /// Deletes a volume and its data. Refused while clients are attached,
-    /// unless `force` (a released migration source: its remaining clients
-    /// keep reading the unlinked file until they go).
-    pub fn remove(&self, name: &str, force: bool) -> Result<(), StoreError> {
+    /// Deletes a volume and its data, as `mode` allows (see [`RemoveMode`]).
+    pub fn remove(&self, name: &str, mode: RemoveMode) -> Result<(), StoreError> {
         let mut vols = self.volumes.lock().unwrap();
         let vol = vols
             .get(name)
             .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
-        let n = vol.connections();
-        if n > 0 && !force {
-            return Err(StoreError::Busy(name.to_owned(), n));
+        // The table lock is held from the check to the rename, so a
+        // migration cannot start in between: it records itself with
+        // `update_table`, which either comes first (and is seen here) or
+        // finds the directory gone.
+        let table = vol.table.lock().unwrap();
+        if mode == (RemoveMode::Operator { force: false }) {
+            let n = vol.connections();
+            if n > 0 {
+                return Err(StoreError::Busy(name.to_owned(), n));
+            }
+            if let Some(o) = &table.outgoing {
+                return Err(StoreError::Migrating(format!(
+                    "volume {name:?} is migrating to {} (migration {}): the destination still \
+                     needs this copy{}; it is released by the migration when the destination \
+                     has everything (or give --force, losing every region the destination has \
+                     not copied yet)",
+                    o.to,
+                    o.id,
+                    if vol.fence.is_fenced() {
+                        " for the regions it has not copied"
+                    } else {
+                        ", and it is still the volume's only writable copy"
+                    }
+                )));
+            }
+            if let TargetSpec::Clone {
+                origin, handed_off, ..
+            } = &table.target
+            {
+                let from = match origin.as_ref() {
+                    TargetSpec::Remote { api, .. } => api.as_str(),
+                    _ => "?",
+                };
+                return Err(StoreError::Migrating(if *handed_off {
+                    format!(
+                        "volume {name:?} is migrating here from {from} and was handed off: this \
+                         node owns it and the source is fenced; removing it would lose every \
+                         write made here (give --force to remove it anyway)"
+                    )
+                } else {
+                    format!(
+                        "volume {name:?} is migrating here from {from} (not handed off yet): \
+                         cancel the migration on the source (`dlsm migration cancel`), or give \
+                         --force to drop this copy (the source keeps the volume, but its \
+                         migration is then stuck until cancelled there)"
+                    )
+                }));
+            }
         }
         if let Some(c) = vol.clone_target() {
             c.stop();
         }
         let doomed = self.root.join(format!(".tmp-rm-{name}"));
         fs::rename(vol.dir(), &doomed).map_err(io_err(vol.dir()))?;
+        drop(table);
         sync_dir(&self.root)?;
         vols.remove(name);
         drop(vols);
         fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
-        tracing::info!(volume = name, "volume removed");
+        tracing::info!(volume = name, ?mode, "volume removed");
         Ok(())
     }
 
@@ -539,6 +658,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             handed_off,
             source_unfenced,
             rate,
+            migration,
             ..
         } => {
             let TargetSpec::Remote { nbd, export, api } = origin.as_ref() else {
@@ -548,7 +668,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             let origin = Arc::new(
                 RemoteTarget::lazy(
                     addr,
-                    &format!("{export}{ORIGIN_SUFFIX}"),
+                    &origin_export(export, migration),
                     table.size,
                     env.origin_connections,
                     env.source_timeout,
@@ -565,6 +685,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             let c = CloneTarget::new(
                 name,
                 api,
+                migration,
                 origin,
                 open_local(local)?,
                 map,
@@ -706,9 +827,9 @@ mod tests {
                 s.create("vm3", 0),
                 Err(StoreError::InvalidSize(_))
             ));
-            s.remove("vm2", false).unwrap();
+            s.remove("vm2", RemoveMode::Operator { force: false }).unwrap();
             assert!(matches!(
-                s.remove("vm2", false),
+                s.remove("vm2", RemoveMode::Operator { force: false }),
                 Err(StoreError::NotFound(_))
             ));
         }
@@ -735,11 +856,11 @@ mod tests {
         let v = s.create("vm1", 4096).unwrap();
         let g = v.connection_guard();
         assert!(matches!(
-            s.remove("vm1", false),
+            s.remove("vm1", RemoveMode::Operator { force: false }),
             Err(StoreError::Busy(_, 1))
         ));
         drop(g);
-        s.remove("vm1", false).unwrap();
+        s.remove("vm1", RemoveMode::Operator { force: false }).unwrap();
     }
 
     #[test]
