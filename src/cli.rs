@@ -472,7 +472,7 @@ fn wait_for(api: &Api, name: &str, json: bool) -> anyhow::Result<()> {
         b
     });
     loop {
-        let s: MigrationStatus = api.get(&format!("/v1/migrations/{}", seg(&name)?))?;
+        let s: MigrationStatus = api.get(&format!("/v1/migrations/{}", seg(name)?))?;
         if let Some(b) = &bar {
             b.set_length(s.regions_total.max(1));
             b.set_position(s.regions_present);

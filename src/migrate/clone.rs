@@ -243,14 +243,18 @@ impl CloneTarget {
     /// (two writers). One attempt at a time; callers that waited behind a
     /// failed attempt get its error instead of starting another, so no
     /// request waits longer than one `--source-timeout`.
-    async fn ensure_source_fenced(&self) -> BlockResult<()> {
+    ///
+    /// Returns whether the source was unfenced when called: a caller that
+    /// holds regions locked then checks them for zeros itself (the scan
+    /// made at fencing time leaves locked regions alone).
+    async fn ensure_source_fenced(&self) -> BlockResult<bool> {
         if !self.source_unfenced.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(false);
         }
         let asked = Instant::now();
         let _h = self.handoff_lock.lock().await;
         if !self.source_unfenced.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(true);
         }
         if let Some((at, why)) = self.fence_failed.lock().unwrap().clone() {
             if at >= asked {
@@ -276,7 +280,7 @@ impl CloneTarget {
             warn!(volume = %self.name, "zero scan after the forced handoff failed; zeros are copied: {e}");
         }
         self.wake.notify_waiters();
-        Ok(())
+        Ok(true)
     }
     pub fn is_complete(&self) -> bool {
         self.complete.load(Ordering::SeqCst)
@@ -384,7 +388,9 @@ impl CloneTarget {
     /// skipping any already present. Data is written (or, if all zero,
     /// punched) locally before the regions are marked present.
     async fn fetch_locked(&self, first: u64, count: u64, kind: FetchKind) -> BlockResult<()> {
-        self.ensure_source_fenced().await?;
+        if self.ensure_source_fenced().await? {
+            self.scan_source_zeroes(first, first + count, true).await?;
+        }
         let mut r = first;
         let end = first + count;
         while r < end {
@@ -639,27 +645,45 @@ impl CloneTarget {
     /// Marks present every region the (fenced) source reports as reading
     /// zero: those bytes never cross the network.
     async fn mark_source_zeroes(&self) -> BlockResult<()> {
-        let mut pos = 0u64;
-        while pos < self.size {
-            let len = (self.size - pos).min(1 << 30);
+        self.scan_source_zeroes(0, self.regions(), false).await
+    }
+
+    fn regions(&self) -> u64 {
+        self.size.div_ceil(self.region_size)
+    }
+
+    /// Marks present the regions of `first..end` that the (fenced) source
+    /// reads as zero. `locked`: the caller holds those regions' lock.
+    async fn scan_source_zeroes(&self, first: u64, end: u64, locked: bool) -> BlockResult<()> {
+        let stop = (end * self.region_size).min(self.size);
+        let mut pos = first * self.region_size;
+        while pos < stop {
+            let len = (stop - pos).min(1 << 30);
             let ext = self.origin.block_status(pos, len).await?;
+            if ext.is_empty() {
+                break;
+            }
             for e in ext {
-                let (start, end) = (pos, (pos + e.len as u64).min(self.size));
+                let (start, end) = (pos, (pos + e.len as u64).min(stop));
                 if e.flags & alloc_flags::ZERO != 0 {
                     // Regions wholly inside the zero extent (the last
                     // region may be short and end with the volume).
                     let first = start.div_ceil(self.region_size);
                     let end_region = if end == self.size {
-                        self.size.div_ceil(self.region_size)
+                        self.regions()
                     } else {
                         end / self.region_size
                     };
                     if first < end_region {
-                        self.mark_zero_run(first, end_region).await?;
+                        if locked {
+                            self.mark_zero_locked(first, end_region).await?;
+                        } else {
+                            self.mark_zero_run(first, end_region).await?;
+                        }
                     }
                 }
                 pos = end;
-                if pos >= self.size {
+                if pos >= stop {
                     break;
                 }
             }
@@ -669,12 +693,29 @@ impl CloneTarget {
 
     /// Marks the absent regions of `first..end` present as zeros (the
     /// fenced source reads them as zero), punching their local range first
-    /// (a crash may have lost the bit of data fetched there before). Skips
-    /// the run if a fetch holds part of it: that fetch copies what it needs.
+    /// (a crash may have lost the bit of data fetched there before).
+    /// Regions a fetch holds are left to it: it copies what it needs.
     async fn mark_zero_run(&self, first: u64, end: u64) -> BlockResult<()> {
-        let Some(_g) = self.locks.try_lock(first, end - 1) else {
-            return Ok(());
-        };
+        const CHUNK: u64 = 1024;
+        let mut c = first;
+        while c < end {
+            let stop = (c + CHUNK).min(end);
+            if let Some(_g) = self.locks.try_lock(c, stop - 1) {
+                self.mark_zero_locked(c, stop).await?;
+            } else {
+                for r in c..stop {
+                    if let Some(_g) = self.locks.try_lock(r, r) {
+                        self.mark_zero_locked(r, r + 1).await?;
+                    }
+                }
+            }
+            c = stop;
+        }
+        Ok(())
+    }
+
+    /// [`Self::mark_zero_run`] for regions the caller holds locked.
+    async fn mark_zero_locked(&self, first: u64, end: u64) -> BlockResult<()> {
         let mut r = first;
         while r < end {
             let (a, b) = {
@@ -805,7 +846,11 @@ impl CloneTarget {
             // batches paced while the source was away would otherwise all
             // land at once when it returns, far above the rate limit.
             let degraded = backoff > Duration::from_millis(100);
-            let parallel = if busy || degraded { 1 } else { self.cfg.parallel };
+            let parallel = if busy || degraded {
+                1
+            } else {
+                self.cfg.parallel
+            };
             let batch_regions = if busy {
                 ((256 << 10) / self.region_size).max(1)
             } else {

@@ -34,8 +34,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use super::migration::{
-    self, CancelRequest, DropRequest, FenceRequest, HandoffRequest, MigrateRequest,
-    MigrationError, MigrationState, PrepareRequest, RateRequest, ReleaseRequest, StateQuery,
+    self, CancelRequest, DropRequest, FenceRequest, HandoffRequest, MigrateRequest, MigrationError,
+    MigrationState, PrepareRequest, RateRequest, ReleaseRequest, StateQuery,
 };
 use super::store::{RemoveMode, StoreError, TargetSpec, Volume};
 use super::NodeState;

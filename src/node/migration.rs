@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::store::{
-    new_migration_id, update_table, HooksFactory, Outgoing, PendingRelease, RemoveMode,
-    StoreError, TargetSpec, Volume, VolumeTable, ARRIVED_KEPT,
+    new_migration_id, update_table, HooksFactory, Outgoing, PendingRelease, RemoveMode, StoreError,
+    TargetSpec, Volume, VolumeTable, ARRIVED_KEPT,
 };
 use super::NodeState;
 use crate::api_client::{encode_segment, Api, ApiAuth};
@@ -237,16 +237,21 @@ impl MigrationHooks for NodeHooks {
             };
             let path = format!("/v1/volumes/{}/fence", encode_segment(&name));
             let left = deadline.saturating_duration_since(Instant::now());
-            let r = call_peer(&self.auth, &api, left.max(Duration::from_millis(100)), move |a| {
-                a.post::<serde_json::Value>(&path, &req)
-            })
+            let r = call_peer(
+                &self.auth,
+                &api,
+                left.max(Duration::from_millis(100)),
+                move |a| a.post::<serde_json::Value>(&path, &req),
+            )
             .await;
             match r {
                 Ok(_) => return Ok(()),
                 // The source answered, and said no: this migration is not
                 // (or no longer) its outgoing one. Retrying cannot help.
                 Err(e) if e.status == Some(409) || e.status == Some(404) => {
-                    return Err(format!("source {api} refused to fence for migration {id}: {e}"))
+                    return Err(format!(
+                        "source {api} refused to fence for migration {id}: {e}"
+                    ))
                 }
                 Err(e) if Instant::now() + retry.peek() > deadline => {
                     return Err(format!(
@@ -504,7 +509,10 @@ pub async fn fence(
         return Err(MigrationError::Conflict(format!(
             "volume {name:?}: refusing to fence for migration {id}: {}",
             match (&t.outgoing, &t.fenced_for) {
-                (Some(o), _) => format!("this node is migrating it in migration {} to {}", o.id, o.to),
+                (Some(o), _) => format!(
+                    "this node is migrating it in migration {} to {}",
+                    o.id, o.to
+                ),
                 (None, Some(f)) if f == id => "that migration is over here".to_owned(),
                 _ => "this node has no such migration of it".to_owned(),
             }
@@ -520,7 +528,12 @@ pub async fn fence(
         t.fenced_for = Some(id.to_owned());
     })?;
     vol.fence.release_hold();
-    info!(volume = name, to, migration = id, "fenced: writes now refused here");
+    info!(
+        volume = name,
+        to,
+        migration = id,
+        "fenced: writes now refused here"
+    );
     Ok(())
 }
 
@@ -562,7 +575,10 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
             }
         }
         if keep && !c.is_complete() {
-            warn!(volume = name, "not keeping the source copy: it is incomplete (this node was still hydrating it)");
+            warn!(
+                volume = name,
+                "not keeping the source copy: it is incomplete (this node was still hydrating it)"
+            );
             keep = false;
         }
     }
@@ -574,7 +590,11 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
     }
     if keep {
         vol.update_table(|t| t.outgoing = None)?;
-        info!(volume = name, migration = id, "released: kept (fenced) as asked");
+        info!(
+            volume = name,
+            migration = id,
+            "released: kept (fenced) as asked"
+        );
     } else {
         let store = state.store.clone();
         let n = name.to_owned();
@@ -668,7 +688,10 @@ pub async fn cancel(
             )));
         }
         Err(e) if force => {
-            warn!(volume = name, "cancel --force: destination unreachable ({e}); forgetting the migration");
+            warn!(
+                volume = name,
+                "cancel --force: destination unreachable ({e}); forgetting the migration"
+            );
         }
         Err(e) => {
             return Err(MigrationError::Peer(format!(
@@ -690,7 +713,11 @@ pub async fn cancel(
 
 /// Destination: drops the clone of a cancelled migration, if it was not
 /// handed off (409 if it was; 404 if there is no such clone).
-pub async fn drop_clone(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(), MigrationError> {
+pub async fn drop_clone(
+    state: &Arc<NodeState>,
+    name: &str,
+    id: &str,
+) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
     let c = vol
         .clone_target()
@@ -706,7 +733,11 @@ pub async fn drop_clone(state: &Arc<NodeState>, name: &str, id: &str) -> Result<
     tokio::task::spawn_blocking(move || store.remove(&n, RemoveMode::Cancelled))
         .await
         .map_err(|e| MigrationError::Peer(e.to_string()))??;
-    info!(volume = name, migration = id, "cancelled by the source: clone dropped");
+    info!(
+        volume = name,
+        migration = id,
+        "cancelled by the source: clone dropped"
+    );
     Ok(())
 }
 
@@ -873,7 +904,12 @@ async fn release_once(
         Ok(_) => Ok(()),
         Err(e) if e.status == Some(404) => Ok(()),
         Err(e) if e.status == Some(409) => {
-            warn!(volume = name, source = api, migration = id, "source refused the release (not that migration's copy): {e}");
+            warn!(
+                volume = name,
+                source = api,
+                migration = id,
+                "source refused the release (not that migration's copy): {e}"
+            );
             Ok(())
         }
         Err(e) => Err(e.into()),
@@ -959,7 +995,9 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                         out.to
                     ));
                 }
-                Err(e) => warn!(volume = %name, "cannot ask the destination who owns the volume: {e}"),
+                Err(e) => {
+                    warn!(volume = %name, "cannot ask the destination who owns the volume: {e}")
+                }
             }
             retry.wait().await;
         }

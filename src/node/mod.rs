@@ -124,7 +124,10 @@ impl ExportRegistry for Registry {
         if let Some((vol, id)) = name.split_once(store::ORIGIN_MARK) {
             let v = self.0.get(vol).ok()?;
             if v.table().outgoing.is_none_or(|o| o.id != id) {
-                debug!(export = name, "origin link refused: not this volume's outgoing migration");
+                debug!(
+                    export = name,
+                    "origin link refused: not this volume's outgoing migration"
+                );
                 return None;
             }
             return Some(Export {

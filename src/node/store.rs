@@ -827,7 +827,8 @@ mod tests {
                 s.create("vm3", 0),
                 Err(StoreError::InvalidSize(_))
             ));
-            s.remove("vm2", RemoveMode::Operator { force: false }).unwrap();
+            s.remove("vm2", RemoveMode::Operator { force: false })
+                .unwrap();
             assert!(matches!(
                 s.remove("vm2", RemoveMode::Operator { force: false }),
                 Err(StoreError::NotFound(_))
@@ -860,7 +861,8 @@ mod tests {
             Err(StoreError::Busy(_, 1))
         ));
         drop(g);
-        s.remove("vm1", RemoveMode::Operator { force: false }).unwrap();
+        s.remove("vm1", RemoveMode::Operator { force: false })
+            .unwrap();
     }
 
     #[test]
