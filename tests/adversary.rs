@@ -298,13 +298,24 @@ async fn volume_rm_refuses_copies_a_migration_needs() {
 async fn a_second_node_on_one_data_directory_exits() {
     let a = NodeProc::start();
     let data = filled_vm1(&a, 2, 6).await;
-    let out = Command::new(DLSM)
+    let mut second = Command::new(DLSM)
         .args(["serve", "--data-dir"])
         .arg(&a.data_dir)
         .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while second.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            second.kill().unwrap();
+            panic!("a second node started on one data directory and kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = second.wait_with_output().unwrap();
     assert!(
         !out.status.success(),
         "a second node started on one directory"
@@ -352,22 +363,25 @@ fn volume_names_cannot_escape_their_path() {
 /// delivered when the source answers again (it used to be given up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_owed_survives_a_restart_of_the_destination() {
-    let a = NodeProc::start();
+    let mut a = NodeProc::start();
     let mut b = node_with(&["--source-timeout", "1"]);
     filled_vm1(&a, 2, 7).await;
     migrate(&a, &b, "vm1", &["--rate", "64K"]);
     b.cli_ok(&["migration", "handoff", "vm1"]);
-    // A freezes; B gets every region by whole writes and completes.
-    signal(&a, nix::sys::signal::Signal::SIGSTOP);
+    // A goes down; B gets every region by whole writes and completes,
+    // and cannot deliver its release.
+    a.kill();
     let cb = client(&b, "vm1").await;
     let fresh = pattern(2 * MIB as usize, 77);
     cb.write(0, &fresh, false).await.unwrap();
     cb.flush().await.unwrap();
     drop(cb);
     b.wait_phase("vm1", "complete", 30);
+    std::thread::sleep(Duration::from_secs(1));
+    // B restarts before A returns: the obligation must outlive it.
     b.restart();
-    signal(&a, nix::sys::signal::Signal::SIGCONT);
-    wait_until("the source copy released after B's restart", 30, || {
+    a.restart();
+    wait_until("the source copy released after B's restart", 40, || {
         !a.has_volume("vm1")
     });
     check_all(&client(&b, "vm1").await, &fresh).await;
@@ -442,4 +456,174 @@ async fn pause_is_immediate_and_an_outage_banks_no_credit() {
         "{} MiB in 3 s after the outage at 1 MiB/s",
         (after - before) / MIB
     );
+}
+
+async fn unix_client(node: &NodeProc, vol: &str) -> NbdClient {
+    NbdClient::connect(&NbdAddr::Unix(node.data_dir.join("nbd.sock")), vol)
+        .await
+        .unwrap()
+}
+
+/// Review finding: a forced handoff while A is cut off (not restarted), B
+/// completes by a full overwrite and collapses; the link comes back and
+/// an operator runs a plain `migration cancel` on A. B must say the
+/// migration was handed off (it used to answer 404 once collapsed, and A
+/// then took writes beside B): A is fenced, and then released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_after_a_forced_handoff_completed_cannot_make_two_writers() {
+    let hosts = common::Hosts::new("ca");
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--insecure-api", "--source-timeout", "1"];
+    let (a_ip, b_ip) = ("10.77.0.1", "10.77.0.2");
+    let a = NodeProc::start_netns_with(
+        &hosts.a,
+        &tmp.path().join("a"),
+        &format!("{a_ip}:10809"),
+        &format!("{a_ip}:7450"),
+        &flags,
+    );
+    let b = NodeProc::start_netns_with(
+        &hosts.b,
+        &tmp.path().join("b"),
+        &format!("{b_ip}:10809"),
+        &format!("{b_ip}:7450"),
+        &flags,
+    );
+    a.create("vm1", "4M");
+    a.cli_ok(&["migrate", "vm1", "--to", &b.api, "--json"]);
+    hosts.set_link(false);
+    b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
+    let cb = unix_client(&b, "vm1").await;
+    let fresh = pattern(4 * MIB as usize, 2);
+    cb.write(0, &fresh, false).await.unwrap();
+    cb.flush().await.unwrap();
+    b.wait_phase("vm1", "complete", 30);
+    hosts.set_link(true);
+    let o = a.cli(&["migration", "cancel", "vm1"]);
+    assert!(!o.status.success(), "cancel accepted after the handoff");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("handed off"));
+    let ca = unix_client(&a, "vm1").await;
+    assert_eq!(
+        errno_of(ca.write(0, b"written at A", true).await.unwrap_err()),
+        1,
+        "A took a write while B owns the volume"
+    );
+    cb.write(0, b"written at B", true).await.unwrap();
+    drop(ca);
+    wait_until("A's copy released", 45, || !a.has_volume("vm1"));
+}
+
+/// Review finding: B's handoff fences A and then fails (B's disk is full,
+/// so the handoff cannot be persisted) while an operator cancels the
+/// migration on A. B drops its clone (it was never handed off), so A must
+/// end writable again, not fenced with no migration left to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_overlapping_a_failed_handoff_leaves_the_source_writable() {
+    let mnt = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap()
+        .success();
+    assert!(mounted, "cannot mount a tmpfs (the tests run as root)");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _umount = Umount(mnt.path().to_owned());
+    let a = node_with(&["--source-timeout", "20"]);
+    let b = NodeProc::start_with(
+        &mnt.path().join("b"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--source-timeout", "20"],
+    );
+    filled_vm1(&a, 4, 12).await;
+    migrate(&a, &b, "vm1", &[]);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(mnt.path().join("filler")).unwrap();
+        let chunk = vec![1u8; 65536];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // A hangs a moment: the operator's cancel reaches it first, then B's
+    // handoff (a write at B) asks it to fence.
+    signal(&a, nix::sys::signal::Signal::SIGSTOP);
+    let cancel = {
+        let api = a.api.clone();
+        std::thread::spawn(move || {
+            Command::new(DLSM)
+                .args(["--api", &api, "migration", "cancel", "vm1"])
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let cb = client(&b, "vm1").await;
+    let first_write = tokio::spawn(async move { cb.write(0, b"first write at B", true).await });
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&a, nix::sys::signal::Signal::SIGCONT);
+    assert!(
+        first_write.await.unwrap().is_err(),
+        "B handed off on a full disk"
+    );
+    let o = cancel.join().unwrap();
+    std::fs::remove_file(mnt.path().join("filler")).unwrap();
+    assert!(
+        o.status.success(),
+        "cancel: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!b.has_volume("vm1"));
+    let ca = client(&a, "vm1").await;
+    ca.write(0, b"A again", true).await.unwrap();
+    assert_eq!(ca.read(0, 7).await.unwrap(), b"A again");
+}
+
+/// Review finding: a forced handoff whose source is alive and refuses the
+/// migration (a clone left by a lost prepare, then cancelled) is refused:
+/// force only means "go ahead if the source cannot be reached".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_handoff_is_refused_when_the_source_disowns_the_migration() {
+    let a = NodeProc::start();
+    let b = node_with(&["--source-timeout", "2"]);
+    filled_vm1(&a, 2, 13).await;
+    post(
+        &b,
+        "/v1/migrations",
+        serde_json::json!({
+            "name": "vm1", "id": "00000000feedf00d", "size": 2 * MIB,
+            "origin_nbd": a.nbd, "origin_api": a.api, "region_size": 65536,
+        }),
+    )
+    .unwrap();
+    let o = b.cli(&["migration", "handoff", "vm1", "--force"]);
+    assert!(!o.status.success(), "forced handoff against a live source");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("refused"));
+    let ca = client(&a, "vm1").await;
+    ca.write(0, b"A owns it", true).await.unwrap();
+}
+
+/// Review finding: once a migration completed, the destination answers a
+/// drop of it with 409 (handed off), not 404 (no clone any more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completed_migration_cannot_be_dropped() {
+    let a = NodeProc::start();
+    let b = NodeProc::start();
+    filled_vm1(&a, 2, 14).await;
+    let s = migrate(&a, &b, "vm1", &[]);
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    b.wait_phase("vm1", "complete", 30);
+    let id = s["id"].as_str().unwrap();
+    let r = post(
+        &b,
+        "/v1/migrations/vm1/drop",
+        serde_json::json!({ "id": id }),
+    );
+    assert_eq!(r, Err(409));
+    assert!(b.has_volume("vm1"));
 }

@@ -61,11 +61,24 @@ use crate::target::{
 pub trait MigrationHooks: Send + Sync + 'static {
     /// Asks the source to refuse writes from now on and make the ones it
     /// accepted durable. Returns once it has.
-    async fn fence_source(&self) -> Result<(), String>;
+    async fn fence_source(&self) -> Result<(), FenceError>;
     /// Records durably that this node now owns the volume, and whether the
     /// source is known to be fenced (false after a forced handoff, until
     /// the source has been reached and fenced).
     fn persist_handoff(&self, source_fenced: bool) -> Result<(), String>;
+}
+
+/// Why the source was not fenced.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FenceError {
+    /// The source answered and refused: this migration is not (or no
+    /// longer) its outgoing one. It is alive and owns its copy, so even a
+    /// forced handoff must not go ahead.
+    #[error("{0}")]
+    Refused(String),
+    /// The source could not be reached within the timeout.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 /// Tunables of a clone.
@@ -262,6 +275,11 @@ impl CloneTarget {
             }
         }
         if let Err(e) = self.hooks.fence_source().await {
+            if matches!(e, FenceError::Refused(_)) {
+                // Alive, and it says this is not its migration: nothing
+                // more may ever be read from it for this clone.
+                warn!(volume = %self.name, "the source of the forced handoff refuses this migration: {e}");
+            }
             let why = format!(
                 "{}: the source of a forced handoff is not fenced yet: {e}",
                 self.name
@@ -308,6 +326,8 @@ impl CloneTarget {
         self.paused.store(true, Ordering::SeqCst);
     }
     pub fn resume(&self) {
+        // Turns booked before the pause were given up: start afresh.
+        self.limiter.set_rate(self.limiter.rate());
         self.paused.store(false, Ordering::SeqCst);
         self.wake.notify_waiters();
     }
@@ -616,14 +636,31 @@ impl CloneTarget {
         if let Some(why) = self.failed.lock().unwrap().clone() {
             return Err(BlockError::Unavailable(why));
         }
-        if force {
-            warn!(volume = %self.name, "forced handoff: the source is not fenced; it will be before anything more is read from it");
-            self.source_unfenced.store(true, Ordering::SeqCst);
-        } else {
-            self.hooks.fence_source().await.map_err(|e| {
+        // Even when forced, the source is asked first: `force` only means
+        // "go ahead if it cannot be reached". A source that answers and
+        // refuses is alive and has disowned this migration (cancelled, or
+        // a clone left by a lost prepare): taking the volume then would
+        // make two writers.
+        let force = match self.hooks.fence_source().await {
+            Ok(()) => false,
+            Err(FenceError::Unreachable(e)) if force => {
+                warn!(volume = %self.name, "forced handoff: the source cannot be reached ({e}); it will be fenced before anything more is read from it");
+                self.source_unfenced.store(true, Ordering::SeqCst);
+                true
+            }
+            Err(e) => {
                 self.note_error(&e);
-                BlockError::Unavailable(format!("cannot hand off {}: {e}", self.name))
-            })?;
+                return Err(BlockError::Unavailable(format!(
+                    "cannot hand off {}: {e}",
+                    self.name
+                )));
+            }
+        };
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(BlockError::Unavailable(format!(
+                "{}: the clone was stopped (removed or cancelled)",
+                self.name
+            )));
         }
         if !force {
             // Only a fenced source's block status is final. After a forced
@@ -889,14 +926,11 @@ impl CloneTarget {
             };
             // Pace before locking: a region lock is never held while the
             // copier sleeps, so on-demand fetches never wait for the limit.
-            if hint.is_none() {
-                self.limiter.acquire(count * self.region_size).await;
-                // Paused (or stopped) while waiting for the limit: this
-                // batch does not go; the cursor comes back to it.
-                if self.paused.load(Ordering::SeqCst) || self.stopped.load(Ordering::SeqCst) {
-                    cursor = first;
-                    continue;
-                }
+            if hint.is_none() && !self.wait_turn(count * self.region_size).await {
+                // Paused, stopped or complete while waiting for the limit:
+                // this batch does not go; the cursor comes back to it.
+                cursor = first;
+                continue;
             }
             let Some(guard) = self.locks.try_lock(first, first + count - 1) else {
                 // A client holds part of it; its own fetch covers it, and
@@ -933,6 +967,29 @@ impl CloneTarget {
         self.complete.store(true, Ordering::SeqCst);
         self.completed.notify_waiters();
         info!(volume = %self.name, "hydration complete");
+    }
+
+    /// Waits for the rate limit's turn for `bytes`, looking up every
+    /// quarter second: false if the copier was paused or stopped, or every
+    /// region became present (clients wrote them), meanwhile. A slow limit
+    /// must not hold back a pause, or a completion, by a whole batch.
+    async fn wait_turn(&self, bytes: u64) -> bool {
+        let Some(start) = self.limiter.reserve(bytes) else {
+            return true;
+        };
+        loop {
+            let give_up = self.paused.load(Ordering::SeqCst)
+                || self.stopped.load(Ordering::SeqCst)
+                || self.map.lock().unwrap().is_complete();
+            if give_up {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= start {
+                return true;
+            }
+            tokio::time::sleep((start - now).min(Duration::from_millis(250))).await;
+        }
     }
 
     fn sample_rate(&self) {
@@ -1181,7 +1238,7 @@ mod tests {
     struct Hooks;
     #[async_trait]
     impl MigrationHooks for Hooks {
-        async fn fence_source(&self) -> Result<(), String> {
+        async fn fence_source(&self) -> Result<(), FenceError> {
             Ok(())
         }
         fn persist_handoff(&self, _: bool) -> Result<(), String> {

@@ -157,18 +157,24 @@ impl RateLimiter {
 
     /// Waits until `bytes` may be sent.
     pub async fn acquire(&self, bytes: u64) {
+        if let Some(start) = self.reserve(bytes) {
+            tokio::time::sleep_until(start.into()).await;
+        }
+    }
+
+    /// Books `bytes` and says when they may be sent (`None`: no limit). A
+    /// caller that gives up its turn leaves it booked: pacing only gets
+    /// slower, never faster.
+    pub fn reserve(&self, bytes: u64) -> Option<Instant> {
         let rate = self.rate();
         if rate == 0 {
-            return;
+            return None;
         }
-        let start = {
-            let mut next = self.next_free.lock().unwrap();
-            let now = Instant::now();
-            let start = (*next).max(now);
-            *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
-            start
-        };
-        tokio::time::sleep_until(start.into()).await;
+        let mut next = self.next_free.lock().unwrap();
+        let now = Instant::now();
+        let start = (*next).max(now);
+        *next = start + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        Some(start)
     }
 }
 

@@ -44,6 +44,14 @@ impl Fence {
         self.fenced.load(Ordering::SeqCst)
     }
 
+    /// Opens a fence again. Only for a fence whose migration the
+    /// destination has dropped without being handed off (a cancel that
+    /// overlapped a handoff that failed after fencing): nobody else can
+    /// write the volume, and nobody ever will for that migration.
+    pub fn reopen(&self) {
+        self.fenced.store(false, Ordering::SeqCst);
+    }
+
     /// Refuses writes until [`Fence::release_hold`], saying `why`.
     pub fn hold(&self, why: String) {
         *self.held.lock().unwrap() = Some(why);

@@ -29,7 +29,7 @@ use super::store::{
 };
 use super::NodeState;
 use crate::api_client::{encode_segment, Api, ApiAuth};
-use crate::migrate::clone::MigrationHooks;
+use crate::migrate::clone::{FenceError, MigrationHooks};
 use crate::migrate::{MigrationStatus, Phase};
 use crate::target::BlockError;
 
@@ -213,7 +213,7 @@ pub struct NodeHooks {
 
 #[async_trait]
 impl MigrationHooks for NodeHooks {
-    async fn fence_source(&self) -> Result<(), String> {
+    async fn fence_source(&self) -> Result<(), FenceError> {
         let (name, api, id) = {
             let t = self.table.lock().unwrap();
             match &t.target {
@@ -223,9 +223,9 @@ impl MigrationHooks for NodeHooks {
                     TargetSpec::Remote { api, .. } => {
                         (t.name.clone(), api.clone(), migration.clone())
                     }
-                    _ => return Err("clone origin is not remote".into()),
+                    _ => return Err(FenceError::Refused("clone origin is not remote".into())),
                 },
-                _ => return Err("volume is not a clone".into()),
+                _ => return Err(FenceError::Refused("volume is not a clone".into())),
             }
         };
         let deadline = Instant::now() + self.timeout;
@@ -249,15 +249,15 @@ impl MigrationHooks for NodeHooks {
                 // The source answered, and said no: this migration is not
                 // (or no longer) its outgoing one. Retrying cannot help.
                 Err(e) if e.status == Some(409) || e.status == Some(404) => {
-                    return Err(format!(
+                    return Err(FenceError::Refused(format!(
                         "source {api} refused to fence for migration {id}: {e}"
-                    ))
+                    )))
                 }
                 Err(e) if Instant::now() + retry.peek() > deadline => {
-                    return Err(format!(
+                    return Err(FenceError::Unreachable(format!(
                         "source {api} did not fence within {:?}: {e}",
                         self.timeout
-                    ))
+                    )))
                 }
                 Err(e) => {
                     warn!(volume = %name, "fencing the source failed, retrying: {e}");
@@ -339,12 +339,8 @@ pub fn resume_all(state: &Arc<NodeState>) {
         }
         let t = v.table();
         if let Some(out) = &t.outgoing {
-            if !v.fence.is_fenced() {
-                v.fence.hold(format!(
-                    "writes held: this node restarted while migrating the volume to {} \
-                     (migration {}); waiting to learn from it who owns the volume",
-                    out.to, out.id
-                ));
+            // Held since the store loaded it (before any listener).
+            if v.fence.held().is_some() {
                 spawn_reconcile(state.clone(), v.name.clone(), out.id.clone());
             }
         }
@@ -566,20 +562,23 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
     let mut keep = out.keep_source;
     if let Some(c) = vol.clone_target() {
         c.stop();
-        if let TargetSpec::Clone {
-            origin, migration, ..
-        } = t.target
-        {
-            if let TargetSpec::Remote { api, .. } = *origin {
-                release_once(state, &api, name, &migration).await?;
-            }
-        }
         if keep && !c.is_complete() {
             warn!(
                 volume = name,
                 "not keeping the source copy: it is incomplete (this node was still hydrating it)"
             );
             keep = false;
+        }
+    }
+    // Read after the clone stopped: it may have completed and collapsed
+    // meanwhile, turning "release my origin" into a release still owed.
+    let t = vol.table();
+    if let TargetSpec::Clone {
+        origin, migration, ..
+    } = &t.target
+    {
+        if let TargetSpec::Remote { api, .. } = origin.as_ref() {
+            release_once(state, api, name, migration).await?;
         }
     }
     // Likewise a release this node still owes its own source: once this
@@ -597,8 +596,8 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
         );
     } else {
         let store = state.store.clone();
-        let n = name.to_owned();
-        tokio::task::spawn_blocking(move || store.remove(&n, RemoveMode::Released))
+        let v = vol.clone();
+        tokio::task::spawn_blocking(move || store.remove_volume(&v, RemoveMode::Released))
             .await
             .map_err(|e| MigrationError::Peer(e.to_string()))??;
         info!(volume = name, migration = id, "released: deleted");
@@ -648,9 +647,13 @@ pub fn migration_state(state: &NodeState, name: &str, id: &str) -> MigrationStat
 
 /// Source: cancels an outgoing migration that was not handed off: the
 /// destination drops its clone, this node forgets the migration and takes
-/// writes again. After handoff it is refused (rolling back is not built
-/// yet). `force` forgets the migration when the destination cannot be
-/// reached (its clone, should it come back, is refused by this node).
+/// writes again. The destination's answer decides, never this node's own
+/// view: a handoff may have fenced this node and then failed (the clone,
+/// dropped, will never hand off, so the fence is opened again), or may
+/// have succeeded meanwhile (then this node stays fenced and the cancel is
+/// refused; rolling back is not built yet). `force` forgets the migration
+/// when the destination cannot be reached, unless this node was fenced for
+/// it (the destination may own the volume then).
 pub async fn cancel(
     state: &Arc<NodeState>,
     name: &str,
@@ -660,13 +663,6 @@ pub async fn cancel(
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
-    if vol.fence.is_fenced() {
-        return Err(MigrationError::Conflict(format!(
-            "volume {name:?} was handed off to {} already: cancelling now would need a \
-             rollback, which dlsm cannot do yet; let the migration complete",
-            out.to
-        )));
-    }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
         DropRequest { id: out.id.clone() },
@@ -675,19 +671,24 @@ pub async fn cancel(
         a.post::<serde_json::Value>(&path, &req)
     })
     .await;
+    let fenced_for_it = || vol.table().fenced_for.as_deref() == Some(out.id.as_str());
     match r {
+        // Dropped now, or the destination has no record of it (never
+        // prepared, or dropped before): it holds no copy that took writes.
         Ok(_) => {}
         Err(e) if e.status == Some(404) => {}
         Err(e) if e.status == Some(409) => {
-            // The destination has it: it was handed off, so this node
-            // must not write any more.
-            fence(state, name, &out.to, &out.id).await?;
+            // Handed off: the destination owns the volume.
+            if !vol.fence.is_fenced() {
+                fence(state, name, &out.to, &out.id).await?;
+            }
             return Err(MigrationError::Conflict(format!(
-                "volume {name:?} was handed off to {} already (this node is fenced now): {e}",
+                "volume {name:?} was handed off to {} already, so it cannot be cancelled \
+                 (rolling back is not built yet; this node is fenced): {e}",
                 out.to
             )));
         }
-        Err(e) if force => {
+        Err(e) if force && !vol.fence.is_fenced() && !fenced_for_it() => {
             warn!(
                 volume = name,
                 "cancel --force: destination unreachable ({e}); forgetting the migration"
@@ -695,9 +696,14 @@ pub async fn cancel(
         }
         Err(e) => {
             return Err(MigrationError::Peer(format!(
-                "cannot reach the destination {} to drop its clone: {e} (give --force if it is \
-                 gone for good)",
-                out.to
+                "cannot reach the destination {} to drop its clone: {e}{}",
+                out.to,
+                if vol.fence.is_fenced() {
+                    "; this node was fenced for this migration, so the destination may own \
+                     the volume: only its answer can cancel"
+                } else {
+                    " (give --force if it is gone for good)"
+                }
             )))
         }
     }
@@ -705,19 +711,36 @@ pub async fn cancel(
         if t.outgoing.as_ref().is_some_and(|o| o.id == out.id) {
             t.outgoing = None;
         }
+        if t.fenced_for.as_deref() == Some(out.id.as_str()) {
+            t.fenced_for = None;
+            t.fenced_to = None;
+        }
     })?;
+    if vol.fence.is_fenced() && vol.table().fenced_for.is_none() {
+        vol.fence.reopen();
+    }
     vol.fence.release_hold();
     info!(volume = name, migration = %out.id, "migration cancelled: the volume stays here");
     Ok(serde_json::json!({ "cancelled": name, "migration": out.id }))
 }
 
 /// Destination: drops the clone of a cancelled migration, if it was not
-/// handed off (409 if it was; 404 if there is no such clone).
+/// handed off (409 if it was, even if it completed since; 404 if there is
+/// no record of it).
 pub async fn drop_clone(
     state: &Arc<NodeState>,
     name: &str,
     id: &str,
 ) -> Result<(), MigrationError> {
+    match migration_state(state, name, id) {
+        MigrationState::Unknown => return Err(MigrationError::NotMigrating(name.to_owned())),
+        MigrationState::HandedOff => {
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?} was handed off to this node in migration {id}"
+            )))
+        }
+        MigrationState::Passthrough => {}
+    }
     let vol = state.store.get(name)?;
     let c = vol
         .clone_target()
@@ -729,8 +752,7 @@ pub async fn drop_clone(
         )));
     }
     let store = state.store.clone();
-    let n = name.to_owned();
-    tokio::task::spawn_blocking(move || store.remove(&n, RemoveMode::Cancelled))
+    tokio::task::spawn_blocking(move || store.remove_volume(&vol, RemoveMode::Cancelled))
         .await
         .map_err(|e| MigrationError::Peer(e.to_string()))??;
     info!(
@@ -834,8 +856,12 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
         }
         let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         loop {
-            if state.store.get(&vol.name).is_err() {
-                return; // removed meanwhile
+            if !state
+                .store
+                .get(&vol.name)
+                .is_ok_and(|v| Arc::ptr_eq(&v, &vol))
+            {
+                return; // removed meanwhile (and maybe a new one of that name made)
             }
             match vol.collapse_to_local(pending.clone()) {
                 Ok(()) => break,

@@ -497,9 +497,25 @@ impl VolumeStore {
 
     /// Deletes a volume and its data, as `mode` allows (see [`RemoveMode`]).
     pub fn remove(&self, name: &str, mode: RemoveMode) -> Result<(), StoreError> {
+        self.remove_checked(name, None, mode)
+    }
+
+    /// Deletes exactly `vol` (not a newer volume that took its name after
+    /// the caller looked it up), as `mode` allows.
+    pub fn remove_volume(&self, vol: &Arc<Volume>, mode: RemoveMode) -> Result<(), StoreError> {
+        self.remove_checked(&vol.name, Some(vol), mode)
+    }
+
+    fn remove_checked(
+        &self,
+        name: &str,
+        expected: Option<&Arc<Volume>>,
+        mode: RemoveMode,
+    ) -> Result<(), StoreError> {
         let mut vols = self.volumes.lock().unwrap();
         let vol = vols
             .get(name)
+            .filter(|v| expected.is_none_or(|e| Arc::ptr_eq(v, e)))
             .ok_or_else(|| StoreError::NotFound(name.to_owned()))?;
         // The table lock is held from the check to the rename, so a
         // migration cannot start in between: it records itself with
@@ -524,6 +540,14 @@ impl VolumeStore {
                     } else {
                         ", and it is still the volume's only writable copy"
                     }
+                )));
+            }
+            if let Some(p) = &table.release_pending {
+                return Err(StoreError::Migrating(format!(
+                    "volume {name:?} still has to tell its migration source {} to release \
+                     the source copy (it retries until the source answers); removing it now \
+                     would leave that copy behind, fenced (give --force to remove it anyway)",
+                    p.api
                 )));
             }
             if let TargetSpec::Clone {
@@ -705,6 +729,17 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         Some(to) => Fence::closed(to),
         None => Fence::default(),
     };
+    // A volume that was migrating away and is not fenced: while this node
+    // was down the destination may have been handed it by force. Writes
+    // wait, from before any listener opens, until the destination says
+    // who owns it (`node::migration::resume_all`).
+    if let (Some(out), None) = (&table.outgoing, &table.fenced_to) {
+        fence.hold(format!(
+            "writes held: this node restarted while migrating the volume to {} (migration {}); \
+             waiting to learn from it who owns the volume",
+            out.to, out.id
+        ));
+    }
     Ok(Volume {
         name: table.name.clone(),
         size: table.size,
@@ -761,8 +796,10 @@ mod tests {
     struct NoHooks;
     #[async_trait::async_trait]
     impl MigrationHooks for NoHooks {
-        async fn fence_source(&self) -> Result<(), String> {
-            Err("no source in this test".into())
+        async fn fence_source(&self) -> Result<(), crate::migrate::clone::FenceError> {
+            Err(crate::migrate::clone::FenceError::Unreachable(
+                "no source in this test".into(),
+            ))
         }
         fn persist_handoff(&self, _: bool) -> Result<(), String> {
             Ok(())
