@@ -31,6 +31,26 @@ pub use crate::nbd::proto::Extent;
 pub use local::LocalTarget;
 pub use remote::RemoteTarget;
 
+/// What a migration's clone needs of its origin (the source's export):
+/// reads, and block status to skip zeros. Small on purpose, so the clone's
+/// invariants can be tested against an in-memory origin that delays, fails
+/// and reorders (see `migrate::clone` tests); [`RemoteTarget`] is the one
+/// used between nodes.
+#[async_trait]
+pub trait Origin: Send + Sync {
+    /// Reads `buf.len()` bytes at `offset`.
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    /// Reads `len` bytes at `offset` into a new buffer; `bulk` marks
+    /// background copying (it may use other connections than on-demand
+    /// reads, so a guest's fetch never queues behind megabytes of copy).
+    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>>;
+    /// Extents of `[offset, offset + len)`, as NBD block status reports
+    /// them (at least one, none of length 0).
+    async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>>;
+    /// Drops every connection; later calls fail.
+    fn close(&self);
+}
+
 /// The one error type of the target boundary. It maps to NBD errno values in
 /// [`BlockError::nbd_errno`] and nowhere else.
 #[derive(Debug, Error)]

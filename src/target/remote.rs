@@ -259,3 +259,19 @@ impl BlockTarget for RemoteTarget {
         .await
     }
 }
+
+#[async_trait]
+impl super::Origin for RemoteTarget {
+    async fn read_into(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        RemoteTarget::read_into(self, offset, buf).await
+    }
+    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>> {
+        RemoteTarget::read_vec(self, offset, len, bulk).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        BlockTarget::block_status(self, offset, len).await
+    }
+    fn close(&self) {
+        RemoteTarget::close(self)
+    }
+}
