@@ -2,18 +2,23 @@
 //! the other, for `dlsm migrate`.
 //!
 //! ```text
-//!  CLI ──migrate──► source A ──POST /v1/migrations──► destination B   (prepare: constant time)
-//!                   A records `outgoing`, watches its writers
-//!  first write at B, A's last writer leaving, or `migration handoff`:
-//!                   B ──POST /v1/volumes/N/fence──► A: refuse writes, finish admitted ones, flush
+//!  CLI ──migrate──► source A: id := random; persist outgoing{to: B, id}
+//!                   A ──POST /v1/migrations {id}──► destination B   (prepare: constant time)
+//!  first write at B, A's last writer leaving (A asks B), or `migration handoff`:
+//!                   B ──POST /v1/volumes/N/fence {id}──► A: refuse writes, finish admitted ones,
+//!                                                         flush, persist fenced_for = id
 //!                   B: mark A's zero ranges present, commit map, persist handed_off, hydrate
 //!  all regions present at B:
-//!                   B: table := local, drop origin link
-//!                   B ──POST /v1/volumes/N/release──► A: delete (or keep, fenced)
+//!                   B: table := local + release_pending{A, id} (one durable write)
+//!                   B ──POST /v1/volumes/N/release {id}──► A: delete (or keep, fenced); until done
 //! ```
 //!
-//! Every step that changes ownership is persisted by the node that makes it
-//! before it acts on it, so a restart of either node keeps one writer.
+//! Every call between nodes names the migration (`id`); a node refuses a
+//! call for any migration but its own (DESIGN invariant 7). Every step that
+//! changes ownership is persisted by the node that makes it before it acts
+//! on it, so a restart of either node keeps one writer; a source that
+//! restarts unfenced holds writes until the destination tells it who owns
+//! the volume ([`resume_all`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
