@@ -31,11 +31,11 @@
 //! region lock; a region is marked present only after its data is fully
 //! written, so a dropped fetch leaves the region absent, to be fetched again.
 //!
-//! **Where things are**: [`data_path`] (client I/O, passthrough, on-demand
-//! fetch), [`handoff`] (the ownership change, fencing a source a forced
-//! handoff could not reach, the zero scan), [`hydrator`] (the background
-//! copier and its pacing), [`commit`] (the one owner of the region-map
-//! commit order), [`status`], and the unit tests against an in-memory
+//! **Where things are**: `data_path` (client I/O, passthrough, on-demand
+//! fetch), `handoff` (the ownership change, fencing a source a forced
+//! handoff could not reach, the zero scan), `hydrator` (the background
+//! copier and its pacing), `commit` (the one owner of the region-map
+//! commit order), `status`, and the unit tests against an in-memory
 //! origin.
 //!
 //! The hydrator is a task owned by the target (spawned by
