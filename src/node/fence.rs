@@ -10,7 +10,7 @@
 //! A fence can also be *held*: writes are refused while the node does not
 //! know whether it still owns the volume (a source that restarted with an
 //! outgoing migration recorded asks the destination first; see
-//! `node::migration::reconcile_outgoing`). A hold is lifted, or turned
+//! `node::migration::resume_all`). A hold is lifted, or turned
 //! into a fence, by what the destination answers.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
