@@ -13,6 +13,7 @@ pub mod demo;
 pub mod migrate;
 pub mod nbd;
 pub mod node;
+pub mod retry;
 pub mod size;
 pub mod target;
 pub mod tls;

@@ -36,6 +36,7 @@ use super::NodeState;
 use crate::api_client::{encode_segment, Api, ApiAuth};
 use crate::migrate::clone::{FenceError, MigrationHooks};
 use crate::migrate::{MigrationStatus, Phase};
+use crate::retry::Backoff;
 use crate::target::BlockError;
 
 /// Default region size: 64 KiB.
@@ -292,28 +293,6 @@ impl MigrationHooks for NodeHooks {
         })
         .map(drop)
         .map_err(|e| e.to_string())
-    }
-}
-
-/// Doubling waits between retries, up to a cap: the one retry policy of
-/// node-to-node calls.
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self { next: first, max }
-    }
-    /// The next wait, without taking it.
-    pub fn peek(&self) -> Duration {
-        self.next
-    }
-    /// Waits, and doubles the next wait.
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next).await;
-        self.next = (self.next * 2).min(self.max);
     }
 }
 

@@ -131,7 +131,8 @@ impl RemoteTarget {
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let deadline = Instant::now() + self.timeout;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff =
+            crate::retry::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             if self.closed.load(Ordering::SeqCst) {
                 return Err(BlockError::Unavailable("origin link closed".into()));
@@ -165,15 +166,14 @@ impl RemoteTarget {
                     )))
                 }
                 Err(e) => {
-                    if Instant::now() + backoff > deadline {
+                    if Instant::now() + backoff.peek() > deadline {
                         return Err(BlockError::Unavailable(format!(
                             "origin {}/{} unreachable for {:?}: {e}",
                             self.addr, self.export, self.timeout
                         )));
                     }
                     tracing::debug!(origin = %self.addr, "{what} failed, retrying: {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
             }
         }

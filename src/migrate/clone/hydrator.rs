@@ -2,6 +2,7 @@
 //! once, paced by the rate limit, yielding the link to on-demand fetches.
 
 use super::*;
+use crate::retry::Backoff;
 
 impl CloneTarget {
     /// A background fetch failed: records why and says how long the copier
@@ -9,7 +10,7 @@ impl CloneTarget {
     /// copy (probing once a second) instead of failing the migration: the
     /// regions stay absent, so reads keep going to the source and nothing
     /// is lost, and the copy resumes by itself once space is freed.
-    pub(super) fn background_failed(&self, e: &BlockError, backoff: &mut Duration) -> Duration {
+    pub(super) fn background_failed(&self, e: &BlockError, backoff: &mut Backoff) -> Duration {
         if matches!(e, BlockError::NoSpace) {
             let was = self.no_space.swap(true, Ordering::SeqCst);
             if !was {
@@ -20,14 +21,12 @@ impl CloneTarget {
         }
         warn!(volume = %self.name, "background fetch failed: {e}");
         self.note_error(e);
-        let wait = *backoff;
-        *backoff = (*backoff * 2).min(Duration::from_secs(5));
-        wait
+        backoff.next_wait()
     }
 
     /// A background fetch succeeded: clears a disk-full stall.
-    pub(super) fn background_succeeded(&self, backoff: &mut Duration) {
-        *backoff = Duration::from_millis(100);
+    pub(super) fn background_succeeded(&self, backoff: &mut Backoff) {
+        backoff.reset();
         if self.no_space.swap(false, Ordering::SeqCst) {
             info!(volume = %self.name, "destination has space again: background copy resumed");
         }
@@ -81,7 +80,7 @@ impl CloneTarget {
         let mut cursor = 0u64;
         let mut inflight: JoinSet<BlockResult<()>> = JoinSet::new();
         let mut last_commit = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let batch_regions = (self.cfg.batch_bytes / self.region_size).max(1);
         loop {
             if self.stopped.load(Ordering::SeqCst) {
@@ -124,7 +123,7 @@ impl CloneTarget {
             // After a failed fetch, one batch at a time until one succeeds:
             // batches paced while the source was away would otherwise all
             // land at once when it returns, far above the rate limit.
-            let degraded = backoff > Duration::from_millis(100);
+            let degraded = backoff.is_backing_off();
             let parallel = if busy || degraded {
                 1
             } else {
