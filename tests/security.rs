@@ -356,7 +356,7 @@ fn api_refuses_strangers() {
     let e = api
         .post::<serde_json::Value>(
             "/v1/migrations",
-            &serde_json::json!({"name": "v", "size": 4096, "origin_nbd": "nowhere",
+            &serde_json::json!({"name": "v", "id": "0123456789abcdef", "size": 4096, "origin_nbd": "nowhere",
                 "origin_api": "127.0.0.1:1", "region_size": 3, "rate": 0}),
         )
         .unwrap_err();
