@@ -22,7 +22,8 @@
 //! Env: `DLSM_CHAOS_SEED` (one seed), `DLSM_CHAOS_STEPS` (steps per seed),
 //! `DLSM_CHAOS_RUNS` (seeds), `DLSM_CHAOS_NO=rm,second-serve,...` (action
 //! kinds to leave out), `DLSM_CHAOS_VERBOSE=1` (print every event),
-//! `DLSM_CHAOS_SABOTAGE=1` (flip a model byte: the run must fail).
+//! `DLSM_CHAOS_SABOTAGE=model` (flip a model byte) or `=owner` (count every
+//! stale write as a second writer): the run must fail.
 //! Long runs: `scripts/chaos.sh FIRST LAST STEPS`.
 
 mod common;
@@ -59,9 +60,10 @@ fn one(seed: u64, steps: u64, no: &[String]) -> Stats {
         vol_mib: 16,
         no: no.to_vec(),
         verbose: env::<u8>("DLSM_CHAOS_VERBOSE").unwrap_or(0) > 0,
+        sabotage_owner: std::env::var("DLSM_CHAOS_SABOTAGE").is_ok_and(|s| s == "owner"),
     });
     r.setup();
-    if env::<u8>("DLSM_CHAOS_SABOTAGE").unwrap_or(0) > 0 {
+    if std::env::var("DLSM_CHAOS_SABOTAGE").is_ok_and(|s| s == "model") {
         r.sabotage();
     }
     for step in 0..steps {
@@ -80,7 +82,6 @@ fn one(seed: u64, steps: u64, no: &[String]) -> Stats {
         t.elapsed().as_secs_f64()
     );
     println!("{line}");
-    eprintln!("{line}");
     if !r.stats.violations.is_empty() {
         let dir = r.keep_dir();
         eprintln!(

@@ -33,6 +33,9 @@ pub struct Config {
     /// Action kinds not to use (`DLSM_CHAOS_NO=rm,second-serve`).
     pub no: Vec<String>,
     pub verbose: bool,
+    /// Deliberately break the two-writers check: every stale write counts
+    /// as acknowledged after a later owner's write (the run must fail).
+    pub sabotage_owner: bool,
 }
 
 #[derive(Default)]
@@ -562,6 +565,7 @@ impl Run {
         match r {
             Ok(Ok(())) => {
                 let (acked, acked_node) = (self.vols[v].acked_epoch, self.vols[v].acked_node);
+                let acked = acked + self.cfg.sabotage_owner as u64;
                 if acked <= epoch {
                     // Still the owner: a legitimate, durable (FUA) write.
                     self.stats.stale_acked_legit += 1;
