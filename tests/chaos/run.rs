@@ -538,7 +538,7 @@ impl Run {
         if self.nodes[owner].state != State::Running {
             return; // the VM's host is down or hung
         }
-        for _ in 0..self.rng.gen_range(1..=4) {
+        for _ in 0..self.rng.gen_range(1..=3) {
             match self.rng.gen_range(0..10) {
                 0..=4 => self.follower_write(v),
                 5 => self.follower_flush(v),
@@ -941,7 +941,7 @@ impl Run {
             let rate = ["512K", "2M", "8M", "32M"][self.rng.gen_range(0..4)];
             args.extend(["--rate".into(), rate.into()]);
         }
-        if self.rng.gen_bool(0.15) {
+        if self.rng.gen_bool(0.1) {
             args.push("--keep-source".into());
         }
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -952,6 +952,26 @@ impl Run {
                 "{name}: migrate n{src} -> n{dst} refused: {}",
                 o.why()
             ));
+            // A copy kept (--keep-source) or not yet released blocks the
+            // way back: once the migration is complete, an operator removes
+            // it (dropping the stale clients there first).
+            if o.why().contains("already exists")
+                && self.vols[v].mig.is_none()
+                && self.allowed("cleanup")
+                && self.nodes[dst].state == State::Running
+                && self.rng.gen_bool(0.7)
+            {
+                self.vols[v].stale.retain(|s| s.node != dst);
+                let o = self.cli(dst, &["volume", "rm", &name]);
+                self.operator("rm-leftover", o.ok);
+                self.log(format!(
+                    "{name}: volume rm of the leftover copy at n{dst}: {}",
+                    if o.ok { "ok".into() } else { o.why() }
+                ));
+                if o.ok {
+                    self.vols[v].owner_epoch[dst] = None;
+                }
+            }
             return true;
         }
         let vol = &mut self.vols[v];
