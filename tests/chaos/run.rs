@@ -180,6 +180,10 @@ struct Vol {
     /// Sources of forced handoffs: (node, epoch of the forced migration,
     /// when the node last restarted).
     zombies: Vec<(usize, u64, Option<Instant>)>,
+    /// Steps the VM is still migrating its memory after a migration
+    /// started: it only reads at the destination, so the handoff waits and
+    /// the old owner's writers are still legitimate.
+    quiet: u64,
 }
 
 impl Vol {
@@ -374,6 +378,7 @@ impl Run {
                 unflushed: Vec::new(),
                 in_doubt: Vec::new(),
                 zombies: Vec::new(),
+                quiet: 0,
             });
         }
     }
@@ -538,7 +543,13 @@ impl Run {
         if self.nodes[owner].state != State::Running {
             return; // the VM's host is down or hung
         }
+        let quiet = self.vols[v].quiet > 0;
+        self.vols[v].quiet = self.vols[v].quiet.saturating_sub(1);
         for _ in 0..self.rng.gen_range(1..=3) {
+            if quiet {
+                self.follower_read(v);
+                continue;
+            }
             match self.rng.gen_range(0..10) {
                 0..=4 => self.follower_write(v),
                 5 => self.follower_flush(v),
@@ -979,6 +990,7 @@ impl Run {
         let epoch = vol.epoch;
         vol.owner = dst;
         vol.owner_epoch[dst] = Some(epoch);
+        vol.quiet = [0, 0, 1, 2, 4][self.rng.gen_range(0..5)];
         vol.mig = Some(Mig {
             src,
             dst,
