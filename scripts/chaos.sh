@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 log=${4:-target/chaos-$first-$last-$steps.log}
 mkdir -p "$(dirname "$log")"
 : >"$log"
-cargo test --release --test chaos --no-run 2>&1 | tail -1
+bin=$(cargo test --release --test chaos --no-run 2>&1 | sed -n 's/.*Executable tests\/chaos.rs (\(.*\))/\1/p' | tail -1)
+[ -x "$bin" ] || { echo "cannot build the chaos test"; exit 1; }
+echo "chaos binary: $bin"
 start=$(date +%s)
 for seed in $(seq "$first" "$last"); do
     DLSM_CHAOS_SEED=$seed DLSM_CHAOS_STEPS=$steps DLSM_CHAOS_RUNS=1 \
-        cargo test -q --release --test chaos -- --nocapture >>"$log" 2>&1
+        "$bin" --nocapture >>"$log" 2>&1
     grep "^CHAOS seed=$seed " "$log" | tail -1
 done
 secs=$(($(date +%s) - start))

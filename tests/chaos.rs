@@ -75,7 +75,6 @@ fn one(seed: u64, steps: u64, no: &[String]) -> Stats {
     if r.stats.violations.is_empty() {
         r.settle_and_check();
     }
-    r.write_history();
     let line = format!(
         "CHAOS seed={seed} {} secs={:.0}",
         r.stats.line(),
