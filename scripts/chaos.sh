@@ -31,6 +31,7 @@ echo
 echo "== chaos long run: seeds $first..=$last, $steps steps each, $(date -u +%FT%TZ), ${secs}s, $(git rev-parse --short HEAD)"
 grep '^CHAOS seed=' "$log" | awk -v secs="$secs" '
 {
+    gsub(/\(refused /, "(refused_");
     for (i = 2; i <= NF; i++) {
         split($i, kv, "=");
         k = kv[1]; v = substr($i, length(k) + 2);
@@ -42,7 +43,7 @@ grep '^CHAOS seed=' "$log" | awk -v secs="$secs" '
                 if (p[1] == "") continue;
                 name = k "." p[1];
                 val = p[2]; ref = 0;
-                if (match(val, /\(refused [0-9]+\)/)) { ref = substr(val, RSTART + 9, RLENGTH - 10); val = substr(val, 1, RSTART - 1) }
+                if (match(val, /\(refused_[0-9]+\)/)) { ref = substr(val, RSTART + 9, RLENGTH - 10); val = substr(val, 1, RSTART - 1) }
                 sum[name] += val; refused[name] += ref; seen[name] = 1;
             }
         }
