@@ -746,6 +746,7 @@ impl Run {
             ("undisk", 3),
             ("rm", 3),
             ("force", 6),
+            ("kill-source", 2),
             ("second-serve", 1),
             ("stale", 10),
             ("stale-attach", 4),
@@ -899,6 +900,25 @@ impl Run {
                     return false;
                 }
                 self.log(format!("disk of n{} freed", n - 1));
+            }
+            // The source dies while the VM is still on its way (before the
+            // handoff): the case an operator forces the handoff for.
+            "kill-source" => {
+                let Some(m) = &self.vols[v].mig else {
+                    return false;
+                };
+                let src = m.src;
+                if self.vols[v].quiet == 0 || dead + 1 >= n || self.nodes[src].state == State::Dead
+                {
+                    return false;
+                }
+                self.nodes[src].kill9();
+                self.on_killed(src);
+                self.fault("kill");
+                let name = self.vols[v].name.clone();
+                self.log(format!(
+                    "kill -9 n{src} ({name}'s source, before the handoff)"
+                ));
             }
             "rm" => return self.op_rm(v),
             "force" => return self.op_force(v),
