@@ -227,29 +227,38 @@ impl Run {
             .unwrap();
         let mut nodes = Vec::new();
         for i in 0..cfg.nodes {
-            let nbd = format!("127.0.0.1:{}", free_port());
-            let api = format!("127.0.0.1:{}", free_port());
-            let pnbd = rt.block_on(Proxy::start(nbd.clone()));
-            let papi = rt.block_on(Proxy::start(api.clone()));
-            let data = dir.path().join(format!("n{i}"));
-            std::fs::create_dir(&data).unwrap();
-            let mut n = Node::new(
-                i,
-                data,
-                dir.path().join(format!("n{i}.log")),
-                pnbd,
-                papi,
-                nbd,
-                api,
-            );
-            // The last node keeps its data on a small tmpfs that the
-            // harness fills now and then (a full disk).
-            if i == cfg.nodes - 1 && !cfg.no.iter().any(|s| s == "disk") {
-                let size = cfg.vol_mib * cfg.vols as u64 * 2 + 16;
-                n.tmpfs = Some(Tmpfs::mount(&n.data_dir, &format!("{size}m")));
-            }
-            n.start()
-                .unwrap_or_else(|e| panic!("node {i} did not start: {e}"));
+            // A port picked free may be taken by someone else before the
+            // node binds it: try again on other ports.
+            let mut attempt = 0;
+            let n = loop {
+                attempt += 1;
+                let nbd = format!("127.0.0.1:{}", free_port());
+                let api = format!("127.0.0.1:{}", free_port());
+                let pnbd = rt.block_on(Proxy::start(nbd.clone()));
+                let papi = rt.block_on(Proxy::start(api.clone()));
+                let data = dir.path().join(format!("n{i}"));
+                std::fs::create_dir_all(&data).unwrap();
+                let mut n = Node::new(
+                    i,
+                    data,
+                    dir.path().join(format!("n{i}.log")),
+                    pnbd,
+                    papi,
+                    nbd,
+                    api,
+                );
+                // The last node keeps its data on a small tmpfs that the
+                // harness fills now and then (a full disk).
+                if i == cfg.nodes - 1 && !cfg.no.iter().any(|s| s == "disk") {
+                    let size = cfg.vol_mib * cfg.vols as u64 * 2 + 16;
+                    n.tmpfs = Some(Tmpfs::mount(&n.data_dir, &format!("{size}m")));
+                }
+                match n.start() {
+                    Ok(()) => break n,
+                    Err(e) if attempt < 4 => eprintln!("node {i} did not start ({e}); new ports"),
+                    Err(e) => panic!("node {i} did not start: {e}"),
+                }
+            };
             nodes.push(n);
         }
         Run {
