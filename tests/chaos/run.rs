@@ -610,29 +610,13 @@ impl Run {
                     .iter()
                     .find(|z| z.0 == node)
                     .map(|z| z.2);
-                let dst_ok = |r: &Run| {
-                    let d = acked_node;
-                    r.nodes[d].state == State::Running
-                        && r.nodes[d].papi.mode() == Mode::Up
-                        && r.nodes[node].papi.mode() == Mode::Up
-                };
-                if let Some(restarted) = zombie {
-                    let grace = restarted.is_none_or(|t| t.elapsed() < ZOMBIE_GRACE);
-                    if grace || !dst_ok(self) {
-                        // A source restarted after a forced handoff, before
-                        // the new owner could fence it.
-                        self.stats.zombie_acks += 1;
-                        self.vols[v].model.forget(off, len);
-                        self.log(format!(
-                            "{name}: zombie n{node} acked a stale write (grace)"
-                        ));
-                        return;
-                    }
-                }
+                // A source restarted after a forced handoff holds every
+                // write until the new owner tells it who owns the volume
+                // (DESIGN: "a restarted source holds writes"): no grace.
                 self.vols[v].model.forget(off, len);
                 let msg = format!(
                     "{name}: n{node}, owner at epoch {epoch}, acknowledged a write after n{acked_node} acknowledged writes at epoch {acked}{}",
-                    if zombie.is_some() { " (source of a forced handoff, restarted more than 10 s ago)" } else { "" }
+                    if zombie.is_some() { " (a source restarted after a forced handoff)" } else { "" }
                 );
                 self.violation("two-writers", msg);
             }
