@@ -11,7 +11,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, NodeProc, DLSM};
+use common::{pattern, wait_until, NodeProc, DLSM};
 use dlsm::api_client::{status_of, Api};
 use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
 
@@ -27,16 +27,6 @@ fn errno_of(e: ClientError) -> u32 {
     match e {
         ClientError::Server { errno, .. } => errno,
         other => panic!("expected a server error, got {other}"),
-    }
-}
-
-/// Polls `cond` every 50 ms until it holds; panics naming `what` after
-/// `secs` seconds.
-fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {secs}s: {what}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

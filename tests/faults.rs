@@ -12,7 +12,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, require, run_ok, Hosts, NodeProc};
+use common::{pattern, require, run_ok, wait_until, Hosts, NodeProc};
 use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
 
 const MIB: u64 = 1 << 20;
@@ -145,11 +145,7 @@ fn link_cut_and_restored_and_slow_link() {
     checks.push("read -P 1 64k 960k".into());
     let (ok, out) = qemu_io(&hosts.b, uri_b, &checks);
     assert!(ok, "data after the link came back: {out}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.has_volume("vm") {
-        assert!(Instant::now() < deadline, "source not released");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("source not released", 30, || !a.has_volume("vm"));
     println!("FAULTS link: injected={faults} writes_checked=65 bytes_lost=0");
 }
 
@@ -318,12 +314,11 @@ async fn twenty_volumes_migrate_at_once_under_load() {
         let got = c.read(0, SIZE as u32).await.unwrap();
         assert!(&got == m, "{name}: wrong data after migration");
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
     for v in 0..N {
-        while a.has_volume(&format!("vol{v}")) {
-            assert!(Instant::now() < deadline, "vol{v} not released on A");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let name = format!("vol{v}");
+        wait_until(&format!("{name} released on A"), 60, || {
+            !a.has_volume(&name)
+        });
     }
     println!("FAULTS twenty: volumes={N} writes_checked={writes} bytes_lost=0");
 }

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, require, run_ok, NodeProc};
+use common::{pattern, require, run_ok, wait_until, NodeProc};
 use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
 
 const MIB: u64 = 1 << 20;
@@ -166,11 +166,7 @@ async fn end_to_end_fencing_no_stale_reads_and_release() {
         "{done}"
     );
     // The source copy is released, the destination is plain local.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while a.has_volume("vm1") {
-        assert!(Instant::now() < deadline, "source copy not released");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("source copy not released", 10, || !a.has_volume("vm1"));
     let v: serde_json::Value =
         serde_json::from_str(&b.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
     assert_eq!(v["table"]["kind"], "local");
@@ -397,11 +393,9 @@ async fn chain_a_to_b_to_c_while_b_still_hydrates() {
     c.wait_phase("vm1", "complete", 60);
     model.check(&cc).await;
     // B released (and, as it no longer needs A, released A too).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while b.has_volume("vm1") || a.has_volume("vm1") {
-        assert!(Instant::now() < deadline, "chain sources not released");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("chain sources not released", 15, || {
+        !(b.has_volume("vm1") || a.has_volume("vm1"))
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -664,11 +658,9 @@ async fn forced_handoff_with_the_source_dead() {
     drop(ca);
     // Then the copy resumes (no longer stalled, once B has its answer) and
     // completes.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !b.status("vm1")["stalled"].is_null() {
-        assert!(Instant::now() < deadline, "{}", b.status("vm1"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("the copy resumes once the source is fenced", 10, || {
+        b.status("vm1")["stalled"].is_null()
+    });
     complete_and_report(&b, &cb, &model, "forced-handoff", 2, 3).await;
     drop(a);
 }

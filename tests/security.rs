@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{make_tls_dir, require, run_ok, NodeProc, DLSM};
+use common::{make_tls_dir, require, run_ok, wait_until, NodeProc, DLSM};
 use dlsm::api_client::{Api, ApiAuth};
 use dlsm::nbd::proto::{self, opt, rep};
 
@@ -233,11 +233,7 @@ fn migration_between_tls_nodes_with_tokens() {
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 8388608"));
     let o = qemu_io(&b, "vm1", &tls, "read -P 0 8M 24M");
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("read 25165824"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while a.has_volume("vm1") {
-        assert!(Instant::now() < deadline, "source never released vm1");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("source never released vm1", 30, || !a.has_volume("vm1"));
     let list = b.cli_ok(&["volume", "list"]);
     assert!(list.contains("nbds://"), "URI should say nbds: {list}");
 }
@@ -707,14 +703,11 @@ fn revoked_certificates_are_refused() {
         .unwrap()
     };
     hup(&node);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while nbdinfo(&uri(&node, &stolen)).status.success() {
-        assert!(
-            Instant::now() < deadline,
-            "a revoked client still gets in over NBD after SIGHUP"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "a revoked client still gets in over NBD after SIGHUP",
+        10,
+        || !(nbdinfo(&uri(&node, &stolen)).status.success()),
+    );
     // NBD and API: refused to the stolen identity, served to the real client.
     let o = nbdinfo(&uri(&node, &tls));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -280,6 +280,16 @@ impl Drop for NodeProc {
     }
 }
 
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after
+/// `secs` seconds. The one deadline-poll loop of the integration tests.
+pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {secs}s: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Runs a command, asserting success; returns stdout.
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = cmd
