@@ -624,3 +624,39 @@ async fn a_completed_migration_cannot_be_dropped() {
     assert_eq!(r, Err(409));
     assert!(b.has_volume("vm1"));
 }
+
+/// Second review: a restarted source holds its writes because the
+/// destination may own the volume (a forced handoff while it was down);
+/// `migration cancel --force` must not lift that hold when the destination
+/// cannot be asked (it used to: two writers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_force_cannot_lift_the_hold_of_a_restarted_source() {
+    let mut a = NodeProc::start();
+    let mut b = node_with(&["--source-timeout", "2"]);
+    filled_vm1(&a, 2, 15).await;
+    migrate(&a, &b, "vm1", &[]);
+    a.kill();
+    b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
+    let cb = client(&b, "vm1").await;
+    cb.write(0, &[9u8; 65536], true).await.unwrap();
+    drop(cb);
+    b.kill(); // B is away when A comes back
+    a.restart();
+    let o = a.cli(&["migration", "cancel", "vm1", "--force"]);
+    assert!(!o.status.success(), "cancel --force lifted the hold");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("writes are held"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ca = client(&a, "vm1").await;
+    assert_eq!(errno_of(ca.write(0, b"zombie", true).await.unwrap_err()), 1);
+    drop(ca);
+    // B returns: A learns it lost the volume and is fenced, then released.
+    b.restart();
+    wait_until("A's copy released once B is back", 40, || {
+        !a.has_volume("vm1")
+    });
+    let cb = client(&b, "vm1").await;
+    assert_eq!(cb.read(0, 65536).await.unwrap(), vec![9u8; 65536]);
+}

@@ -27,16 +27,20 @@ pub struct Fence {
     fenced: AtomicBool,
     in_flight: AtomicUsize,
     to: Mutex<String>,
+    /// The migration the fence was closed for (empty: loaded closed, or
+    /// closed before identities existed).
+    closed_for: Mutex<String>,
     /// Why writes are held (not fenced for good), if they are.
     held: Mutex<Option<String>>,
 }
 
 impl Fence {
     /// A fence that is already closed (a volume loaded as fenced).
-    pub fn closed(to: &str) -> Self {
+    pub fn closed(to: &str, id: &str) -> Self {
         let f = Self::default();
         f.fenced.store(true, Ordering::SeqCst);
         *f.to.lock().unwrap() = to.to_owned();
+        *f.closed_for.lock().unwrap() = id.to_owned();
         f
     }
 
@@ -48,8 +52,14 @@ impl Fence {
     /// destination has dropped without being handed off (a cancel that
     /// overlapped a handoff that failed after fencing): nobody else can
     /// write the volume, and nobody ever will for that migration.
-    pub fn reopen(&self) {
-        self.fenced.store(false, Ordering::SeqCst);
+    /// Only opens a fence closed for migration `id`; says whether it did.
+    pub fn reopen(&self, id: &str) -> bool {
+        if self.is_fenced() && *self.closed_for.lock().unwrap() == id {
+            self.fenced.store(false, Ordering::SeqCst);
+            true
+        } else {
+            false
+        }
     }
 
     /// Refuses writes until [`Fence::release_hold`], saying `why`.
@@ -67,9 +77,11 @@ impl Fence {
         self.held.lock().unwrap().clone()
     }
 
-    /// Refuses writes from now on, waits for admitted writes, flushes `target`.
-    pub async fn fence(&self, to: &str, target: &dyn BlockTarget) -> BlockResult<()> {
+    /// Refuses writes from now on (for migration `id`), waits for admitted
+    /// writes, flushes `target`.
+    pub async fn fence(&self, to: &str, id: &str, target: &dyn BlockTarget) -> BlockResult<()> {
         *self.to.lock().unwrap() = to.to_owned();
+        *self.closed_for.lock().unwrap() = id.to_owned();
         self.fenced.store(true, Ordering::SeqCst);
         while self.in_flight.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -146,5 +158,41 @@ impl BlockTarget for FenceGate {
     }
     fn allocated_bytes(&self) -> u64 {
         self.inner.allocated_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::target::LocalTarget;
+
+    #[tokio::test]
+    async fn a_fence_reopens_only_for_the_migration_that_closed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::create(&dir.path().join("d"), 4096).unwrap();
+        let f = Fence::default();
+        f.fence("b", "m2", &t).await.unwrap();
+        assert!(!f.reopen("m1"), "a cancel of m1 opened m2's fence");
+        assert!(f.is_fenced());
+        assert!(f.reopen("m2"));
+        assert!(!f.is_fenced());
+        let g = Fence::closed("b", "m3");
+        assert!(!g.reopen("m1") && g.is_fenced());
+    }
+
+    #[tokio::test]
+    async fn a_held_fence_refuses_writes_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let t: Arc<dyn BlockTarget> =
+            Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let gate = FenceGate::new(t, f.clone());
+        f.hold("writes held: test".into());
+        let e = gate.write(0, b"x", false).await.unwrap_err();
+        assert!(e.to_string().contains("writes held"), "{e}");
+        let mut b = [0u8; 1];
+        gate.read(0, &mut b).await.unwrap();
+        f.release_hold();
+        gate.write(0, b"x", false).await.unwrap();
     }
 }

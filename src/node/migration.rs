@@ -341,6 +341,9 @@ pub async fn migrate(
     req: MigrateRequest,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
+    // Held through the prepare: a cancel or a fence of this volume waits
+    // until the migration is recorded on both sides (or forgotten).
+    let _own = vol.ownership.lock().await;
     if vol.fence.is_fenced() {
         return Err(MigrationError::Conflict(format!(
             "volume {name:?} was already handed off from this node"
@@ -483,6 +486,12 @@ pub async fn fence(
     id: &str,
 ) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
+    let _own = vol.ownership.lock().await;
+    fence_locked(&vol, name, to, id).await
+}
+
+/// [`fence`] for a caller that holds `vol.ownership`.
+async fn fence_locked(vol: &Volume, name: &str, to: &str, id: &str) -> Result<(), MigrationError> {
     let t = vol.table();
     let ours = t.outgoing.as_ref().is_some_and(|o| o.id == id);
     if !ours {
@@ -498,7 +507,7 @@ pub async fn fence(
             }
         )));
     }
-    vol.fence.fence(to, &*vol.target()).await?;
+    vol.fence.fence(to, id, &*vol.target()).await?;
     if let Some(c) = vol.clone_target() {
         // A clone that is itself a source: its map must be durable too.
         c.commit().await?;
@@ -524,6 +533,7 @@ pub async fn fence(
 /// already released answers as the first did.
 pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
+    let _own = vol.ownership.lock().await;
     let t = vol.table();
     let Some(out) = t.outgoing.clone().filter(|o| o.id == id) else {
         if t.outgoing.is_none() && t.fenced_for.as_deref() == Some(id) {
@@ -538,7 +548,7 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
         // The destination completed without ever fencing this node (a
         // forced handoff while it was down): it owns the volume, so fence
         // before anything else.
-        fence(state, name, &out.to, id).await?;
+        fence_locked(&vol, name, &out.to, id).await?;
     }
     // A clone that still pulls from its own origin (B in A -> B -> C) does
     // not need it any more: that origin is released first (so a failure
@@ -644,9 +654,21 @@ pub async fn cancel(
     force: bool,
 ) -> Result<serde_json::Value, MigrationError> {
     let vol = state.store.get(name)?;
+    // Held to the end: no fence, release or second cancel interleaves.
+    let _own = vol.ownership.lock().await;
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
+    if force {
+        if let Some(why) = vol.fence.held() {
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?}: {why}. --force cannot be used while writes are held: the \
+                 destination may own the volume (a forced handoff while this node was down), \
+                 and taking writes here could make a second writer; only the destination's \
+                 answer can cancel"
+            )));
+        }
+    }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
         DropRequest { id: out.id.clone() },
@@ -660,11 +682,13 @@ pub async fn cancel(
         // Dropped now, or the destination has no record of it (never
         // prepared, or dropped before): it holds no copy that took writes.
         Ok(_) => {}
-        Err(e) if e.status == Some(404) => {}
+        // Only the destination's own "no such migration" counts, not any
+        // 404 (an older node without the route, another service there).
+        Err(e) if e.status == Some(404) && e.message.contains("is not migrating on this node") => {}
         Err(e) if e.status == Some(409) => {
             // Handed off: the destination owns the volume.
             if !vol.fence.is_fenced() {
-                fence(state, name, &out.to, &out.id).await?;
+                fence_locked(&vol, name, &out.to, &out.id).await?;
             }
             return Err(MigrationError::Conflict(format!(
                 "volume {name:?} was handed off to {} already, so it cannot be cancelled \
@@ -700,8 +724,10 @@ pub async fn cancel(
             t.fenced_to = None;
         }
     })?;
-    if vol.fence.is_fenced() && vol.table().fenced_for.is_none() {
-        vol.fence.reopen();
+    // Open only a fence closed for this migration (a handoff that fenced
+    // this node and then failed): its clone is gone and cannot use it.
+    if vol.fence.reopen(&out.id) {
+        info!(volume = name, migration = %out.id, "fence of the cancelled migration opened again");
     }
     vol.fence.release_hold();
     info!(volume = name, migration = %out.id, "migration cancelled: the volume stays here");
@@ -998,6 +1024,10 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                     Err(e) => warn!(volume = %name, "cannot fence: {e}"),
                 },
                 Ok(MigrationState::Unknown) => {
+                    let _own = vol.ownership.lock().await;
+                    if vol.table().outgoing.is_none_or(|o| o.id != id) {
+                        return; // cancelled while the question was out
+                    }
                     vol.fence.hold(format!(
                         "writes held: the destination {} has no record of migration {id}; \
                          run `dlsm migration cancel {name}` on this node if the volume is \

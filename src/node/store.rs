@@ -171,12 +171,20 @@ pub struct VolumeTable {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outgoing: Option<Outgoing>,
     /// Identities of the migrations that handed the volume off to this
-    /// node, newest last (at most [`ARRIVED_KEPT`]).
+    /// node, newest last (at most [`ARRIVED_KEPT`]). A table is made anew
+    /// for every incoming migration, so in practice this is the one that
+    /// brought the volume here: what a source returning after a long
+    /// outage asks about.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub arrived: Vec<String>,
     /// The source copy this node must still tell to release itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_pending: Option<PendingRelease>,
+    /// Set (in memory only) when the volume is removed: a task still
+    /// holding it must not write its table into a new volume that took
+    /// its name and directory.
+    #[serde(skip)]
+    pub removed: bool,
 }
 
 /// A live volume: its table and the stacked target that serves it.
@@ -187,6 +195,10 @@ pub struct Volume {
     target: std::sync::RwLock<Arc<dyn BlockTarget>>,
     clone: Mutex<Option<Arc<CloneTarget>>>,
     pub fence: Arc<Fence>,
+    /// Held for the whole of every change of who owns the volume on this
+    /// node (migrate, fence, release, cancel, the restart reconcile), so
+    /// none of them interleaves with another at an await.
+    pub ownership: tokio::sync::Mutex<()>,
     connections: Arc<tokio::sync::watch::Sender<usize>>,
     dir: PathBuf,
 }
@@ -392,6 +404,7 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            removed: false,
         };
         self.create_with(table, |_| Ok(()))
     }
@@ -427,6 +440,7 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            removed: false,
         };
         self.create_with(table, |dir| {
             RegionMap::create(&dir.join("regions.map"), size, region_size)
@@ -579,6 +593,8 @@ impl VolumeStore {
         }
         let doomed = self.root.join(format!(".tmp-rm-{name}"));
         fs::rename(vol.dir(), &doomed).map_err(io_err(vol.dir()))?;
+        let mut table = table;
+        table.removed = true;
         drop(table);
         sync_dir(&self.root)?;
         vols.remove(name);
@@ -726,7 +742,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         }
     };
     let fence = match &table.fenced_to {
-        Some(to) => Fence::closed(to),
+        Some(to) => Fence::closed(to, table.fenced_for.as_deref().unwrap_or("")),
         None => Fence::default(),
     };
     // A volume that was migrating away and is not fenced: while this node
@@ -747,6 +763,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         target: std::sync::RwLock::new(target),
         clone: Mutex::new(clone),
         fence: Arc::new(fence),
+        ownership: Default::default(),
         connections: Arc::new(tokio::sync::watch::channel(0).0),
         dir: dir.to_owned(),
     })
@@ -759,6 +776,9 @@ pub fn update_table(
     f: impl FnOnce(&mut VolumeTable),
 ) -> Result<VolumeTable, StoreError> {
     let mut t = table.lock().unwrap();
+    if t.removed {
+        return Err(StoreError::NotFound(t.name.clone()));
+    }
     let mut new = t.clone();
     f(&mut new);
     write_table(dir, &new)?;
@@ -832,6 +852,26 @@ mod tests {
         // Released with the first store (as with the process at exit).
         let again = VolumeStore::open(dir.path(), test_env()).unwrap();
         assert_eq!(again.list().len(), 1);
+    }
+
+    #[test]
+    fn a_removed_volume_never_writes_into_its_successor() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = VolumeStore::open(dir.path(), test_env()).unwrap();
+        let old = s.create("vm1", 1 << 20).unwrap();
+        s.remove_volume(&old, RemoveMode::Released).unwrap();
+        let new = s.create("vm1", 2 << 20).unwrap();
+        // A task that still held the old volume tries to record something.
+        let e = old
+            .update_table(|t| t.fenced_to = Some("elsewhere".into()))
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotFound(_)), "{e}");
+        // Removing the old handle again must not touch the new volume.
+        assert!(s.remove_volume(&old, RemoveMode::Released).is_err());
+        assert!(new.table().fenced_to.is_none());
+        drop(s);
+        let s = VolumeStore::open(dir.path(), test_env()).unwrap();
+        assert_eq!(s.get("vm1").unwrap().size, 2 << 20);
     }
 
     #[test]

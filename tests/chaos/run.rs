@@ -739,6 +739,7 @@ impl Run {
             ("undisk", 3),
             ("rm", 3),
             ("force", 6),
+            ("cancel", 3),
             ("kill-source", 2),
             ("second-serve", 1),
             ("stale", 10),
@@ -915,6 +916,7 @@ impl Run {
             }
             "rm" => return self.op_rm(v),
             "force" => return self.op_force(v),
+            "cancel" => return self.op_cancel(v),
             "second-serve" => {
                 let Some(k) = self.pick_node(|x| x.state != State::Dead) else {
                     return false;
@@ -1115,6 +1117,49 @@ impl Run {
                 o.why()
             ));
         }
+        true
+    }
+
+    /// `migration cancel` on the source of the volume's migration, as an
+    /// operator who changed their mind. Accepted only before handoff: then
+    /// the destination never took a write, the volume is the source's
+    /// again (a new epoch), and the VM goes back to it.
+    fn op_cancel(&mut self, v: usize) -> bool {
+        let Some(m) = &self.vols[v].mig else {
+            return false;
+        };
+        let (src, dst, epoch) = (m.src, m.dst, m.epoch);
+        if epoch != self.vols[v].epoch || self.nodes[src].state != State::Running {
+            return false;
+        }
+        let name = self.vols[v].name.clone();
+        let o = self.cli(src, &["migration", "cancel", &name]);
+        self.operator("cancel", o.ok);
+        if !o.ok {
+            self.log(format!("{name}: cancel at n{src} refused: {}", o.why()));
+            return true;
+        }
+        if self.vols[v].acked_epoch >= epoch {
+            let msg = format!(
+                "{name}: cancel at n{src} accepted after n{dst} acknowledged writes at epoch {}",
+                self.vols[v].acked_epoch
+            );
+            self.violation("cancel-after-handoff", msg);
+            return true;
+        }
+        let vol = &mut self.vols[v];
+        vol.epoch += 1;
+        let back = vol.epoch;
+        vol.owner = src;
+        vol.owner_epoch[src] = Some(back);
+        vol.owner_epoch[dst] = None;
+        vol.mig = None;
+        // Clients left at the source belong to its owner again.
+        vol.stale.retain(|s| s.node != src);
+        vol.follower = None;
+        self.log(format!(
+            "{name}: migration n{src} -> n{dst} cancelled; the volume is n{src}'s again (epoch {back})"
+        ));
         true
     }
 
