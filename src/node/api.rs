@@ -407,6 +407,23 @@ async fn remove_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A request body that may be left out (the defaults then apply); when it
+/// is there it must be JSON of the right shape, and a bad one gets the same
+/// JSON errors as every other body (400 malformed, 422 wrong shape).
+fn optional_body<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null" {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let status = if e.is_data() {
+            StatusCode::UNPROCESSABLE_ENTITY
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        ApiError(status, format!("bad request body: {e}"))
+    })
+}
+
 /// A volume name taken from the URL path and checked before any handler
 /// sees it: a name outside the allowed set is a 400, never a lookup (so no
 /// encoding trick can reach another volume or a path on disk).
@@ -477,9 +494,9 @@ async fn migration_state(
 async fn cancel(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
-    body: Option<Json<CancelRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let force = body.is_some_and(|Json(b)| b.force);
+    let force = optional_body::<CancelRequest>(&body)?.force;
     Ok(Json(migration::cancel(&s, &name, force).await?))
 }
 
@@ -517,9 +534,9 @@ async fn migration_status(
 async fn handoff(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
-    body: Option<Json<HandoffRequest>>,
+    body: axum::body::Bytes,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let req = body.map(|Json(b)| b).unwrap_or_default();
+    let req = optional_body::<HandoffRequest>(&body)?;
     Ok(Json(migration::handoff(&s, &name, req).await?))
 }
 
