@@ -660,3 +660,37 @@ async fn cancel_force_cannot_lift_the_hold_of_a_restarted_source() {
     let cb = client(&b, "vm1").await;
     assert_eq!(cb.read(0, 65536).await.unwrap(), vec![9u8; 65536]);
 }
+
+/// Case 9: a prepare whose caller goes away mid-way (the HTTP handler's
+/// future dropped) still gets its clone a hydrator and a supervisor; it
+/// used to leave a clone that never hydrated nor completed until a
+/// restart. The source here is unreachable, so the handoff is forced and
+/// the volume written whole at the destination: only a running hydrator
+/// notices that every region is present and completes the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepare_whose_caller_vanishes_still_hydrates_and_completes() {
+    use std::io::Write;
+    let b = node_with(&["--source-timeout", "1"]);
+    let body = serde_json::json!({
+        "name": "vm1", "id": "00000000c0ffee00", "size": MIB,
+        "origin_nbd": "127.0.0.1:1", "origin_api": "127.0.0.1:1", "region_size": 65536,
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(&b.api).unwrap();
+    write!(
+        s,
+        "POST /v1/migrations HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    drop(s); // gone before the answer
+    wait_until("the clone exists", 10, || b.has_volume("vm1"));
+    b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
+    let cb = client(&b, "vm1").await;
+    cb.write(0, &pattern(MIB as usize, 16), true).await.unwrap();
+    b.wait_phase("vm1", "complete", 20);
+    let v: serde_json::Value =
+        serde_json::from_str(&b.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
+    assert_eq!(v["table"]["kind"], "local", "{v}");
+}
