@@ -576,10 +576,22 @@ async fn source_lost_before_handoff_takes_no_write_until_it_returns() {
     assert_eq!(errno_of(cb.read(0, 4096).await.unwrap_err()), 5);
     assert_eq!(b.status("vm1")["phase"], "passthrough");
 
-    // The source returns with its data; its clients may still write there
-    // until the handoff.
+    // The source returns with its data. It holds writes until the
+    // destination says it never took the volume (one round trip); then its
+    // clients may write there until the handoff.
     a.restart();
     let ca = client(&a, "vm1").await;
+    let held_until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ca.write(2 * MIB, b"probe", true).await {
+            Ok(()) => break,
+            Err(ClientError::Server { errno: 1, message }) if message.contains("writes held") => {
+                assert!(Instant::now() < held_until, "A held its writes for 10 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("write at the restarted source: {e}"),
+        }
+    }
     model
         .write(&ca, 2 * MIB, b"written at A after its restart")
         .await;
