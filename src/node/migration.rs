@@ -654,8 +654,6 @@ pub async fn cancel(
     force: bool,
 ) -> Result<serde_json::Value, MigrationError> {
     let vol = state.store.get(name)?;
-    // Held to the end: no fence, release or second cancel interleaves.
-    let _own = vol.ownership.lock().await;
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
@@ -673,10 +671,21 @@ pub async fn cancel(
         format!("/v1/migrations/{}/drop", encode_segment(name)),
         DropRequest { id: out.id.clone() },
     );
+    // Not under the ownership lock: the destination may be in the middle
+    // of a handoff that waits for this node's fence (which takes the lock),
+    // and its drop waits for that handoff to end. Everything decided from
+    // the answer is decided under the lock, against the table as it is then.
     let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
         a.post::<serde_json::Value>(&path, &req)
     })
     .await;
+    let _own = vol.ownership.lock().await;
+    if vol.table().outgoing.is_none_or(|o| o.id != out.id) {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {} ended while it was being cancelled",
+            out.id
+        )));
+    }
     let fenced_for_it = || vol.table().fenced_for.as_deref() == Some(out.id.as_str());
     match r {
         // Dropped now, or the destination has no record of it (never
@@ -696,7 +705,12 @@ pub async fn cancel(
                 out.to
             )));
         }
-        Err(e) if force && !vol.fence.is_fenced() && !fenced_for_it() => {
+        Err(e)
+            if force
+                && !vol.fence.is_fenced()
+                && !fenced_for_it()
+                && vol.fence.held().is_none() =>
+        {
             warn!(
                 volume = name,
                 "cancel --force: destination unreachable ({e}); forgetting the migration"
