@@ -676,16 +676,29 @@ async fn a_prepare_whose_caller_vanishes_still_hydrates_and_completes() {
         "origin_nbd": "127.0.0.1:1", "origin_api": "127.0.0.1:1", "region_size": 65536,
     })
     .to_string();
-    let mut s = std::net::TcpStream::connect(&b.api).unwrap();
-    write!(
-        s,
-        "POST /v1/migrations HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    drop(s); // gone before the answer
-    wait_until("the clone exists", 10, || b.has_volume("vm1"));
+    // The caller sends the whole request and is gone before the answer.
+    // If it is gone before the node even read the body, nothing is made
+    // (as it should be); then the caller tries again.
+    for attempt in 0u64..40 {
+        let mut s = std::net::TcpStream::connect(&b.api).unwrap();
+        write!(
+            s,
+            "POST /v1/migrations HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(attempt % 4));
+        drop(s);
+        let t = Instant::now();
+        while !b.has_volume("vm1") && t.elapsed() < Duration::from_millis(500) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if b.has_volume("vm1") {
+            break;
+        }
+    }
+    assert!(b.has_volume("vm1"), "no prepare got as far as the clone");
     b.cli_ok(&["migration", "handoff", "vm1", "--force"]);
     let cb = client(&b, "vm1").await;
     cb.write(0, &pattern(MIB as usize, 16), true).await.unwrap();
