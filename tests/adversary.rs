@@ -11,24 +11,11 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, wait_until, NodeProc, DLSM};
+use common::{client, errno_of, pattern, wait_until, NodeProc, Tmpfs, DLSM};
 use dlsm::api_client::{status_of, Api};
-use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
+use dlsm::nbd::client::{NbdAddr, NbdClient};
 
 const MIB: u64 = 1 << 20;
-
-async fn client(node: &NodeProc, vol: &str) -> NbdClient {
-    NbdClient::connect(&NbdAddr::Tcp(node.nbd.clone()), vol)
-        .await
-        .unwrap()
-}
-
-fn errno_of(e: ClientError) -> u32 {
-    match e {
-        ClientError::Server { errno, .. } => errno,
-        other => panic!("expected a server error, got {other}"),
-    }
-}
 
 /// A node on a fresh directory with extra `serve` flags.
 fn node_with(flags: &[&str]) -> NodeProc {
@@ -62,6 +49,21 @@ fn migrate(a: &NodeProc, b: &NodeProc, vol: &str, extra: &[&str]) -> serde_json:
     let mut args = vec!["migrate", vol, "--to", &b.api, "--json"];
     args.extend_from_slice(extra);
     serde_json::from_str(&a.cli_ok(&args)).unwrap()
+}
+
+/// Prepares a clone of `vm1` on `node` for migration `id` from `origin`,
+/// as a `migrate` whose answer was lost (and was then retried elsewhere,
+/// or cancelled) leaves one behind.
+fn stray_prepare(node: &NodeProc, origin: &NodeProc, id: &str, size: u64) {
+    post(
+        node,
+        "/v1/migrations",
+        serde_json::json!({
+            "name": "vm1", "id": id, "size": size,
+            "origin_nbd": origin.nbd, "origin_api": origin.api, "region_size": 65536,
+        }),
+    )
+    .unwrap();
 }
 
 /// POSTs `body` to `path` on `node`'s API, as a stale or forged message
@@ -132,15 +134,7 @@ async fn only_the_prepared_destination_can_fence_the_source() {
     let stray = node_with(&["--source-timeout", "2"]);
     let data = filled_vm1(&a, 8, 2).await;
     // The stray prepare, as the lost attempt left it at `stray`.
-    post(
-        &stray,
-        "/v1/migrations",
-        serde_json::json!({
-            "name": "vm1", "id": "00000000deadbeef", "size": 8 * MIB,
-            "origin_nbd": a.nbd, "origin_api": a.api, "region_size": 65536,
-        }),
-    )
-    .unwrap();
+    stray_prepare(&stray, &a, "00000000deadbeef", 8 * MIB);
     migrate(&a, &b, "vm1", &[]);
 
     // A forged fence for that migration, and one for no migration.
@@ -517,20 +511,7 @@ async fn cancel_after_a_forced_handoff_completed_cannot_make_two_writers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_overlapping_a_failed_handoff_leaves_the_source_writable() {
     let mnt = tempfile::tempdir().unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
-        .arg(mnt.path())
-        .status()
-        .unwrap()
-        .success();
-    assert!(mounted, "cannot mount a tmpfs (the tests run as root)");
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _umount = Umount(mnt.path().to_owned());
+    let _fs = Tmpfs::mount(mnt.path(), "16m");
     let a = node_with(&["--source-timeout", "20"]);
     let b = NodeProc::start_with(
         &mnt.path().join("b"),
@@ -589,15 +570,7 @@ async fn a_forced_handoff_is_refused_when_the_source_disowns_the_migration() {
     let a = NodeProc::start();
     let b = node_with(&["--source-timeout", "2"]);
     filled_vm1(&a, 2, 13).await;
-    post(
-        &b,
-        "/v1/migrations",
-        serde_json::json!({
-            "name": "vm1", "id": "00000000feedf00d", "size": 2 * MIB,
-            "origin_nbd": a.nbd, "origin_api": a.api, "region_size": 65536,
-        }),
-    )
-    .unwrap();
+    stray_prepare(&b, &a, "00000000feedf00d", 2 * MIB);
     let o = b.cli(&["migration", "handoff", "vm1", "--force"]);
     assert!(!o.status.success(), "forced handoff against a live source");
     assert!(String::from_utf8_lossy(&o.stderr).contains("refused"));

@@ -12,23 +12,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, require, run_ok, wait_until, Hosts, NodeProc};
-use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
+use common::{client, errno_of, pattern, require, wait_until, Hosts, NodeProc, Tmpfs};
+use dlsm::nbd::client::NbdClient;
 
 const MIB: u64 = 1 << 20;
-
-async fn client(node: &NodeProc, vol: &str) -> NbdClient {
-    NbdClient::connect(&NbdAddr::Tcp(node.nbd.clone()), vol)
-        .await
-        .unwrap()
-}
-
-fn errno_of(e: ClientError) -> u32 {
-    match e {
-        ClientError::Server { errno, .. } => errno,
-        other => panic!("expected a server error, got {other}"),
-    }
-}
 
 /// Reads the whole volume through `c`, 8 MiB at a time, and compares.
 async fn check_all(c: &NbdClient, model: &[u8], when: &str) {
@@ -147,35 +134,6 @@ fn link_cut_and_restored_and_slow_link() {
     assert!(ok, "data after the link came back: {out}");
     wait_until("source not released", 30, || !a.has_volume("vm"));
     println!("FAULTS link: injected={faults} writes_checked=65 bytes_lost=0");
-}
-
-/// Mounts a tmpfs of `size` on `dir` until dropped (needs root).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mounting a tmpfs needs root");
-        Tmpfs(dir.to_owned())
-    }
-
-    fn resize(&self, size: &str) {
-        run_ok(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
-                .arg(&self.0),
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,16 +7,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{pattern, require, run_ok, wait_until, NodeProc};
-use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
+use common::{client, errno_of, pattern, require, run_ok, wait_until, NodeProc};
+use dlsm::nbd::client::{ClientError, NbdClient};
 
 const MIB: u64 = 1 << 20;
-
-async fn client(node: &NodeProc, vol: &str) -> NbdClient {
-    NbdClient::connect(&NbdAddr::Tcp(node.nbd.clone()), vol)
-        .await
-        .unwrap()
-}
 
 /// A model of a volume's bytes.
 struct Model(Vec<u8>);
@@ -106,13 +100,6 @@ fn impatient_node() -> NodeProc {
         "127.0.0.1:0",
         &["--source-timeout", "2"],
     )
-}
-
-fn errno_of(e: ClientError) -> u32 {
-    match e {
-        ClientError::Server { errno, .. } => errno,
-        other => panic!("expected a server error, got {other}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

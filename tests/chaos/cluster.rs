@@ -5,7 +5,7 @@
 //! can be filled.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,6 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::proxy::Proxy;
+use crate::common::Tmpfs;
 
 pub const DLSM: &str = env!("CARGO_BIN_EXE_dlsm");
 
@@ -24,27 +25,6 @@ pub enum State {
     Running,
     Frozen,
     Dead,
-}
-
-/// A tmpfs mounted on a directory until dropped.
-pub struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mounting a tmpfs needs root");
-        Tmpfs(dir.to_owned())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 pub struct Node {

@@ -10,9 +10,10 @@ use dlsm::nbd::client::{ClientError, NbdAddr, NbdClient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::cluster::{cli, free_port, Node, Out, State, Tmpfs};
+use super::cluster::{cli, free_port, Node, Out, State};
 use super::proxy::{Mode, Proxy};
 use crate::common::pattern;
+use crate::common::Tmpfs;
 
 const MIB: u64 = 1 << 20;
 /// The tail of every volume only stale writers write.

@@ -280,6 +280,53 @@ impl Drop for NodeProc {
     }
 }
 
+/// A tmpfs mounted on a directory until dropped (needs root): a small
+/// filesystem a test can fill, to see what a full disk does.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Grows or shrinks it in place.
+    pub fn resize(&self, size: &str) {
+        run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.0),
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// An NBD client of `vol` on `node`, over TCP.
+pub async fn client(node: &NodeProc, vol: &str) -> dlsm::nbd::client::NbdClient {
+    use dlsm::nbd::client::{NbdAddr, NbdClient};
+    NbdClient::connect(&NbdAddr::Tcp(node.nbd.clone()), vol)
+        .await
+        .unwrap()
+}
+
+/// The NBD errno of a request the server refused.
+pub fn errno_of(e: dlsm::nbd::client::ClientError) -> u32 {
+    match e {
+        dlsm::nbd::client::ClientError::Server { errno, .. } => errno,
+        other => panic!("expected a server error, got {other}"),
+    }
+}
+
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after
 /// `secs` seconds. The one deadline-poll loop of the integration tests.
 pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
