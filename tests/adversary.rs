@@ -680,3 +680,42 @@ async fn a_prepare_whose_caller_vanishes_still_hydrates_and_completes() {
         serde_json::from_str(&b.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
     assert_eq!(v["table"]["kind"], "local", "{v}");
 }
+
+/// Chaos seed 1018: a cancel got the destination to drop its clone, then
+/// could not record it on the source (its disk was full), and the source
+/// restarted. The source had recorded that the cancel was under way
+/// before asking (and fenced for nobody since), so when the destination
+/// has no record of the migration the restarted source finishes the
+/// cancel and takes writes again, instead of holding them until an
+/// operator comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_interrupted_after_the_drop_completes_on_restart() {
+    let mut a = NodeProc::start();
+    let b = NodeProc::start();
+    let data = filled_vm1(&a, 2, 17).await;
+    migrate(&a, &b, "vm1", &[]);
+    a.kill();
+    // What the interrupted cancel left: the mark on the source, the clone
+    // gone at the destination.
+    let table = a.data_dir.join("volumes/vm1/table.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&table).unwrap()).unwrap();
+    t["outgoing"]["cancelling"] = true.into();
+    std::fs::write(&table, serde_json::to_vec_pretty(&t).unwrap()).unwrap();
+    b.cli_ok(&["volume", "rm", "vm1", "--force"]);
+    a.restart();
+    let ca = client(&a, "vm1").await;
+    let t = Instant::now();
+    loop {
+        match ca.write(0, b"mine again", true).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(t.elapsed() < Duration::from_secs(10), "still refused: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&a.cli_ok(&["volume", "show", "vm1", "--json"])).unwrap();
+    assert!(v["fenced_to"].is_null(), "{v}");
+    assert_eq!(ca.read(4096, 4096).await.unwrap(), data[4096..8192]);
+}

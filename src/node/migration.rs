@@ -392,6 +392,7 @@ pub async fn migrate(
             to: req.to.clone(),
             keep_source: req.keep_source,
             id: id.clone(),
+            cancelling: false,
         })
     })?;
     let prep = PrepareRequest {
@@ -493,6 +494,14 @@ pub async fn fence(
 /// [`fence`] for a caller that holds `vol.ownership`.
 async fn fence_locked(vol: &Volume, name: &str, to: &str, id: &str) -> Result<(), MigrationError> {
     let t = vol.table();
+    if t.outgoing
+        .as_ref()
+        .is_some_and(|o| o.id == id && o.cancelling)
+    {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {id} is being cancelled on this node"
+        )));
+    }
     let ours = t.outgoing.as_ref().is_some_and(|o| o.id == id);
     if !ours {
         return Err(MigrationError::Conflict(format!(
@@ -526,6 +535,24 @@ async fn fence_locked(vol: &Volume, name: &str, to: &str, id: &str) -> Result<()
     Ok(())
 }
 
+/// The destination says it owns the volume (migration `id` was handed
+/// off, by force while this node was down): fence, even if a cancel was
+/// under way here (it cannot win any more).
+async fn fence_owned_elsewhere(
+    vol: &Volume,
+    name: &str,
+    to: &str,
+    id: &str,
+) -> Result<(), MigrationError> {
+    let _own = vol.ownership.lock().await;
+    vol.update_table(|t| {
+        if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == id) {
+            o.cancelling = false;
+        }
+    })?;
+    fence_locked(vol, name, to, id).await
+}
+
 /// Source: migration `id` completed at its destination; delete (or keep,
 /// fenced) this node's copy. Refused for any other migration: a release
 /// left over from an earlier migration of the volume must never delete a
@@ -547,7 +574,12 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
     if !vol.fence.is_fenced() {
         // The destination completed without ever fencing this node (a
         // forced handoff while it was down): it owns the volume, so fence
-        // before anything else.
+        // before anything else; a cancel under way here cannot win.
+        vol.update_table(|t| {
+            if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == id) {
+                o.cancelling = false;
+            }
+        })?;
         fence_locked(&vol, name, &out.to, id).await?;
     }
     // A clone that still pulls from its own origin (B in A -> B -> C) does
@@ -667,6 +699,17 @@ pub async fn cancel(
             )));
         }
     }
+    // Recorded before the destination is asked: from now on this node
+    // refuses to fence for the migration, so the destination cannot take
+    // the volume however the rest goes, and a restart knows where it was.
+    {
+        let _own = vol.ownership.lock().await;
+        vol.update_table(|t| {
+            if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
+                o.cancelling = true;
+            }
+        })?;
+    }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
         DropRequest { id: out.id.clone() },
@@ -695,7 +738,13 @@ pub async fn cancel(
         // 404 (an older node without the route, another service there).
         Err(e) if e.status == Some(404) && e.message.contains("is not migrating on this node") => {}
         Err(e) if e.status == Some(409) => {
-            // Handed off: the destination owns the volume.
+            // Handed off (before the cancel was recorded): the destination
+            // owns the volume.
+            vol.update_table(|t| {
+                if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
+                    o.cancelling = false;
+                }
+            })?;
             if !vol.fence.is_fenced() {
                 fence_locked(&vol, name, &out.to, &out.id).await?;
             }
@@ -717,6 +766,12 @@ pub async fn cancel(
             );
         }
         Err(e) => {
+            // Not cancelled: the migration may go on.
+            vol.update_table(|t| {
+                if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
+                    o.cancelling = false;
+                }
+            })?;
             return Err(MigrationError::Peer(format!(
                 "cannot reach the destination {} to drop its clone: {e}{}",
                 out.to,
@@ -726,7 +781,7 @@ pub async fn cancel(
                 } else {
                     " (give --force if it is gone for good)"
                 }
-            )))
+            )));
         }
     }
     vol.update_table(|t| {
@@ -1030,17 +1085,39 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                     spawn_writer_watch(state.clone(), name.clone(), id.clone());
                     return;
                 }
-                Ok(MigrationState::HandedOff) => match fence(&state, &name, &out.to, &id).await {
-                    Ok(()) => {
-                        info!(volume = %name, migration = %id, "destination owns the volume: fenced");
-                        return;
+                Ok(MigrationState::HandedOff) => {
+                    match fence_owned_elsewhere(&vol, &name, &out.to, &id).await {
+                        Ok(()) => {
+                            info!(volume = %name, migration = %id, "destination owns the volume: fenced");
+                            return;
+                        }
+                        Err(e) => warn!(volume = %name, "cannot fence: {e}"),
                     }
-                    Err(e) => warn!(volume = %name, "cannot fence: {e}"),
-                },
+                }
                 Ok(MigrationState::Unknown) => {
                     let _own = vol.ownership.lock().await;
-                    if vol.table().outgoing.is_none_or(|o| o.id != id) {
+                    let Some(o) = vol.table().outgoing.filter(|o| o.id == id) else {
                         return; // cancelled while the question was out
+                    };
+                    if o.cancelling {
+                        // A cancel got as far as the destination's drop (it
+                        // has no clone now, and this node refused to fence
+                        // for it since the cancel was recorded): finish it.
+                        let done = vol.update_table(|t| {
+                            if t.outgoing.as_ref().is_some_and(|o| o.id == id) {
+                                t.outgoing = None;
+                            }
+                            if t.fenced_for.as_deref() == Some(id.as_str()) {
+                                t.fenced_for = None;
+                                t.fenced_to = None;
+                            }
+                        });
+                        if done.is_ok() {
+                            vol.fence.reopen(&id);
+                            vol.fence.release_hold();
+                            info!(volume = %name, migration = %id, "the cancel interrupted by the restart is complete: the volume stays here");
+                            return;
+                        }
                     }
                     vol.fence.hold(format!(
                         "writes held: the destination {} has no record of migration {id}; \

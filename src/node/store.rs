@@ -133,6 +133,13 @@ pub struct Outgoing {
     /// volume (DESIGN invariant 7).
     #[serde(default)]
     pub id: String,
+    /// An operator's cancel is under way (recorded before the destination
+    /// is asked to drop its clone): the source refuses to fence for this
+    /// migration from then on, so the destination can never take the
+    /// volume, and a restarted source that finds the destination has no
+    /// record of the migration knows the cancel got that far.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelling: bool,
 }
 
 /// A migration identity: 64 random bits, as 16 hex digits.
