@@ -535,6 +535,16 @@ async fn fence_locked(vol: &Volume, name: &str, to: &str, id: &str) -> Result<()
     Ok(())
 }
 
+/// Records (durably) whether a cancel of migration `id` is under way.
+fn mark_cancelling(vol: &Volume, id: &str, on: bool) -> Result<(), StoreError> {
+    vol.update_table(|t| {
+        if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == id) {
+            o.cancelling = on;
+        }
+    })
+    .map(drop)
+}
+
 /// The destination says it owns the volume (migration `id` was handed
 /// off, by force while this node was down): fence, even if a cancel was
 /// under way here (it cannot win any more).
@@ -545,11 +555,7 @@ async fn fence_owned_elsewhere(
     id: &str,
 ) -> Result<(), MigrationError> {
     let _own = vol.ownership.lock().await;
-    vol.update_table(|t| {
-        if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == id) {
-            o.cancelling = false;
-        }
-    })?;
+    mark_cancelling(vol, id, false)?;
     fence_locked(vol, name, to, id).await
 }
 
@@ -575,11 +581,7 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
         // The destination completed without ever fencing this node (a
         // forced handoff while it was down): it owns the volume, so fence
         // before anything else; a cancel under way here cannot win.
-        vol.update_table(|t| {
-            if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == id) {
-                o.cancelling = false;
-            }
-        })?;
+        mark_cancelling(&vol, id, false)?;
         fence_locked(&vol, name, &out.to, id).await?;
     }
     // A clone that still pulls from its own origin (B in A -> B -> C) does
@@ -704,11 +706,7 @@ pub async fn cancel(
     // the volume however the rest goes, and a restart knows where it was.
     {
         let _own = vol.ownership.lock().await;
-        vol.update_table(|t| {
-            if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
-                o.cancelling = true;
-            }
-        })?;
+        mark_cancelling(&vol, &out.id, true)?;
     }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
@@ -740,11 +738,7 @@ pub async fn cancel(
         Err(e) if e.status == Some(409) => {
             // Handed off (before the cancel was recorded): the destination
             // owns the volume.
-            vol.update_table(|t| {
-                if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
-                    o.cancelling = false;
-                }
-            })?;
+            mark_cancelling(&vol, &out.id, false)?;
             if !vol.fence.is_fenced() {
                 fence_locked(&vol, name, &out.to, &out.id).await?;
             }
@@ -767,11 +761,7 @@ pub async fn cancel(
         }
         Err(e) => {
             // Not cancelled: the migration may go on.
-            vol.update_table(|t| {
-                if let Some(o) = t.outgoing.as_mut().filter(|o| o.id == out.id) {
-                    o.cancelling = false;
-                }
-            })?;
+            mark_cancelling(&vol, &out.id, false)?;
             return Err(MigrationError::Peer(format!(
                 "cannot reach the destination {} to drop its clone: {e}{}",
                 out.to,
