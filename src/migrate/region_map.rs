@@ -335,6 +335,20 @@ impl RegionMap {
         newly
     }
 
+    /// The first run of absent regions in `from..end`, at most `max` long:
+    /// `(start, len)`, with `len` 0 when every region there is present.
+    pub fn absent_run(&self, from: u64, end: u64, max: u64) -> (u64, u64) {
+        let mut r = from;
+        while r < end && self.is_present(r) {
+            r += 1;
+        }
+        let start = r;
+        while r < end && !self.is_present(r) && r - start < max {
+            r += 1;
+        }
+        (start, r - start)
+    }
+
     /// First absent region at or after `from`, wrapping around; `None` when
     /// every region is present.
     pub fn next_absent(&self, from: u64) -> Option<u64> {

@@ -21,18 +21,9 @@ impl CloneTarget {
         let end = first + count;
         while r < end {
             // Find the next run of absent regions, bounded by the batch size.
-            let (run_start, run_len) = {
-                let map = self.map.lock().unwrap();
-                while r < end && map.is_present(r) {
-                    r += 1;
-                }
-                let start = r;
-                let max = (self.cfg.batch_bytes / self.region_size).max(1);
-                while r < end && !map.is_present(r) && r - start < max {
-                    r += 1;
-                }
-                (start, r - start)
-            };
+            let max = (self.cfg.batch_bytes / self.region_size).max(1);
+            let (run_start, run_len) = self.map.lock().unwrap().absent_run(r, end, max);
+            r = run_start + run_len;
             if run_len == 0 {
                 break;
             }

@@ -205,17 +205,9 @@ impl CloneTarget {
     pub(super) async fn mark_zero_locked(&self, first: u64, end: u64) -> BlockResult<()> {
         let mut r = first;
         while r < end {
-            let (a, b) = {
-                let map = self.map.lock().unwrap();
-                while r < end && map.is_present(r) {
-                    r += 1;
-                }
-                let a = r;
-                while r < end && !map.is_present(r) {
-                    r += 1;
-                }
-                (a, r)
-            };
+            let (a, len) = self.map.lock().unwrap().absent_run(r, end, u64::MAX);
+            let b = a + len;
+            r = b;
             if a == b {
                 break;
             }
