@@ -50,7 +50,7 @@ fn env() -> &'static Env {
             source_timeout: Duration::from_millis(100),
             peer_auth: Default::default(),
             api_token: None,
-            completed: Default::default(),
+            history: dlsm::node::history::History::in_memory(),
         });
         Env {
             rt,

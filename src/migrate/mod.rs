@@ -32,6 +32,33 @@ pub enum Phase {
     Hydrating,
     Complete,
     Failed,
+    /// Cancelled before handoff: the source kept the volume.
+    Cancelled,
+}
+
+impl Phase {
+    /// The name the API, the CLI and the docs use (`passthrough`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Passthrough => "passthrough",
+            Phase::Hydrating => "hydrating",
+            Phase::Complete => "complete",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the migration is over (it is then only in the history).
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `dlsm migration status`: what either node reports about a migration.
@@ -69,6 +96,44 @@ pub struct MigrationStatus {
     /// Seconds from handoff to completion, once complete.
     pub hydrate_seconds: Option<f64>,
     pub last_error: Option<String>,
+    /// How the migration ended, for one that did (from the node's history:
+    /// "complete", "cancelled by the operator", "volume removed"...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// When it ended, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<u64>,
+}
+
+impl MigrationStatus {
+    /// A status with nothing known but the volume and the migration
+    /// (counters zero, phase `preparing`): the base of what a source
+    /// reports when its destination cannot tell it more.
+    pub fn unknown(volume: &str, id: &str) -> Self {
+        Self {
+            volume: volume.to_owned(),
+            id: id.to_owned(),
+            phase: Phase::Preparing,
+            role: String::new(),
+            peer: String::new(),
+            region_size: 0,
+            regions_total: 0,
+            regions_present: 0,
+            bytes_on_demand: 0,
+            bytes_background: 0,
+            bytes_skipped: 0,
+            rate_limit: 0,
+            rate: 0,
+            eta_seconds: None,
+            paused: false,
+            stalled: None,
+            handoff_after_seconds: None,
+            hydrate_seconds: None,
+            last_error: None,
+            ended: None,
+            ended_at: None,
+        }
+    }
 }
 
 /// Range locks over region numbers: holders of overlapping ranges exclude

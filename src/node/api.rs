@@ -10,9 +10,11 @@
 //! | POST   | /v1/volumes/{name}/migrate | source: start a migration     |
 //! | POST   | /v1/volumes/{name}/fence   | source: refuse writes, flush  |
 //! | POST   | /v1/volumes/{name}/release | source: drop the handed-off copy |
+//! | GET    | /v1/migrations             | every migration, every role, and the ended ones |
 //! | POST   | /v1/migrations             | destination: prepare a clone  |
-//! | GET    | /v1/migrations/{name}      | status, on either node        |
-//! | POST   | /v1/migrations/{name}/handoff, /pause, /resume, /rate |     |
+//! | GET    | /v1/migrations/{name}[?role=] | status, on either node (live or ended) |
+//! | POST   | /v1/migrations/{name}/pause, /resume, /rate [?id=] | either node (the source asks the destination) |
+//! | POST   | /v1/migrations/{name}/handoff | destination                |
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
@@ -53,7 +55,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/volumes/{name}/migrate", post(migrate))
         .route("/v1/volumes/{name}/fence", post(fence))
         .route("/v1/volumes/{name}/release", post(release))
-        .route("/v1/migrations", post(prepare))
+        .route("/v1/migrations", get(list_migrations).post(prepare))
         .route("/v1/migrations/{name}", get(migration_status))
         .route("/v1/migrations/{name}/handoff", post(handoff))
         .route("/v1/migrations/{name}/state", get(migration_state))
@@ -256,6 +258,7 @@ pub fn status_of(e: &MigrationError) -> StatusCode {
         MigrationError::Store(e) => store_status(e),
         MigrationError::NotMigrating(_) => StatusCode::NOT_FOUND,
         MigrationError::Conflict(_) => StatusCode::CONFLICT,
+        MigrationError::Invalid(_) => StatusCode::BAD_REQUEST,
         MigrationError::Peer(_) => StatusCode::BAD_GATEWAY,
         MigrationError::Block(BlockError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         MigrationError::Block(BlockError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
@@ -399,11 +402,14 @@ async fn remove_volume(
 ) -> Result<StatusCode, ApiError> {
     let axum::extract::Query(q) =
         query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let vol = s.store.get(&name)?;
+    let live = migration::live_statuses(&vol);
     let store = s.store.clone();
     let mode = RemoveMode::Operator { force: q.force };
-    tokio::task::spawn_blocking(move || store.remove(&name, mode))
+    tokio::task::spawn_blocking(move || store.remove_volume(&vol, mode))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    migration::record_removed(&s, live);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -477,7 +483,7 @@ async fn release(
     body: Result<Json<ReleaseRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
-    migration::release(&s, &name, &req.id).await?;
+    migration::release(&s, &name, &req).await?;
     Ok(Json(serde_json::json!({ "released": name })))
 }
 
@@ -521,14 +527,45 @@ async fn prepare(
     ))
 }
 
+async fn list_migrations(State(s): State<Arc<NodeState>>) -> Json<Vec<MigrationStatus>> {
+    Json(migration::list(&s).await)
+}
+
+/// Query of `GET /v1/migrations/{name}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    /// `source` or `destination`: which side of a node that is both (the
+    /// middle of a chain); by default the destination's.
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+/// Query of the steering calls (`pause`, `resume`, `rate`).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerQuery {
+    /// The migration meant; refused (409) if the node holds another.
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+type QueryResult<T> = Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>;
+
+fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+    q.map(|axum::extract::Query(q)| q)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
 async fn migration_status(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    q: QueryResult<StatusQuery>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    if let Some(done) = migration::completed_status(&s, &name) {
-        return Ok(Json(done));
-    }
-    Ok(Json(migration::status(&s, &name).await?))
+    let q = query(q)?;
+    Ok(Json(
+        migration::status_in_role(&s, &name, q.role.as_deref()).await?,
+    ))
 }
 
 async fn handoff(
@@ -543,28 +580,33 @@ async fn handoff(
 async fn pause(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    q: QueryResult<SteerQuery>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let c = migration::clone_of(&s, &name)?;
-    c.pause();
-    Ok(Json(c.status()))
+    let q = query(q)?;
+    let st = migration::steer(&s, &name, migration::Steer::Pause, q.id.as_deref()).await?;
+    Ok(Json(st))
 }
 
 async fn resume(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    q: QueryResult<SteerQuery>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
-    let c = migration::clone_of(&s, &name)?;
-    c.resume();
-    Ok(Json(c.status()))
+    let q = query(q)?;
+    let st = migration::steer(&s, &name, migration::Steer::Resume, q.id.as_deref()).await?;
+    Ok(Json(st))
 }
 
 async fn set_rate(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
+    q: QueryResult<SteerQuery>,
     body: Result<Json<RateRequest>, JsonRejection>,
 ) -> Result<Json<MigrationStatus>, ApiError> {
+    let q = query(q)?;
     let Json(req) = body?;
-    let c = migration::clone_of(&s, &name)?;
-    c.set_rate(req.rate);
-    Ok(Json(c.status()))
+    let what = migration::Steer::Rate(req.rate);
+    Ok(Json(
+        migration::steer(&s, &name, what, q.id.as_deref()).await?,
+    ))
 }

@@ -51,6 +51,9 @@ pub enum MigrationError {
     NotMigrating(String),
     #[error("{0}")]
     Conflict(String),
+    /// A request that can never succeed as asked (bad argument).
+    #[error("{0}")]
+    Invalid(String),
     #[error("peer node: {0}")]
     Peer(String),
     #[error(transparent)]
@@ -102,6 +105,11 @@ pub struct ReleaseRequest {
     /// The migration that completed; the source releases only the copy
     /// it handed off in that migration.
     pub id: String,
+    /// The destination's final status of that migration, for the
+    /// source's history (absent from older nodes and from a middle node
+    /// of a chain releasing its origin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<MigrationStatus>>,
 }
 
 /// Body of `POST /v1/migrations/{name}/handoff`.
@@ -564,7 +572,12 @@ async fn fence_owned_elsewhere(
 /// left over from an earlier migration of the volume must never delete a
 /// later incarnation's copy. Idempotent: a repeated release of a copy
 /// already released answers as the first did.
-pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(), MigrationError> {
+pub async fn release(
+    state: &Arc<NodeState>,
+    name: &str,
+    req: &ReleaseRequest,
+) -> Result<(), MigrationError> {
+    let id = req.id.as_str();
     let vol = state.store.get(name)?;
     let _own = vol.ownership.lock().await;
     let t = vol.table();
@@ -590,6 +603,20 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
     let mut keep = out.keep_source;
     if let Some(c) = vol.clone_target() {
         c.stop();
+        // This node's own incoming migration ends here too: the volume
+        // moved on before its copy completed (B in A -> B -> C).
+        if !c.is_complete() {
+            let mut s = c.status();
+            s.phase = Phase::Complete;
+            state.history.record(
+                s,
+                &format!(
+                    "complete: the volume moved on to {} (migration {id}) before this copy \
+                     completed; its source is released",
+                    out.to
+                ),
+            );
+        }
         if keep && !c.is_complete() {
             warn!(
                 volume = name,
@@ -615,11 +642,17 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
         release_once(state, &p.api, name, &p.id).await?;
         vol.update_table(|t| t.release_pending = None)?;
     }
+    let ended = source_ended(name, &out, req.status.as_deref(), Phase::Complete);
     if keep {
         vol.update_table(|t| t.outgoing = None)?;
+        state.history.record(
+            ended,
+            "complete: the destination has the volume; this copy kept, fenced",
+        );
         info!(
             volume = name,
             migration = id,
+            event = "released",
             "released: kept (fenced) as asked"
         );
     } else {
@@ -628,7 +661,16 @@ pub async fn release(state: &Arc<NodeState>, name: &str, id: &str) -> Result<(),
         tokio::task::spawn_blocking(move || store.remove_volume(&v, RemoveMode::Released))
             .await
             .map_err(|e| MigrationError::Peer(e.to_string()))??;
-        info!(volume = name, migration = id, "released: deleted");
+        state.history.record(
+            ended,
+            "complete: the destination has the volume; this copy released",
+        );
+        info!(
+            volume = name,
+            migration = id,
+            event = "released",
+            "released: deleted"
+        );
     }
     Ok(())
 }
@@ -789,7 +831,11 @@ pub async fn cancel(
         info!(volume = name, migration = %out.id, "fence of the cancelled migration opened again");
     }
     vol.fence.release_hold();
-    info!(volume = name, migration = %out.id, "migration cancelled: the volume stays here");
+    state.history.record(
+        source_ended(name, &out, None, Phase::Cancelled),
+        "cancelled by the operator: the volume stayed here",
+    );
+    info!(volume = name, migration = %out.id, event = "cancelled", "migration cancelled: the volume stays here");
     Ok(serde_json::json!({ "cancelled": name, "migration": out.id }))
 }
 
@@ -820,13 +866,19 @@ pub async fn drop_clone(
             "volume {name:?} was handed off to this node in migration {id}"
         )));
     }
+    let mut ended = c.status();
+    ended.phase = Phase::Cancelled;
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.remove_volume(&vol, RemoveMode::Cancelled))
         .await
         .map_err(|e| MigrationError::Peer(e.to_string()))??;
+    state
+        .history
+        .record(ended, "cancelled by the source: this clone was dropped");
     info!(
         volume = name,
         migration = id,
+        event = "cancelled",
         "cancelled by the source: clone dropped"
     );
     Ok(())
@@ -838,16 +890,39 @@ pub async fn status(state: &Arc<NodeState>, name: &str) -> Result<MigrationStatu
     if let Some(c) = vol.clone_target() {
         return Ok(c.status());
     }
+    status_as_source(state, &vol, name).await
+}
+
+/// The source's status of its outgoing migration: the destination's,
+/// when it answers for the same migration; else what this node knows,
+/// with why it knows no more.
+async fn status_as_source(
+    state: &Arc<NodeState>,
+    vol: &Volume,
+    name: &str,
+) -> Result<MigrationStatus, MigrationError> {
     let Some(out) = vol.table().outgoing else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
-    let path = format!("/v1/migrations/{}", encode_segment(name));
+    // `role=destination`: a middle node of a chain answers for its own
+    // clone, not for the migration it is the source of.
+    let path = format!("/v1/migrations/{}?role=destination", encode_segment(name));
     let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
         a.get::<MigrationStatus>(&path)
     })
     .await;
     match r {
         Ok(mut s) if s.id == out.id => {
+            // Ended there but not here (the source still holds it): say
+            // so as an error of the live migration, not as its end.
+            if let Some(how) = s.ended.take().filter(|_| s.phase != Phase::Complete) {
+                s.ended_at = None;
+                s.last_error = Some(format!(
+                    "at the destination {}: {how}; this node still holds the migration \
+                     (`dlsm migration cancel {name}` here ends it)",
+                    out.to
+                ));
+            }
             s.role = "source".into();
             s.peer = out.to;
             Ok(s)
@@ -858,33 +933,25 @@ pub async fn status(state: &Arc<NodeState>, name: &str) -> Result<MigrationStatu
                     "the destination reports migration {:?}, not this node's {}",
                     s.id, out.id
                 ),
+                Err(e) if e.status == Some(404) => format!(
+                    "the destination {} has no volume {name:?} (removed there, or its \
+                     clone was dropped); `dlsm migration cancel {name}` here ends the \
+                     migration if it was not handed off",
+                    out.to
+                ),
                 Err(e) => format!("destination unreachable: {e}"),
             };
-            Ok(MigrationStatus {
-                volume: name.to_owned(),
-                id: out.id,
-                phase: if vol.fence.is_fenced() {
-                    Phase::Hydrating
-                } else {
-                    Phase::Passthrough
-                },
-                role: "source".into(),
-                peer: out.to,
-                region_size: 0,
-                regions_total: 0,
-                regions_present: 0,
-                bytes_on_demand: 0,
-                bytes_background: 0,
-                bytes_skipped: 0,
-                rate_limit: 0,
-                rate: 0,
-                eta_seconds: None,
-                paused: false,
-                stalled: vol.fence.held(),
-                handoff_after_seconds: None,
-                hydrate_seconds: None,
-                last_error: Some(why),
-            })
+            let mut s = MigrationStatus::unknown(name, &out.id);
+            s.phase = if vol.fence.is_fenced() {
+                Phase::Hydrating
+            } else {
+                Phase::Passthrough
+            };
+            s.role = "source".into();
+            s.peer = out.to;
+            s.stalled = vol.fence.held();
+            s.last_error = Some(why);
+            Ok(s)
         }
     }
 }
@@ -918,11 +985,11 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             },
             _ => None,
         };
-        // Kept beside the table, so `migration status` still answers after
-        // a restart (the in-memory record below is lost then).
-        if let Err(e) = write_completed(vol.dir(), &status) {
-            warn!(volume = %vol.name, "cannot record the completed migration: {e}");
-        }
+        // Recorded before the table says local: a crash in between
+        // completes again at restart and records it again (replacing).
+        state
+            .history
+            .record(status, "complete: the volume is local here");
         let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
         loop {
             if !state
@@ -941,42 +1008,47 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             }
         }
         c.origin().close();
-        state
-            .completed
-            .lock()
-            .unwrap()
-            .insert(vol.name.clone(), status);
-        info!(volume = %vol.name, "migration complete: volume is local");
+        info!(volume = %vol.name, migration = c.migration_id(), event = "complete", "migration complete: volume is local");
         if let Some(p) = pending {
             spawn_release(state.clone(), vol.name.clone(), p);
         }
     });
 }
 
-/// File in a volume's directory holding the status of the migration that
-/// brought it here, once complete.
-const COMPLETED_FILE: &str = "last-migration.json";
-
-fn write_completed(dir: &std::path::Path, status: &MigrationStatus) -> std::io::Result<()> {
-    let tmp = dir.join(format!("{COMPLETED_FILE}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(status)?)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, dir.join(COMPLETED_FILE))
+/// A migration of `name` that ended, from the history: the newest, in
+/// `role` if given. Only when the volume is not migrating now (the live
+/// migration is then the answer).
+pub fn ended_status(state: &NodeState, name: &str, role: Option<&str>) -> Option<MigrationStatus> {
+    if let Ok(vol) = state.store.get(name) {
+        let live_dest = vol.clone_target().is_some();
+        let live_src = vol.table().outgoing.is_some();
+        match role {
+            Some("destination") if live_dest => return None,
+            Some("source") if live_src => return None,
+            None if live_dest || live_src => return None,
+            _ => {}
+        }
+    }
+    state.history.latest(name, role)
 }
 
-/// The completed migration that brought `name` here, if it is a plain
-/// local volume now: from memory, or from its directory after a restart.
-pub fn completed_status(state: &NodeState, name: &str) -> Option<MigrationStatus> {
-    let vol = state.store.get(name).ok()?;
-    // Migrating again (in or out): the newer migration is the answer.
-    if vol.clone_target().is_some() || vol.table().outgoing.is_some() {
-        return None;
-    }
-    if let Some(s) = state.completed.lock().unwrap().get(name) {
-        return Some(s.clone());
-    }
-    let text = std::fs::read(vol.dir().join(COMPLETED_FILE)).ok()?;
-    serde_json::from_slice(&text).ok()
+/// The source's history entry of `out`: the destination's final status
+/// when it sent one, else what the source itself knows.
+fn source_ended(
+    name: &str,
+    out: &super::store::Outgoing,
+    dest: Option<&MigrationStatus>,
+    phase: Phase,
+) -> MigrationStatus {
+    let mut s = dest
+        .filter(|d| d.id == out.id && d.volume == name)
+        .cloned()
+        .unwrap_or_else(|| MigrationStatus::unknown(name, &out.id));
+    s.role = "source".into();
+    s.peer = out.to.clone();
+    s.phase = phase;
+    s.ended = None;
+    s
 }
 
 /// Asks `api` once to release its copy of `name` for migration `id`.
@@ -990,7 +1062,10 @@ async fn release_once(
     id: &str,
 ) -> Result<(), MigrationError> {
     let path = format!("/v1/volumes/{}/release", encode_segment(name));
-    let req = ReleaseRequest { id: id.to_owned() };
+    let req = ReleaseRequest {
+        id: id.to_owned(),
+        status: state.history.find(name, id, "destination").map(Box::new),
+    };
     match call_peer(&state.peer_auth, api, state.source_timeout, move |a| {
         a.post::<serde_json::Value>(&path, &req)
     })
@@ -1178,4 +1253,171 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
             return;
         }
     });
+}
+
+/// Every migration this node takes part in, in every role (a middle node
+/// of a chain A -> B -> C is B's destination of one and source of the
+/// next), then the ended ones from the history that are not live any
+/// more. Sources ask their destinations, all at once, each bounded by
+/// `--source-timeout`.
+pub async fn list(state: &Arc<NodeState>) -> Vec<MigrationStatus> {
+    let mut live = Vec::new();
+    let mut asks = tokio::task::JoinSet::new();
+    for vol in state.store.list() {
+        if let Some(c) = vol.clone_target() {
+            live.push(c.status());
+        }
+        if vol.table().outgoing.is_some() {
+            let (st, name) = (state.clone(), vol.name.clone());
+            asks.spawn(async move { source_status(&st, &name).await });
+        }
+    }
+    while let Some(r) = asks.join_next().await {
+        if let Ok(Ok(s)) = r {
+            live.push(s);
+        }
+    }
+    live.sort_by(|a, b| (&a.volume, &a.role).cmp(&(&b.volume, &b.role)));
+    let mut ended: Vec<MigrationStatus> = state
+        .history
+        .all()
+        .into_iter()
+        .rev()
+        .filter(|h| {
+            !live
+                .iter()
+                .any(|l| l.volume == h.volume && l.id == h.id && l.role == h.role)
+        })
+        .collect();
+    live.append(&mut ended);
+    live
+}
+
+/// Status of `name` in `role` (`source` or `destination`; `None`: the
+/// destination's if this node is one, else the source's), live or from
+/// the history.
+pub async fn status_in_role(
+    state: &Arc<NodeState>,
+    name: &str,
+    role: Option<&str>,
+) -> Result<MigrationStatus, MigrationError> {
+    if let Some(r) = role.filter(|r| !matches!(*r, "source" | "destination")) {
+        return Err(MigrationError::Invalid(format!(
+            "role {r:?}: expected \"source\" or \"destination\""
+        )));
+    }
+    if let Some(s) = ended_status(state, name, role) {
+        return Ok(s);
+    }
+    let vol = state.store.get(name)?;
+    match role {
+        Some("source") => source_status(state, name).await,
+        Some(_) => vol
+            .clone_target()
+            .map(|c| c.status())
+            .ok_or_else(|| MigrationError::NotMigrating(name.to_owned())),
+        None => status(state, name).await,
+    }
+}
+
+/// What an operator can ask of a running migration, on either node.
+#[derive(Debug, Clone, Copy)]
+pub enum Steer {
+    Pause,
+    Resume,
+    Rate(u64),
+}
+
+/// Pauses, resumes or paces the migration of `name`: on its destination
+/// directly; on its source by asking the destination for the source's own
+/// migration (so a stale clone of another migration is never steered).
+/// `id`, when given, must be the migration's.
+pub async fn steer(
+    state: &Arc<NodeState>,
+    name: &str,
+    what: Steer,
+    id: Option<&str>,
+) -> Result<MigrationStatus, MigrationError> {
+    let vol = state.store.get(name)?;
+    if let Some(c) = vol.clone_target() {
+        if let Some(id) = id.filter(|id| *id != c.migration_id()) {
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?}: asked to steer migration {id}, but this node holds migration {}",
+                c.migration_id()
+            )));
+        }
+        match what {
+            Steer::Pause => c.pause(),
+            Steer::Resume => c.resume(),
+            Steer::Rate(r) => c.set_rate(r),
+        }
+        info!(volume = name, migration = c.migration_id(), event = "steer", action = ?what, "migration steered");
+        return Ok(c.status());
+    }
+    let Some(out) = vol.table().outgoing else {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    };
+    let (verb, body) = match what {
+        Steer::Pause => ("pause", serde_json::Value::Null),
+        Steer::Resume => ("resume", serde_json::Value::Null),
+        Steer::Rate(r) => ("rate", serde_json::json!({ "rate": r })),
+    };
+    let path = format!(
+        "/v1/migrations/{}/{verb}?id={}",
+        encode_segment(name),
+        encode_segment(&out.id)
+    );
+    let mut s = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
+        a.post::<MigrationStatus>(&path, &body)
+    })
+    .await
+    .map_err(|e| {
+        MigrationError::Peer(format!(
+            "the copy runs on the destination {}, which could not be asked: {e}",
+            out.to
+        ))
+    })?;
+    s.role = "source".into();
+    s.peer = out.to;
+    Ok(s)
+}
+
+/// The source's view of its outgoing migration of `name` (asks the
+/// destination).
+async fn source_status(
+    state: &Arc<NodeState>,
+    name: &str,
+) -> Result<MigrationStatus, MigrationError> {
+    let vol = state.store.get(name)?;
+    if vol.table().outgoing.is_none() {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    }
+    status_as_source(state, &vol, name).await
+}
+
+/// Records in the history that `vol`'s migrations (in any role) ended
+/// because an operator removed it.
+pub fn record_removed(state: &NodeState, live: Vec<MigrationStatus>) {
+    for mut s in live {
+        s.phase = Phase::Failed;
+        state.history.record(
+            s,
+            "volume removed by the operator (--force) during the migration",
+        );
+    }
+}
+
+/// What `record_removed` will need, read before the removal.
+pub fn live_statuses(vol: &Volume) -> Vec<MigrationStatus> {
+    let mut v = Vec::new();
+    if let Some(c) = vol.clone_target() {
+        v.push(c.status());
+    }
+    if let Some(out) = vol.table().outgoing {
+        let mut s = MigrationStatus::unknown(&vol.name, &out.id);
+        s.role = "source".into();
+        s.peer = out.to;
+        v.push(s);
+    }
+    v
 }

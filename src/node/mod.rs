@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod fence;
+pub mod history;
 pub mod migration;
 pub mod store;
 
@@ -166,9 +167,8 @@ pub struct NodeState {
     pub peer_auth: crate::api_client::ApiAuth,
     /// The token incoming API requests must carry, if any.
     pub api_token: Option<String>,
-    /// Status of migrations completed here since start (for `status`).
-    pub completed:
-        std::sync::Mutex<std::collections::HashMap<String, crate::migrate::MigrationStatus>>,
+    /// How the migrations this node took part in ended (persisted).
+    pub history: history::History,
 }
 
 impl NodeState {
@@ -294,7 +294,7 @@ impl Node {
             source_timeout: cfg.source_timeout,
             peer_auth,
             api_token: cfg.api_token.clone(),
-            completed: Default::default(),
+            history: history::History::open(&cfg.data_dir),
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());

@@ -744,6 +744,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             if *source_unfenced {
                 c.mark_source_unfenced();
             }
+            c.keep_counters_in(dir.join("counters.json"));
             clone = Some(c.clone());
             c
         }

@@ -119,7 +119,8 @@ impl CloneTarget {
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         self.handed_off.store(true, Ordering::SeqCst);
         *self.stats.handoff_at.lock().unwrap() = Some(Instant::now());
-        info!(volume = %self.name, skipped = self.stats.skipped.load(Ordering::Relaxed), "handoff complete: hydrating");
+        self.note_recovered();
+        info!(volume = %self.name, migration = %self.migration, event = "handoff", forced = force, skipped = self.stats.skipped.load(Ordering::Relaxed), "handoff complete: hydrating");
         self.wake.notify_waiters();
         Ok(())
     }

@@ -27,6 +27,7 @@ impl CloneTarget {
     /// A background fetch succeeded: clears a disk-full stall.
     pub(super) fn background_succeeded(&self, backoff: &mut Backoff) {
         backoff.reset();
+        self.note_recovered();
         if self.no_space.swap(false, Ordering::SeqCst) {
             info!(volume = %self.name, "destination has space again: background copy resumed");
         }
@@ -91,6 +92,7 @@ impl CloneTarget {
                     warn!(volume = %self.name, "map commit failed: {e}");
                     self.note_error(&e);
                 }
+                self.save_counters();
                 last_commit = Instant::now();
             }
             while let Some(done) = inflight.try_join_next() {
@@ -190,6 +192,7 @@ impl CloneTarget {
         while inflight.join_next().await.is_some() {}
         if self.stopped.load(Ordering::SeqCst) {
             let _ = self.commit().await;
+            self.save_counters();
             debug!(volume = %self.name, "hydrator stopped");
             return;
         }
@@ -205,9 +208,11 @@ impl CloneTarget {
             }
         }
         *self.stats.completed_at.lock().unwrap() = Some(Instant::now());
+        self.save_counters();
+        self.note_recovered();
         self.complete.store(true, Ordering::SeqCst);
         self.completed.notify_waiters();
-        info!(volume = %self.name, "hydration complete");
+        info!(volume = %self.name, migration = %self.migration, event = "hydrated", "hydration complete");
     }
 
     /// Waits for the rate limit's turn for `bytes`, looking up every

@@ -143,6 +143,9 @@ struct Stats {
     completed_at: Mutex<Option<Instant>>,
     /// (time, background bytes) samples for the measured rate.
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// Where the byte counters are kept across restarts (see
+    /// [`CloneTarget::keep_counters_in`]).
+    counters_file: Mutex<Option<std::path::PathBuf>>,
 }
 
 /// The migration target. See the module docs.
@@ -308,6 +311,8 @@ impl CloneTarget {
     /// Stops the hydrator (volume released or removed).
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
+        // No counter writes after this (see `save_counters`).
+        self.stats.counters_file.lock().unwrap().take();
         self.wake.notify_waiters();
     }
 
@@ -345,5 +350,13 @@ impl CloneTarget {
 
     fn note_error(&self, e: &dyn std::fmt::Display) {
         *self.stats.last_error.lock().unwrap() = Some(e.to_string());
+    }
+
+    /// What failed before works again: the last error no longer describes
+    /// the migration, so status stops showing it.
+    fn note_recovered(&self) {
+        if let Some(was) = self.stats.last_error.lock().unwrap().take() {
+            info!(volume = %self.name, migration = %self.migration, event = "recovered", "recovered from: {was}");
+        }
     }
 }
