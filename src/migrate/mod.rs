@@ -103,6 +103,10 @@ pub struct MigrationStatus {
     /// When it ended, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<u64>,
+    /// This migration rolls back that one (it brings the volume back to
+    /// the node it left, and only what was written meanwhile crosses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
 }
 
 impl MigrationStatus {
@@ -132,6 +136,7 @@ impl MigrationStatus {
             last_error: None,
             ended: None,
             ended_at: None,
+            rollback_of: None,
         }
     }
 }

@@ -349,6 +349,34 @@ impl RegionMap {
         (start, r - start)
     }
 
+    /// Every run of present regions, as `(first, count)`, in order. Skips
+    /// empty words (and unallocated pages) at a time, so a sparse map of a
+    /// large volume is cheap to walk.
+    pub fn present_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let words = self.regions.div_ceil(64) as usize;
+        for i in 0..words {
+            let w = self.words.word(i);
+            if w == 0 {
+                continue;
+            }
+            for b in 0..64 {
+                if w & (1 << b) == 0 {
+                    continue;
+                }
+                let r = i as u64 * 64 + b;
+                if r >= self.regions {
+                    break;
+                }
+                match runs.last_mut() {
+                    Some((start, n)) if *start + *n == r => *n += 1,
+                    _ => runs.push((r, 1)),
+                }
+            }
+        }
+        runs
+    }
+
     /// First absent region at or after `from`, wrapping around; `None` when
     /// every region is present.
     pub fn next_absent(&self, from: u64) -> Option<u64> {

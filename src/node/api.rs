@@ -15,6 +15,9 @@
 //! | GET    | /v1/migrations/{name}[?role=] | status, on either node (live or ended) |
 //! | POST   | /v1/migrations/{name}/pause, /resume, /rate [?id=] | either node (the source asks the destination) |
 //! | POST   | /v1/migrations/{name}/handoff | destination                |
+//! | POST   | /v1/migrations/{name}/cancel  | either node: cancel, or roll back after handoff |
+//! | POST   | /v1/migrations/{name}/rollback | destination: roll a handed-off migration back |
+//! | GET    | /v1/migrations/{name}/written?id= | a fenced rollback source: regions written since handoff |
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
@@ -61,6 +64,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/state", get(migration_state))
         .route("/v1/migrations/{name}/cancel", post(cancel))
         .route("/v1/migrations/{name}/drop", post(drop_clone))
+        .route("/v1/migrations/{name}/rollback", post(rollback))
+        .route("/v1/migrations/{name}/written", get(written_set))
         .route("/v1/migrations/{name}/pause", post(pause))
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
@@ -503,7 +508,25 @@ async fn cancel(
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let force = optional_body::<CancelRequest>(&body)?.force;
-    Ok(Json(migration::cancel(&s, &name, force).await?))
+    Ok(Json(migration::cancel_anywhere(&s, &name, force).await?))
+}
+
+async fn rollback(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req = optional_body::<migration::RollbackRequest>(&body)?;
+    Ok(Json(migration::rollback(&s, &name, req).await?))
+}
+
+async fn written_set(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    q: QueryResult<StateQuery>,
+) -> Result<Json<migration::WrittenSet>, ApiError> {
+    let q = query(q)?;
+    Ok(Json(migration::written_set(&s, &name, &q.id)?))
 }
 
 async fn drop_clone(

@@ -170,6 +170,7 @@ mod tests {
             last_error: None,
             ended: None,
             ended_at: None,
+            rollback_of: None,
         }
     }
 

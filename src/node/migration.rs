@@ -87,6 +87,30 @@ pub struct PrepareRequest {
     pub region_size: u64,
     #[serde(default)]
     pub rate: u64,
+    /// A rollback: the destination already has the volume from migration
+    /// `rollback_of` (it was that migration's source, and is fenced with
+    /// its copy); only the regions written since cross back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+}
+
+/// Body of `POST /v1/migrations/{name}/rollback` (to the destination of
+/// a handed-off migration; from its source's cancel, or an operator).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The migration to roll back; any other is refused (409).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// What the destination sends a rollback's new destination (the old
+/// source) at its handoff: the regions written since the first handoff.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WrittenSet {
+    pub region_size: u64,
+    /// Runs `[first, count]` of written regions, in order.
+    pub runs: Vec<(u64, u64)>,
 }
 
 /// Body of `POST /v1/volumes/{name}/fence` (destination to source).
@@ -281,6 +305,48 @@ impl MigrationHooks for NodeHooks {
         }
     }
 
+    async fn written_at_source(&self) -> Result<Vec<(u64, u64)>, FenceError> {
+        let (name, api, id, region_size) = {
+            let t = self.table.lock().unwrap();
+            match &t.target {
+                TargetSpec::Clone {
+                    origin,
+                    migration,
+                    region_size,
+                    ..
+                } => match origin.as_ref() {
+                    TargetSpec::Remote { api, .. } => {
+                        (t.name.clone(), api.clone(), migration.clone(), *region_size)
+                    }
+                    _ => return Err(FenceError::Refused("clone origin is not remote".into())),
+                },
+                _ => return Err(FenceError::Refused("volume is not a clone".into())),
+            }
+        };
+        let path = format!(
+            "/v1/migrations/{}/written?id={}",
+            encode_segment(&name),
+            encode_segment(&id)
+        );
+        let w = call_peer(&self.auth, &api, self.timeout, move |a| {
+            a.get::<WrittenSet>(&path)
+        })
+        .await
+        .map_err(|e| match e.status {
+            Some(404 | 409) => FenceError::Refused(format!(
+                "source {api} will not say what it wrote for migration {id}: {e}"
+            )),
+            _ => FenceError::Unreachable(format!("source {api}: {e}")),
+        })?;
+        if w.region_size != region_size {
+            return Err(FenceError::Refused(format!(
+                "source {api} tracks {}-byte regions, this clone {region_size}",
+                w.region_size
+            )));
+        }
+        Ok(w.runs)
+    }
+
     fn persist_handoff(&self, source_fenced: bool) -> Result<(), String> {
         update_table(&self.dir, &self.table, |t| {
             if let TargetSpec::Clone {
@@ -401,6 +467,7 @@ pub async fn migrate(
             keep_source: req.keep_source,
             id: id.clone(),
             cancelling: false,
+            rollback_of: None,
         })
     })?;
     let prep = PrepareRequest {
@@ -411,6 +478,7 @@ pub async fn migrate(
         origin_api: state.advertised_api.clone(),
         region_size,
         rate: req.rate.unwrap_or(0),
+        rollback_of: None,
     };
     let r = call_peer(&state.peer_auth, &req.to, state.source_timeout, move |a| {
         a.post::<MigrationStatus>("/v1/migrations", &prep)
@@ -450,6 +518,9 @@ pub async fn prepare(
         return Err(MigrationError::Conflict(
             "prepare without a migration identity".into(),
         ));
+    }
+    if let Some(of) = req.rollback_of.clone() {
+        return prepare_rollback(state, req, of).await;
     }
     if let Ok(v) = state.store.get(&req.name) {
         if let Some(c) = v.clone_target().filter(|c| c.migration_id() == req.id) {
@@ -534,10 +605,17 @@ async fn fence_locked(vol: &Volume, name: &str, to: &str, id: &str) -> Result<()
         t.fenced_for = Some(id.to_owned());
     })?;
     vol.fence.release_hold();
+    if t.outgoing.as_ref().is_some_and(|o| o.rollback_of.is_some()) {
+        // Rolled back: the copy here has nothing more to gain.
+        if let Some(c) = vol.clone_target() {
+            c.pause();
+        }
+    }
     info!(
         volume = name,
         to,
         migration = id,
+        event = "fenced",
         "fenced: writes now refused here"
     );
     Ok(())
@@ -607,15 +685,22 @@ pub async fn release(
         // moved on before its copy completed (B in A -> B -> C).
         if !c.is_complete() {
             let mut s = c.status();
-            s.phase = Phase::Complete;
-            state.history.record(
-                s,
-                &format!(
+            let how = if out.rollback_of.is_some() {
+                s.phase = Phase::Cancelled;
+                format!(
+                    "rolled back: the volume went back to {} (migration {id}), which now has \
+                     everything written here",
+                    out.to
+                )
+            } else {
+                s.phase = Phase::Complete;
+                format!(
                     "complete: the volume moved on to {} (migration {id}) before this copy \
                      completed; its source is released",
                     out.to
-                ),
-            );
+                )
+            };
+            state.history.record(s, &how);
         }
         if keep && !c.is_complete() {
             warn!(
@@ -632,7 +717,10 @@ pub async fn release(
         origin, migration, ..
     } = &t.target
     {
-        if let TargetSpec::Remote { api, .. } = origin.as_ref() {
+        // Not after a rollback: that origin is the node the volume went
+        // back to, and its copy is the volume now.
+        let rolled_back = out.rollback_of.as_deref() == Some(migration.as_str());
+        if let (TargetSpec::Remote { api, .. }, false) = (origin.as_ref(), rolled_back) {
             release_once(state, api, name, migration).await?;
         }
     }
@@ -784,11 +872,11 @@ pub async fn cancel(
             if !vol.fence.is_fenced() {
                 fence_locked(&vol, name, &out.to, &out.id).await?;
             }
-            return Err(MigrationError::Conflict(format!(
-                "volume {name:?} was handed off to {} already, so it cannot be cancelled \
-                 (rolling back is not built yet; this node is fenced): {e}",
-                out.to
-            )));
+            // A rollback: the destination migrates it back here. Asked
+            // without the lock, which its prepare here takes.
+            drop(_own);
+            info!(volume = name, migration = %out.id, "handed off already ({e}): asking the destination to roll back");
+            return forward_rollback(state, name, &out.to, &out.id).await;
         }
         Err(e)
             if force
@@ -831,6 +919,13 @@ pub async fn cancel(
         info!(volume = name, migration = %out.id, "fence of the cancelled migration opened again");
     }
     vol.fence.release_hold();
+    if out.rollback_of.is_some() {
+        // The rollback is off: this node's own clone may complete again.
+        if let Some(c) = vol.clone_target() {
+            c.hold_completion(false);
+            c.resume();
+        }
+    }
     state.history.record(
         source_ended(name, &out, None, Phase::Cancelled),
         "cancelled by the operator: the volume stayed here",
@@ -868,6 +963,23 @@ pub async fn drop_clone(
     }
     let mut ended = c.status();
     ended.phase = Phase::Cancelled;
+    if c.rollback_of().is_some() {
+        // The copy under a rollback clone is this node's own: it goes
+        // back to being the fenced source of the migration rolled back.
+        let _own = vol.ownership.lock().await;
+        state.store.revert_rollback_clone(&vol).await?;
+        state.history.record(
+            ended,
+            "rollback cancelled: this copy is again the fenced source",
+        );
+        info!(
+            volume = name,
+            migration = id,
+            event = "cancelled",
+            "rollback cancelled: back to the fenced source copy"
+        );
+        return Ok(());
+    }
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.remove_volume(&vol, RemoveMode::Cancelled))
         .await
@@ -974,24 +1086,17 @@ pub fn clone_of(
 fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
     tokio::spawn(async move {
         let Some(c) = vol.clone_target() else { return };
-        c.wait_complete().await;
-        let status = c.status();
-        let pending = match vol.table().target {
-            TargetSpec::Clone {
-                origin, migration, ..
-            } => match *origin {
-                TargetSpec::Remote { api, .. } => Some(PendingRelease { api, id: migration }),
-                _ => None,
-            },
-            _ => None,
-        };
-        // Recorded before the table says local: a crash in between
-        // completes again at restart and records it again (replacing).
-        state
-            .history
-            .record(status, "complete: the volume is local here");
         let mut retry = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
-        loop {
+        let mut recorded = false;
+        let pending = loop {
+            c.wait_complete().await;
+            // Under the ownership lock: a rollback (which holds completion
+            // under it) either came first and is seen here, or finds the
+            // clone collapsed and refuses.
+            let own = vol.ownership.lock().await;
+            if !c.is_complete() {
+                continue;
+            }
             if !state
                 .store
                 .get(&vol.name)
@@ -999,14 +1104,32 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
             {
                 return; // removed meanwhile (and maybe a new one of that name made)
             }
+            let pending = match vol.table().target {
+                TargetSpec::Clone {
+                    origin, migration, ..
+                } => match *origin {
+                    TargetSpec::Remote { api, .. } => Some(PendingRelease { api, id: migration }),
+                    _ => None,
+                },
+                _ => None,
+            };
+            // Recorded before the table says local: a crash in between
+            // completes again at restart and records it again (replacing).
+            if !recorded {
+                state
+                    .history
+                    .record(c.status(), "complete: the volume is local here");
+                recorded = true;
+            }
             match vol.collapse_to_local(pending.clone()) {
-                Ok(()) => break,
+                Ok(()) => break pending,
                 Err(e) => {
+                    drop(own);
                     warn!(volume = %vol.name, "cannot collapse table, retrying: {e}");
                     retry.wait().await;
                 }
             }
-        }
+        };
         c.origin().close();
         info!(volume = %vol.name, migration = c.migration_id(), event = "complete", "migration complete: volume is local");
         if let Some(p) = pending {
@@ -1164,8 +1287,12 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                     let Some(o) = vol.table().outgoing.filter(|o| o.id == id) else {
                         return; // cancelled while the question was out
                     };
-                    if o.cancelling {
-                        // A cancel got as far as the destination's drop (it
+                    if o.cancelling || o.rollback_of.is_some() {
+                        // A rollback whose destination (the old source)
+                        // never heard of it has not handed off and never
+                        // will (this node refuses the fence from now on):
+                        // it ends like a cancel. Or: a cancel got as far as
+                        // the destination's drop (it
                         // has no clone now, and this node refused to fence
                         // for it since the cancel was recorded): finish it.
                         let done = vol.update_table(|t| {
@@ -1180,6 +1307,9 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                         if done.is_ok() {
                             vol.fence.reopen(&id);
                             vol.fence.release_hold();
+                            if let Some(c) = vol.clone_target() {
+                                c.hold_completion(false);
+                            }
                             info!(volume = %name, migration = %id, "the cancel interrupted by the restart is complete: the volume stays here");
                             return;
                         }
@@ -1420,4 +1550,310 @@ pub fn live_statuses(vol: &Volume) -> Vec<MigrationStatus> {
         v.push(s);
     }
     v
+}
+
+/// Source of a handed-off migration: asks its destination to roll it
+/// back (see [`rollback`]) and answers with the destination's report.
+async fn forward_rollback(
+    state: &Arc<NodeState>,
+    name: &str,
+    to: &str,
+    id: &str,
+) -> Result<serde_json::Value, MigrationError> {
+    let path = format!("/v1/migrations/{}/rollback", encode_segment(name));
+    let req = RollbackRequest {
+        id: Some(id.to_owned()),
+    };
+    // The destination calls back here (prepare): give it its own timeout
+    // and one of ours.
+    let timeout = state.source_timeout * 2;
+    call_peer(&state.peer_auth, to, timeout, move |a| {
+        a.post::<serde_json::Value>(&path, &req)
+    })
+    .await
+    .map_err(|e| match e.status {
+        Some(409 | 404) => MigrationError::Conflict(format!(
+            "volume {name:?} was handed off to {to}, which refused to roll it back: {e}"
+        )),
+        _ => MigrationError::Peer(format!(
+            "volume {name:?} was handed off to {to} (this node is fenced); asking it to roll \
+             back failed: {e}"
+        )),
+    })
+}
+
+/// Destination of a handed-off migration: rolls it back to its source
+/// (see `migrate::clone::rollback`). Records the rollback as this node's
+/// outgoing migration R, then has the source make its fenced copy the
+/// clone R of this node's volume; clients move back the way they came
+/// (the handoff comes when the last client here leaves, or by operator),
+/// and only regions written here since the first handoff cross back.
+/// Idempotent: asked again, answers with the rollback under way.
+pub async fn rollback(
+    state: &Arc<NodeState>,
+    name: &str,
+    req: RollbackRequest,
+) -> Result<serde_json::Value, MigrationError> {
+    let vol = state.store.get(name)?;
+    let _own = vol.ownership.lock().await;
+    let c = vol
+        .clone_target()
+        .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
+    let m = c.migration_id().to_owned();
+    if let Some(id) = req.id.as_deref().filter(|id| *id != m) {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: asked to roll back migration {id}, but this node holds migration {m}"
+        )));
+    }
+    let report = |to: &str, r: &str| {
+        serde_json::json!({
+            "rolled_back": name,
+            "to": to,
+            "migration": r,
+            "rolls_back": m,
+            "regions_written": c.written_bytes() / c.status().region_size.max(1),
+            "bytes_written": c.written_bytes(),
+        })
+    };
+    let t = vol.table();
+    if let Some(o) = &t.outgoing {
+        if o.rollback_of.as_deref() == Some(m.as_str()) {
+            return Ok(report(&o.to, &o.id));
+        }
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} is migrating on to {} (migration {}): cancel that first",
+            o.to, o.id
+        )));
+    }
+    if !c.is_handed_off() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} was not handed off here yet: cancel it on the source {} instead \
+             (nothing needs to move back)",
+            c.status().peer
+        )));
+    }
+    if c.is_complete() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {m} is complete and its source copy released; migrate \
+             the volume back instead"
+        )));
+    }
+    if !c.tracks_writes() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {m} began before this node recorded the regions clients \
+             write, so it cannot tell what would have to move back; migrate the volume back \
+             instead"
+        )));
+    }
+    if let Some(why) = vol.fence.held() {
+        return Err(MigrationError::Conflict(format!("volume {name:?}: {why}")));
+    }
+    let TargetSpec::Clone {
+        origin,
+        region_size,
+        rate,
+        ..
+    } = &t.target
+    else {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    };
+    let TargetSpec::Remote { api: back_to, .. } = origin.as_ref() else {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    };
+    let nbd = state
+        .advertised_nbd
+        .clone()
+        .ok_or_else(|| MigrationError::Conflict("this node has no TCP NBD listener".into()))?;
+    let r = new_migration_id();
+    // Held from before the rollback is recorded: the clone must not
+    // complete (and stop recording writes) while it is under way.
+    c.hold_completion(true);
+    if let Err(e) = vol.update_table(|t| {
+        t.outgoing = Some(Outgoing {
+            to: back_to.clone(),
+            keep_source: false,
+            id: r.clone(),
+            cancelling: false,
+            rollback_of: Some(m.clone()),
+        })
+    }) {
+        c.hold_completion(false);
+        return Err(e.into());
+    }
+    let prep = PrepareRequest {
+        name: name.to_owned(),
+        id: r.clone(),
+        size: vol.size,
+        origin_nbd: nbd,
+        origin_api: state.advertised_api.clone(),
+        region_size: *region_size,
+        rate: *rate,
+        rollback_of: Some(m.clone()),
+    };
+    let peer = back_to.clone();
+    let answer = call_peer(&state.peer_auth, &peer, state.source_timeout, move |a| {
+        a.post::<MigrationStatus>("/v1/migrations", &prep)
+    })
+    .await;
+    if let Err(e) = answer {
+        // As in `migrate`: forgetting R is safe whether or not the source
+        // made the clone, since this node refuses it the fence from now on.
+        let _ = vol.update_table(|t| {
+            if t.outgoing.as_ref().is_some_and(|o| o.id == r) {
+                t.outgoing = None;
+            }
+        });
+        c.hold_completion(false);
+        return Err(MigrationError::Peer(format!(
+            "the source {back_to} could not take the volume back: {e}"
+        )));
+    }
+    info!(volume = name, to = %back_to, migration = %r, rolls_back = %m, bytes_written = c.written_bytes(), event = "rollback", "rollback prepared: the volume goes back when its clients do");
+    spawn_writer_watch(state.clone(), name.to_owned(), r.clone());
+    Ok(report(back_to, &r))
+}
+
+/// Source of a rolled-back migration: makes this node's fenced copy the
+/// clone of rollback `req.id` (see [`rollback`]). Only the destination of
+/// this node's own outgoing migration `req.rollback_of` may ask.
+async fn prepare_rollback(
+    state: &Arc<NodeState>,
+    req: PrepareRequest,
+    of: String,
+) -> Result<MigrationStatus, MigrationError> {
+    let vol = state.store.get(&req.name)?;
+    let _own = vol.ownership.lock().await;
+    if let Some(c) = vol.clone_target() {
+        if c.migration_id() == req.id {
+            return Ok(c.status());
+        }
+    }
+    let t = vol.table();
+    let ok = t
+        .outgoing
+        .as_ref()
+        .is_some_and(|o| o.id == of && o.to == req.origin_api)
+        && t.fenced_for.as_deref() == Some(of.as_str())
+        && vol.fence.is_fenced();
+    if !ok {
+        return Err(MigrationError::Conflict(format!(
+            "volume {:?}: refusing a rollback of migration {of} from {}: this node is not that \
+             migration's fenced source",
+            req.name, req.origin_api
+        )));
+    }
+    let out = t.outgoing.expect("checked");
+    let origin = TargetSpec::Remote {
+        nbd: req.origin_nbd.clone(),
+        export: req.name.clone(),
+        api: req.origin_api.clone(),
+    };
+    let base = super::store::RollbackBase {
+        id: of.clone(),
+        to: out.to.clone(),
+        keep_source: out.keep_source,
+    };
+    let (store, v) = (state.store.clone(), vol.clone());
+    let (rs, rate, id) = (req.region_size, req.rate, req.id.clone());
+    let c = tokio::task::spawn_blocking(move || {
+        store.make_rollback_clone(&v, origin, rs, rate, &id, base)
+    })
+    .await
+    .map_err(|e| MigrationError::Peer(e.to_string()))??;
+    c.start();
+    spawn_supervisor(state.clone(), vol.clone());
+    let mut ended = source_ended(&req.name, &out, None, Phase::Cancelled);
+    ended.phase = Phase::Cancelled;
+    state.history.record(
+        ended,
+        &format!(
+            "rolled back after handoff: migration {} brings the volume back here",
+            req.id
+        ),
+    );
+    info!(volume = %req.name, from = %req.origin_api, migration = %req.id, rolls_back = %of, event = "rollback", "rollback prepared: passthrough, over this node's own copy");
+    Ok(c.status())
+}
+
+/// Destination of a migration being rolled back, once fenced for the
+/// rollback `id`: the regions clients wrote here since handoff.
+pub fn written_set(state: &NodeState, name: &str, id: &str) -> Result<WrittenSet, MigrationError> {
+    let vol = state.store.get(name)?;
+    let t = vol.table();
+    let ours = t
+        .outgoing
+        .as_ref()
+        .is_some_and(|o| o.id == id && o.rollback_of.is_some());
+    if !ours || t.fenced_for.as_deref() != Some(id) || !vol.fence.is_fenced() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: the written set is only given to the rollback this node is \
+             fenced for, not migration {id}"
+        )));
+    }
+    let c = vol
+        .clone_target()
+        .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
+    let runs = c.written_runs().ok_or_else(|| {
+        MigrationError::Conflict(format!("volume {name:?}: writes are not tracked"))
+    })?;
+    Ok(WrittenSet {
+        region_size: c.status().region_size,
+        runs,
+    })
+}
+
+/// `migration cancel` on either node: the source cancels (or, after
+/// handoff, has the destination roll back); a destination rolls back a
+/// handed-off migration itself and passes anything else to the source.
+pub async fn cancel_anywhere(
+    state: &Arc<NodeState>,
+    name: &str,
+    force: bool,
+) -> Result<serde_json::Value, MigrationError> {
+    let vol = state.store.get(name)?;
+    if vol.table().outgoing.is_some() {
+        return cancel(state, name, force).await;
+    }
+    let Some(c) = vol.clone_target() else {
+        return Err(MigrationError::NotMigrating(name.to_owned()));
+    };
+    if c.is_handed_off() {
+        return rollback(
+            state,
+            name,
+            RollbackRequest {
+                id: Some(c.migration_id().to_owned()),
+            },
+        )
+        .await;
+    }
+    // Not handed off: the source decides (it drops this clone).
+    let source = c.status().peer;
+    let path = format!("/v1/migrations/{}/cancel", encode_segment(name));
+    let body = CancelRequest { force };
+    let r = call_peer(
+        &state.peer_auth,
+        &source,
+        state.source_timeout * 2,
+        move |a| a.post::<serde_json::Value>(&path, &body),
+    )
+    .await;
+    match r {
+        Ok(v) => Ok(v),
+        // A rollback clone whose source forgot the rollback (it restarted
+        // before recording it, or cancelled it and this node missed the
+        // drop): it can never hand off; go back to the fenced copy.
+        Err(e) if c.rollback_of().is_some() && (force || e.status == Some(404)) => {
+            warn!(
+                volume = name,
+                "the rollback's source {source} does not hold it ({e}); undoing it here"
+            );
+            drop_clone(state, name, c.migration_id()).await?;
+            Ok(serde_json::json!({ "cancelled": name, "migration": c.migration_id() }))
+        }
+        Err(e) => Err(MigrationError::Peer(format!(
+            "the migration is not handed off yet, so its source {source} cancels it, and \
+             asking it failed: {e} (run `dlsm migration cancel` there)"
+        ))),
+    }
 }

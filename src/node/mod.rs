@@ -124,6 +124,29 @@ impl ExportRegistry for Registry {
         // migration gets "no such export", never this incarnation's data.
         if let Some((vol, id)) = name.split_once(store::ORIGIN_MARK) {
             let v = self.0.get(vol).ok()?;
+            // A rollback clone not handed off yet: its local file is this
+            // node's copy from migration `id`, which the destination of
+            // `id` still reads the regions it lacks from (it wrote none
+            // of those, so the copy is current for every one of them).
+            if let (
+                Some(c),
+                store::TargetSpec::Clone {
+                    rollback_of: Some(base),
+                    handed_off: false,
+                    ..
+                },
+            ) = (v.clone_target(), v.table().target)
+            {
+                if base.id == id && !c.is_handed_off() {
+                    return Some(Export {
+                        name: name.to_owned(),
+                        description: format!("dlsm volume {vol}, origin link (rollback base)"),
+                        target: c.local(),
+                        read_only: true,
+                        guard: Box::new(()),
+                    });
+                }
+            }
             if v.table().outgoing.is_none_or(|o| o.id != id) {
                 debug!(
                     export = name,

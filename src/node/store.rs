@@ -116,8 +116,29 @@ pub enum TargetSpec {
         /// The migration's identity (see [`Outgoing::id`]).
         #[serde(default)]
         migration: String,
+        /// Set when this clone rolls back an earlier migration of the
+        /// volume away from this node: the local file is the copy this
+        /// node was fenced with (see `migrate::clone::rollback`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rollback_of: Option<RollbackBase>,
     },
 }
+
+/// What a rollback clone keeps of the migration it rolls back, so that a
+/// rollback cancelled before its handoff can put the table back as it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackBase {
+    /// The migration rolled back.
+    pub id: String,
+    /// Where it took the volume (the node now rolling it back here).
+    pub to: String,
+    /// Whether that migration was to keep this copy after completion.
+    #[serde(default)]
+    pub keep_source: bool,
+}
+
+/// The written map of a clone: regions clients wrote since its handoff.
+pub const WRITTEN_MAP: &str = "written.map";
 
 /// An outgoing migration, recorded on the source.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +161,11 @@ pub struct Outgoing {
     /// record of the migration knows the cancel got that far.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancelling: bool,
+    /// This outgoing migration rolls back migration `rollback_of`, which
+    /// brought the volume here from `to` (this node's clone of it then
+    /// holds completion and keeps recording writes until the handoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
 }
 
 /// A migration identity: 64 random bits, as 16 hex digits.
@@ -199,7 +225,10 @@ pub struct Volume {
     pub name: String,
     pub size: u64,
     table: Arc<Mutex<VolumeTable>>,
-    target: std::sync::RwLock<Arc<dyn BlockTarget>>,
+    /// The top target. Connections read it per request ([`LiveTarget`]),
+    /// so a change of table (collapse, rollback) reaches every connection
+    /// at once, old ones included.
+    target: Arc<std::sync::RwLock<Arc<dyn BlockTarget>>>,
     clone: Mutex<Option<Arc<CloneTarget>>>,
     pub fence: Arc<Fence>,
     /// Held for the whole of every change of who owns the volume on this
@@ -244,7 +273,8 @@ impl Volume {
 
     /// The target an NBD connection gets: the top target behind the fence.
     pub fn gated_target(&self) -> Arc<dyn BlockTarget> {
-        Arc::new(FenceGate::new(self.target(), self.fence.clone()))
+        let live: Arc<dyn BlockTarget> = Arc::new(LiveTarget(self.target.clone()));
+        Arc::new(FenceGate::new(live, self.fence.clone()))
     }
 
     /// The migration clone, while this volume migrates in.
@@ -278,6 +308,7 @@ impl Volume {
         *self.clone.lock().unwrap() = None;
         let map_path = self.dir.join(map);
         let _ = fs::remove_file(&map_path);
+        let _ = fs::remove_file(self.dir.join(WRITTEN_MAP));
         Ok(())
     }
 }
@@ -441,6 +472,7 @@ impl VolumeStore {
                 source_unfenced: false,
                 rate,
                 migration: migration.to_owned(),
+                rollback_of: None,
             },
             fenced_to: None,
             fenced_for: None,
@@ -451,6 +483,7 @@ impl VolumeStore {
         };
         self.create_with(table, |dir| {
             RegionMap::create(&dir.join("regions.map"), size, region_size)
+                .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
                 .map(drop)
                 .map_err(|e| match e.kind() {
                     std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
@@ -611,6 +644,117 @@ impl VolumeStore {
         Ok(())
     }
 
+    /// Source of a rolled-back migration: turns `vol`, fenced with the copy
+    /// it handed off in migration `base.id`, into the clone of rollback
+    /// migration `id` from `origin` (the node it went to). Every region is
+    /// absent until the handoff, which marks present all but the regions
+    /// written there (`migrate::clone::rollback`). The table changes
+    /// durably first, then the live target; the fence of `base.id` opens
+    /// last, so writes reach the clone (which hands off before taking
+    /// any), never the file underneath.
+    pub fn make_rollback_clone(
+        &self,
+        vol: &Arc<Volume>,
+        origin: TargetSpec,
+        region_size: u64,
+        rate: u64,
+        id: &str,
+        base: RollbackBase,
+    ) -> Result<Arc<CloneTarget>, StoreError> {
+        let t = vol.table();
+        let TargetSpec::Local { .. } = &t.target else {
+            return Err(StoreError::Migrating(format!(
+                "volume {:?} is not a plain local volume here: it cannot be the base of a \
+                 rollback",
+                vol.name
+            )));
+        };
+        for f in ["regions.map", WRITTEN_MAP] {
+            let p = vol.dir.join(f);
+            if p.exists() {
+                fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+            RegionMap::create(&p, vol.size, region_size).map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
+                _ => StoreError::Block(BlockError::from_io(e)),
+            })?;
+        }
+        let mut new = t.clone();
+        new.target = TargetSpec::Clone {
+            origin: Box::new(origin),
+            local: Box::new(t.target.clone()),
+            map: "regions.map".into(),
+            region_size,
+            handed_off: false,
+            source_unfenced: false,
+            rate,
+            migration: id.to_owned(),
+            rollback_of: Some(base.clone()),
+        };
+        new.outgoing = None;
+        new.fenced_to = None;
+        new.fenced_for = None;
+        let (target, clone) = open_target(&vol.dir, &vol.name, &new, &self.env, &vol.table)?;
+        let clone = clone.expect("a clone table opens a clone");
+        vol.update_table(|t| {
+            t.target = new.target.clone();
+            t.outgoing = None;
+            t.fenced_to = None;
+            t.fenced_for = None;
+        })?;
+        *vol.target.write().unwrap() = target;
+        *vol.clone.lock().unwrap() = Some(clone.clone());
+        vol.fence.reopen(&base.id);
+        tracing::info!(volume = %vol.name, migration = id, rolls_back = %base.id, "volume is the rollback clone of its own copy");
+        Ok(clone)
+    }
+
+    /// Undoes [`Self::make_rollback_clone`] for a rollback that never
+    /// handed off: the volume is again the fenced source of `base.id`,
+    /// with the same copy. The caller has made sure the clone never hands
+    /// off (`cancel_before_handoff`). The fence closes first, so no write
+    /// reaches the file once the clone is gone.
+    pub async fn revert_rollback_clone(&self, vol: &Arc<Volume>) -> Result<(), StoreError> {
+        let Some(c) = vol.clone_target() else {
+            return Ok(());
+        };
+        let TargetSpec::Clone {
+            local,
+            rollback_of: Some(base),
+            ..
+        } = vol.table().target
+        else {
+            return Err(StoreError::Migrating(format!(
+                "volume {:?} is not a rollback clone",
+                vol.name
+            )));
+        };
+        vol.fence
+            .fence(&base.to, &base.id, &*c.local())
+            .await
+            .map_err(StoreError::Block)?;
+        vol.update_table(|t| {
+            t.target = *local.clone();
+            t.outgoing = Some(Outgoing {
+                to: base.to.clone(),
+                keep_source: base.keep_source,
+                id: base.id.clone(),
+                cancelling: false,
+                rollback_of: None,
+            });
+            t.fenced_to = Some(base.to.clone());
+            t.fenced_for = Some(base.id.clone());
+        })?;
+        c.stop();
+        *vol.target.write().unwrap() = c.local();
+        *vol.clone.lock().unwrap() = None;
+        for f in ["regions.map", WRITTEN_MAP] {
+            let _ = fs::remove_file(vol.dir.join(f));
+        }
+        tracing::info!(volume = %vol.name, migration = %base.id, "rollback undone: the volume is again the fenced source");
+        Ok(())
+    }
+
     /// Flushes every volume (used at shutdown).
     pub async fn flush_all(&self) {
         for v in self.list() {
@@ -665,18 +809,23 @@ impl DirLock {
     }
 }
 
-fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreError> {
+/// A volume's top target, and its clone if it is migrating in.
+type OpenedTarget = (Arc<dyn BlockTarget>, Option<Arc<CloneTarget>>);
+
+/// Opens the targets a table describes: the top target, and the clone if
+/// the volume is migrating in. `shared` is the live table the clone's
+/// hooks persist into.
+fn open_target(
+    dir: &Path,
+    name: &str,
+    table: &VolumeTable,
+    env: &CloneEnv,
+    shared: &Arc<Mutex<VolumeTable>>,
+) -> Result<OpenedTarget, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         name: name.to_owned(),
         reason,
     };
-    let table_path = dir.join("table.json");
-    let bytes = fs::read(&table_path).map_err(io_err(&table_path))?;
-    let table: VolumeTable =
-        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("table.json: {e}")))?;
-    if table.name != name {
-        return Err(corrupt(format!("table names volume {:?}", table.name)));
-    }
     let open_local = |spec: &TargetSpec| -> Result<Arc<LocalTarget>, StoreError> {
         let TargetSpec::Local { file } = spec else {
             return Err(corrupt(format!("expected a local target, found {spec:?}")));
@@ -691,7 +840,6 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         }
         Ok(Arc::new(t))
     };
-    let shared = Arc::new(Mutex::new(table.clone()));
     let mut clone = None;
     let target: Arc<dyn BlockTarget> = match &table.target {
         TargetSpec::Local { .. } => open_local(&table.target)?,
@@ -706,6 +854,7 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
             source_unfenced,
             rate,
             migration,
+            rollback_of,
             ..
         } => {
             let TargetSpec::Remote { nbd, export, api } = origin.as_ref() else {
@@ -745,10 +894,45 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
                 c.mark_source_unfenced();
             }
             c.keep_counters_in(dir.join("counters.json"));
+            let written = dir.join(WRITTEN_MAP);
+            if written.exists() {
+                let w =
+                    RegionMap::open(&written).map_err(|e| corrupt(format!("written map: {e}")))?;
+                c.track_writes(w).map_err(BlockError::from_io)?;
+            }
+            if let Some(base) = rollback_of {
+                c.set_rollback_of(&base.id);
+            }
+            // Rolling this clone's migration back: it must not complete
+            // before the rollback hands off (see `clone::rollback`).
+            if table
+                .outgoing
+                .as_ref()
+                .is_some_and(|o| o.rollback_of.as_deref() == Some(migration.as_str()))
+            {
+                c.hold_completion(true);
+            }
             clone = Some(c.clone());
             c
         }
     };
+    Ok((target, clone))
+}
+
+fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        name: name.to_owned(),
+        reason,
+    };
+    let table_path = dir.join("table.json");
+    let bytes = fs::read(&table_path).map_err(io_err(&table_path))?;
+    let table: VolumeTable =
+        serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("table.json: {e}")))?;
+    if table.name != name {
+        return Err(corrupt(format!("table names volume {:?}", table.name)));
+    }
+    let shared = Arc::new(Mutex::new(table.clone()));
+    let (target, clone) = open_target(dir, name, &table, env, &shared)?;
     let fence = match &table.fenced_to {
         Some(to) => Fence::closed(to, table.fenced_for.as_deref().unwrap_or("")),
         None => Fence::default(),
@@ -768,13 +952,66 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
         name: table.name.clone(),
         size: table.size,
         table: shared,
-        target: std::sync::RwLock::new(target),
+        target: Arc::new(std::sync::RwLock::new(target)),
         clone: Mutex::new(clone),
         fence: Arc::new(fence),
         ownership: Default::default(),
         connections: Arc::new(tokio::sync::watch::channel(0).0),
         dir: dir.to_owned(),
     })
+}
+
+/// A volume's top target as it is now: each request reads the volume's
+/// target slot, so every connection follows a change of table.
+struct LiveTarget(Arc<std::sync::RwLock<Arc<dyn BlockTarget>>>);
+
+impl LiveTarget {
+    fn now(&self) -> Arc<dyn BlockTarget> {
+        self.0.read().unwrap().clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl BlockTarget for LiveTarget {
+    fn size(&self) -> u64 {
+        self.now().size()
+    }
+    fn capabilities(&self) -> crate::target::Capabilities {
+        self.now().capabilities()
+    }
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::target::BlockResult<()> {
+        self.now().read(offset, buf).await
+    }
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> crate::target::BlockResult<()> {
+        self.now().write(offset, data, fua).await
+    }
+    async fn flush(&self) -> crate::target::BlockResult<()> {
+        self.now().flush().await
+    }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> crate::target::BlockResult<()> {
+        self.now().trim(offset, len, fua).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: crate::target::ZeroFlags,
+    ) -> crate::target::BlockResult<()> {
+        self.now().write_zeroes(offset, len, flags).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> crate::target::BlockResult<Vec<crate::target::Extent>> {
+        self.now().block_status(offset, len).await
+    }
+    async fn cache(&self, offset: u64, len: u64) -> crate::target::BlockResult<()> {
+        self.now().cache(offset, len).await
+    }
+    fn allocated_bytes(&self) -> u64 {
+        self.now().allocated_bytes()
+    }
 }
 
 /// Changes a volume's table durably (`table.json`), then in memory.

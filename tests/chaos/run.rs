@@ -47,6 +47,8 @@ pub struct Stats {
     pub operator: BTreeMap<&'static str, (u64, u64)>,
     pub mig_started: u64,
     pub mig_completed: u64,
+    /// Cancels after handoff that started a rollback.
+    pub rollbacks: u64,
     pub writes_acked: u64,
     pub reads_checked: u64,
     pub bytes_checked: u64,
@@ -69,6 +71,7 @@ impl Stats {
         }
         self.mig_started += o.mig_started;
         self.mig_completed += o.mig_completed;
+        self.rollbacks += o.rollbacks;
         self.writes_acked += o.writes_acked;
         self.reads_checked += o.reads_checked;
         self.bytes_checked += o.bytes_checked;
@@ -90,12 +93,13 @@ impl Stats {
             .map(|(k, (a, r))| format!("{k}:{}(refused {r})", a + r))
             .collect();
         format!(
-            "steps={} faults={} operator={} migrations=started:{},completed:{} writes_acked={} reads_checked={} stale=refused:{},legit:{},zombie:{} bytes_checked={} violations={}",
+            "steps={} faults={} operator={} migrations=started:{},completed:{},rollbacks:{} writes_acked={} reads_checked={} stale=refused:{},legit:{},zombie:{} bytes_checked={} violations={}",
             self.steps,
             faults.join(","),
             ops.join(","),
             self.mig_started,
             self.mig_completed,
+            self.rollbacks,
             self.writes_acked,
             self.reads_checked,
             self.stale_refused,
@@ -1011,6 +1015,15 @@ impl Run {
             }
             return true;
         }
+        self.migration_started(v, src, dst, &format!("migrate {:?}", &a[5..]));
+        true
+    }
+
+    /// A migration `src -> dst` of volume `v` was accepted (an operator's
+    /// migrate, or the rollback a cancel after handoff starts): a new
+    /// epoch, owned by `dst`; the VM moves at once.
+    fn migration_started(&mut self, v: usize, src: usize, dst: usize, what: &str) {
+        let name = self.vols[v].name.clone();
         let vol = &mut self.vols[v];
         vol.epoch += 1;
         let epoch = vol.epoch;
@@ -1025,8 +1038,7 @@ impl Run {
         });
         self.stats.mig_started += 1;
         self.log(format!(
-            "{name}: migrate n{src} -> n{dst} {:?} accepted (epoch {epoch})",
-            &a[5..]
+            "{name}: {what} n{src} -> n{dst} accepted (epoch {epoch})"
         ));
         // The VM moves at once: QEMU flushes on the source (usually), the
         // old connection goes away or lingers as a stale writer.
@@ -1046,7 +1058,6 @@ impl Run {
                 });
             }
         }
-        true
     }
 
     fn op_rm(&mut self, v: usize) -> bool {
@@ -1122,9 +1133,10 @@ impl Run {
     }
 
     /// `migration cancel` on the source of the volume's migration, as an
-    /// operator who changed their mind. Accepted only before handoff: then
-    /// the destination never took a write, the volume is the source's
-    /// again (a new epoch), and the VM goes back to it.
+    /// operator who changed their mind. Before handoff the destination
+    /// never took a write: the volume is the source's again (a new epoch),
+    /// and the VM goes back to it. After handoff the answer is a rollback:
+    /// a migration back to the source, modelled as one.
     fn op_cancel(&mut self, v: usize) -> bool {
         let Some(m) = &self.vols[v].mig else {
             return false;
@@ -1134,10 +1146,17 @@ impl Run {
             return false;
         }
         let name = self.vols[v].name.clone();
-        let o = self.cli(src, &["migration", "cancel", &name]);
+        let o = self.cli(src, &["migration", "cancel", &name, "--json"]);
         self.operator("cancel", o.ok);
         if !o.ok {
             self.log(format!("{name}: cancel at n{src} refused: {}", o.why()));
+            return true;
+        }
+        if o.json().is_some_and(|j| j.get("rolled_back").is_some()) {
+            // Handed off already: the cancel is a rollback, a migration
+            // back to the source over its old copy.
+            self.stats.rollbacks += 1;
+            self.migration_started(v, dst, src, "rollback");
             return true;
         }
         if self.vols[v].acked_epoch >= epoch {

@@ -136,6 +136,8 @@ impl CloneTarget {
         }
         self.handoff(false).await?;
         let (first, last) = (self.region_of(offset), self.region_of(offset + len - 1));
+        // Durably recorded before the data lands (see `rollback`).
+        self.note_written(first, last).await?;
         if self.map.lock().unwrap().all_present(first, last) {
             op.apply(&self.local, offset, len).await?;
         } else {

@@ -86,8 +86,17 @@ impl CloneTarget {
         // refuses is alive and has disowned this migration (cancelled, or
         // a clone left by a lost prepare): taking the volume then would
         // make two writers.
+        let rollback = self.rollback_of().is_some();
         let force = match self.hooks.fence_source().await {
             Ok(()) => false,
+            Err(FenceError::Unreachable(e)) if force && rollback => {
+                self.note_error(&e);
+                return Err(BlockError::Unavailable(format!(
+                    "cannot hand off {}: a rollback cannot be forced (only the source knows \
+                     which regions it wrote): {e}",
+                    self.name
+                )));
+            }
             Err(FenceError::Unreachable(e)) if force => {
                 warn!(volume = %self.name, "forced handoff: the source cannot be reached ({e}); it will be fenced before anything more is read from it");
                 self.source_unfenced.store(true, Ordering::SeqCst);
@@ -107,7 +116,11 @@ impl CloneTarget {
                 self.name
             )));
         }
-        if !force {
+        if rollback {
+            // The source is fenced: its written set is final, and the
+            // rest of this node's copy is current.
+            self.mark_base_present().await?;
+        } else if !force {
             // Only a fenced source's block status is final. After a forced
             // handoff the scan waits until the source has been reached and
             // fenced (`ensure_source_fenced`).

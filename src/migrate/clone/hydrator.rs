@@ -161,6 +161,15 @@ impl CloneTarget {
                 Some((start, n))
             });
             let Some((first, count)) = next else {
+                if inflight.is_empty() && self.completion_held() {
+                    // Every region is here, but a rollback needs this
+                    // clone to go on recording writes: wait.
+                    let n = self.wake.notified();
+                    if self.completion_held() && !self.stopped.load(Ordering::SeqCst) {
+                        let _ = tokio::time::timeout(self.cfg.commit_interval, n).await;
+                    }
+                    continue;
+                }
                 if inflight.is_empty() {
                     break;
                 }

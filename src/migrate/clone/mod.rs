@@ -58,6 +58,7 @@ mod commit;
 mod data_path;
 mod handoff;
 mod hydrator;
+mod rollback;
 mod status;
 #[cfg(test)]
 mod tests;
@@ -81,6 +82,15 @@ pub trait MigrationHooks: Send + Sync + 'static {
     /// source is known to be fenced (false after a forced handoff, until
     /// the source has been reached and fenced).
     fn persist_handoff(&self, source_fenced: bool) -> Result<(), String>;
+    /// For a rollback (see `rollback`): the regions clients wrote on the
+    /// (now fenced) source since it was handed the volume, as runs
+    /// `(first, count)`. Only those hold anything newer than this node's
+    /// copy.
+    async fn written_at_source(&self) -> Result<Vec<(u64, u64)>, FenceError> {
+        Err(FenceError::Refused(
+            "not a rollback: the source's writes are not tracked".into(),
+        ))
+    }
 }
 
 /// Why the source was not fenced.
@@ -191,6 +201,19 @@ pub struct CloneTarget {
     last_on_demand_ms: AtomicU64,
     started: Instant,
     stats: Stats,
+    /// Regions clients wrote since handoff, durable before each first
+    /// write to a region (`rollback::note_written`); `None` for clones
+    /// made before writes were tracked (those cannot be rolled back).
+    written: Mutex<Option<RegionMap>>,
+    written_file: Mutex<Option<File>>,
+    written_commit: tokio::sync::Mutex<()>,
+    /// This clone rolls back migration `rollback_of` (its local file is
+    /// the copy this node had when it handed that migration off).
+    rollback_of: Mutex<Option<String>>,
+    /// Completion waits while set: a rollback of this clone's migration
+    /// is under way, and the written set must keep growing until it hands
+    /// off (a completed clone collapses and stops tracking).
+    hold_complete: AtomicBool,
 }
 
 impl CloneTarget {
@@ -243,6 +266,11 @@ impl CloneTarget {
             last_on_demand_ms: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
+            written: Mutex::new(None),
+            written_file: Mutex::new(None),
+            written_commit: Default::default(),
+            rollback_of: Mutex::new(None),
+            hold_complete: AtomicBool::new(false),
         }))
     }
 
@@ -269,7 +297,7 @@ impl CloneTarget {
     }
 
     pub fn is_complete(&self) -> bool {
-        self.complete.load(Ordering::SeqCst)
+        self.complete.load(Ordering::SeqCst) && !self.completion_held()
     }
 
     /// Resolves once every region is present and committed.

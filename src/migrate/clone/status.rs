@@ -133,6 +133,7 @@ impl CloneTarget {
             }),
             ended: None,
             ended_at: None,
+            rollback_of: self.rollback_of(),
         }
     }
 }

@@ -346,3 +346,119 @@ async fn a_failed_data_sync_fails_the_migration_for_good() {
         .contains("syncing the local data file failed"));
     assert!(!present_on_disk(dir.path(), 0));
 }
+
+#[tokio::test]
+async fn writes_are_recorded_durably_before_they_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = handed_off_clone(dir.path());
+    let wpath = dir.path().join("written.map");
+    c.track_writes(RegionMap::create(&wpath, 16 * RS, RS).unwrap())
+        .unwrap();
+    // Whole regions 2 and 3, part of 9 (partial writes of absent regions
+    // fetch, so make 9 present first).
+    c.map.lock().unwrap().mark_present(9);
+    c.write(2 * RS, &vec![7; 2 * RS as usize], false)
+        .await
+        .unwrap();
+    c.write(9 * RS + 10, b"x", false).await.unwrap();
+    // No flush: the bits are on disk already.
+    let on_disk = RegionMap::open(&wpath).unwrap();
+    assert_eq!(on_disk.present_runs(), vec![(2, 2), (9, 1)]);
+    assert_eq!(c.written_runs().unwrap(), vec![(2, 2), (9, 1)]);
+    assert_eq!(c.written_bytes(), 3 * RS);
+    // A write to a region already recorded writes no map page.
+    let before = std::fs::metadata(&wpath).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    c.write(2 * RS, b"again", false).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&wpath).unwrap().modified().unwrap(),
+        before
+    );
+}
+
+/// Hooks of a rollback clone: the source's written set is `written`.
+struct RollbackHooks(Vec<(u64, u64)>);
+#[async_trait]
+impl MigrationHooks for RollbackHooks {
+    async fn fence_source(&self) -> Result<(), FenceError> {
+        Ok(())
+    }
+    fn persist_handoff(&self, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+    async fn written_at_source(&self) -> Result<Vec<(u64, u64)>, FenceError> {
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_handoff_fetches_only_what_the_source_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 * RS;
+    // This node's old copy (the base) is all 1s; the source changed
+    // regions 3 and 10..=11 to 2s.
+    let base = vec![1u8; size as usize];
+    let mut now = base.clone();
+    for r in [3u64, 10, 11] {
+        now[(r * RS) as usize..((r + 1) * RS) as usize].fill(2);
+    }
+    let local = Arc::new(LocalTarget::create(&dir.path().join("data.raw"), size).unwrap());
+    local.write(0, &base, false).await.unwrap();
+    let map = RegionMap::create(&dir.path().join("regions.map"), size, RS).unwrap();
+    let origin = MemOrigin::new(now.clone());
+    let c = CloneTarget::new(
+        "vm",
+        "peer",
+        "0123456789abcdef",
+        origin.clone(),
+        local,
+        map,
+        false,
+        Arc::new(RollbackHooks(vec![(3, 1), (10, 2)])),
+        CloneConfig::default(),
+    )
+    .unwrap();
+    c.set_rollback_of("fedcba9876543210");
+    c.handoff(false).await.unwrap();
+    assert_eq!(c.status().regions_present, 13);
+    c.start();
+    tokio::time::timeout(Duration::from_secs(10), c.wait_complete())
+        .await
+        .unwrap();
+    let mut got = vec![0; size as usize];
+    c.read(0, &mut got).await.unwrap();
+    assert!(got == now, "the rollback's copy differs from the source");
+    let s = c.status();
+    assert_eq!(s.bytes_background + s.bytes_on_demand, 3 * RS, "{s:?}");
+    assert_eq!(s.rollback_of.as_deref(), Some("fedcba9876543210"));
+    // A rollback is never forced: without the source nothing says which
+    // regions are stale.
+    let dir2 = tempfile::tempdir().unwrap();
+    let c2 = clone_over(
+        dir2.path(),
+        MemOrigin::new(vec![0; size as usize]),
+        16,
+        false,
+        Hooks::answering(Err(FenceError::Unreachable("gone".into()))),
+    );
+    c2.set_rollback_of("fedcba9876543210");
+    let e = c2.handoff(true).await.unwrap_err();
+    assert!(e.to_string().contains("cannot be forced"), "{e}");
+    assert!(!c2.is_handed_off());
+}
+
+#[tokio::test]
+async fn completion_waits_while_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MemOrigin::new(vec![5; 8 * RS as usize]);
+    let c = clone_over(dir.path(), origin, 8, true, Hooks::answering(Ok(())));
+    c.hold_completion(true);
+    c.start();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.status().regions_present, 8, "copying stops for nothing");
+    assert!(!c.is_complete(), "completed while held");
+    c.hold_completion(false);
+    tokio::time::timeout(Duration::from_secs(10), c.wait_complete())
+        .await
+        .unwrap();
+}
