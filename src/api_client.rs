@@ -1,5 +1,5 @@
-//! A blocking HTTP/JSON client of a node's control API, used by the CLI and
-//! by nodes talking to each other (from `spawn_blocking`).
+//! A blocking HTTP/JSON client of a node's control API, used by the CLI
+//! (nodes call each other with the async [`crate::api::peer`] client).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,6 +6,7 @@
 //! API. See `DESIGN.md` in the repository for the architecture and its
 //! invariants.
 
+pub mod api;
 pub mod api_client;
 pub mod bufpool;
 pub mod cli;

@@ -33,7 +33,8 @@ use super::store::{
     TargetSpec, Volume, VolumeTable, ARRIVED_KEPT,
 };
 use super::NodeState;
-use crate::api_client::{encode_segment, Api, ApiAuth};
+use crate::api::peer::{Peer, PeerError};
+use crate::api_client::{encode_segment, ApiAuth};
 use crate::migrate::clone::{FenceError, MigrationHooks};
 use crate::migrate::{MigrationStatus, Phase};
 use crate::retry::Backoff;
@@ -210,30 +211,12 @@ impl From<PeerFailure> for MigrationError {
     }
 }
 
-/// Calls another node's API off the async workers, giving up after
-/// `timeout` (the node's `--source-timeout`, not the HTTP client's two
-/// minutes).
-async fn call_peer<T, F>(
-    state_auth: &ApiAuth,
-    addr: &str,
-    timeout: Duration,
-    f: F,
-) -> Result<T, PeerFailure>
-where
-    T: Send + 'static,
-    F: FnOnce(&Api) -> anyhow::Result<T> + Send + 'static,
-{
-    let api = Api::with_timeout(addr, state_auth, timeout);
-    match tokio::task::spawn_blocking(move || f(&api)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(PeerFailure {
-            status: crate::api_client::status_of(&e),
-            message: format!("{e:#}"),
-        }),
-        Err(e) => Err(PeerFailure {
-            status: None,
+impl From<PeerError> for PeerFailure {
+    fn from(e: PeerError) -> Self {
+        PeerFailure {
+            status: e.status(),
             message: e.to_string(),
-        }),
+        }
     }
 }
 
@@ -275,13 +258,10 @@ impl MigrationHooks for NodeHooks {
             };
             let path = format!("/v1/volumes/{}/fence", encode_segment(&name));
             let left = deadline.saturating_duration_since(Instant::now());
-            let r = call_peer(
-                &self.auth,
-                &api,
-                left.max(Duration::from_millis(100)),
-                move |a| a.post::<serde_json::Value>(&path, &req),
-            )
-            .await;
+            let r = Peer::new(&api, &self.auth, left.max(Duration::from_millis(100)))
+                .post::<serde_json::Value>(&path, &req)
+                .await
+                .map_err(PeerFailure::from);
             match r {
                 Ok(_) => return Ok(()),
                 // The source answered, and said no: this migration is not
@@ -328,16 +308,16 @@ impl MigrationHooks for NodeHooks {
             encode_segment(&name),
             encode_segment(&id)
         );
-        let w = call_peer(&self.auth, &api, self.timeout, move |a| {
-            a.get::<WrittenSet>(&path)
-        })
-        .await
-        .map_err(|e| match e.status {
-            Some(404 | 409) => FenceError::Refused(format!(
-                "source {api} will not say what it wrote for migration {id}: {e}"
-            )),
-            _ => FenceError::Unreachable(format!("source {api}: {e}")),
-        })?;
+        let w = Peer::new(&api, &self.auth, self.timeout)
+            .get::<WrittenSet>(&path)
+            .await
+            .map_err(PeerFailure::from)
+            .map_err(|e| match e.status {
+                Some(404 | 409) => FenceError::Refused(format!(
+                    "source {api} will not say what it wrote for migration {id}: {e}"
+                )),
+                _ => FenceError::Unreachable(format!("source {api}: {e}")),
+            })?;
         if w.region_size != region_size {
             return Err(FenceError::Refused(format!(
                 "source {api} tracks {}-byte regions, this clone {region_size}",
@@ -480,10 +460,10 @@ pub async fn migrate(
         rate: req.rate.unwrap_or(0),
         rollback_of: None,
     };
-    let r = call_peer(&state.peer_auth, &req.to, state.source_timeout, move |a| {
-        a.post::<MigrationStatus>("/v1/migrations", &prep)
-    })
-    .await;
+    let r = Peer::new(&req.to, &state.peer_auth, state.source_timeout)
+        .post::<MigrationStatus>("/v1/migrations", &prep)
+        .await
+        .map_err(PeerFailure::from);
     match r {
         Ok(mut status) => {
             info!(volume = name, to = %req.to, migration = %id, "migration prepared");
@@ -846,10 +826,10 @@ pub async fn cancel(
     // of a handoff that waits for this node's fence (which takes the lock),
     // and its drop waits for that handoff to end. Everything decided from
     // the answer is decided under the lock, against the table as it is then.
-    let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
-        a.post::<serde_json::Value>(&path, &req)
-    })
-    .await;
+    let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
+        .post::<serde_json::Value>(&path, &req)
+        .await
+        .map_err(PeerFailure::from);
     let _own = vol.ownership.lock().await;
     if vol.table().outgoing.is_none_or(|o| o.id != out.id) {
         return Err(MigrationError::Conflict(format!(
@@ -1019,10 +999,10 @@ async fn status_as_source(
     // `role=destination`: a middle node of a chain answers for its own
     // clone, not for the migration it is the source of.
     let path = format!("/v1/migrations/{}?role=destination", encode_segment(name));
-    let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
-        a.get::<MigrationStatus>(&path)
-    })
-    .await;
+    let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
+        .get::<MigrationStatus>(&path)
+        .await
+        .map_err(PeerFailure::from);
     match r {
         Ok(mut s) if s.id == out.id => {
             // Ended there but not here (the source still holds it): say
@@ -1189,10 +1169,10 @@ async fn release_once(
         id: id.to_owned(),
         status: state.history.find(name, id, "destination").map(Box::new),
     };
-    match call_peer(&state.peer_auth, api, state.source_timeout, move |a| {
-        a.post::<serde_json::Value>(&path, &req)
-    })
-    .await
+    match Peer::new(api, &state.peer_auth, state.source_timeout)
+        .post::<serde_json::Value>(&path, &req)
+        .await
+        .map_err(PeerFailure::from)
     {
         Ok(_) => Ok(()),
         Err(e) if e.status == Some(404) => Ok(()),
@@ -1262,10 +1242,10 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                 return;
             }
             let path = format!("/v1/migrations/{}/state?id={}", encode_segment(&name), id);
-            let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
-                a.get::<MigrationState>(&path)
-            })
-            .await;
+            let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
+                .get::<MigrationState>(&path)
+                .await
+                .map_err(PeerFailure::from);
             match r {
                 Ok(MigrationState::Passthrough) => {
                     vol.fence.release_hold();
@@ -1371,10 +1351,10 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
                 force: false,
                 id: Some(id.clone()),
             };
-            let r = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
-                a.post::<serde_json::Value>(&path, &req)
-            })
-            .await;
+            let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
+                .post::<serde_json::Value>(&path, &req)
+                .await
+                .map_err(PeerFailure::from);
             if let Err(e) = r {
                 // Not fenced: this node still owns the volume; the
                 // destination hands off on its first write.
@@ -1497,16 +1477,16 @@ pub async fn steer(
         encode_segment(name),
         encode_segment(&out.id)
     );
-    let mut s = call_peer(&state.peer_auth, &out.to, state.source_timeout, move |a| {
-        a.post::<MigrationStatus>(&path, &body)
-    })
-    .await
-    .map_err(|e| {
-        MigrationError::Peer(format!(
-            "the copy runs on the destination {}, which could not be asked: {e}",
-            out.to
-        ))
-    })?;
+    let mut s = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
+        .post::<MigrationStatus>(&path, &body)
+        .await
+        .map_err(PeerFailure::from)
+        .map_err(|e| {
+            MigrationError::Peer(format!(
+                "the copy runs on the destination {}, which could not be asked: {e}",
+                out.to
+            ))
+        })?;
     s.role = "source".into();
     s.peer = out.to;
     Ok(s)
@@ -1567,19 +1547,19 @@ async fn forward_rollback(
     // The destination calls back here (prepare): give it its own timeout
     // and one of ours.
     let timeout = state.source_timeout * 2;
-    call_peer(&state.peer_auth, to, timeout, move |a| {
-        a.post::<serde_json::Value>(&path, &req)
-    })
-    .await
-    .map_err(|e| match e.status {
-        Some(409 | 404) => MigrationError::Conflict(format!(
-            "volume {name:?} was handed off to {to}, which refused to roll it back: {e}"
-        )),
-        _ => MigrationError::Peer(format!(
-            "volume {name:?} was handed off to {to} (this node is fenced); asking it to roll \
+    Peer::new(to, &state.peer_auth, timeout)
+        .post::<serde_json::Value>(&path, &req)
+        .await
+        .map_err(PeerFailure::from)
+        .map_err(|e| match e.status {
+            Some(409 | 404) => MigrationError::Conflict(format!(
+                "volume {name:?} was handed off to {to}, which refused to roll it back: {e}"
+            )),
+            _ => MigrationError::Peer(format!(
+                "volume {name:?} was handed off to {to} (this node is fenced); asking it to roll \
              back failed: {e}"
-        )),
-    })
+            )),
+        })
 }
 
 /// Destination of a handed-off migration: rolls it back to its source
@@ -1691,10 +1671,10 @@ pub async fn rollback(
         rollback_of: Some(m.clone()),
     };
     let peer = back_to.clone();
-    let answer = call_peer(&state.peer_auth, &peer, state.source_timeout, move |a| {
-        a.post::<MigrationStatus>("/v1/migrations", &prep)
-    })
-    .await;
+    let answer = Peer::new(&peer, &state.peer_auth, state.source_timeout)
+        .post::<MigrationStatus>("/v1/migrations", &prep)
+        .await
+        .map_err(PeerFailure::from);
     if let Err(e) = answer {
         // As in `migrate`: forgetting R is safe whether or not the source
         // made the clone, since this node refuses it the fence from now on.
@@ -1831,13 +1811,10 @@ pub async fn cancel_anywhere(
     let source = c.status().peer;
     let path = format!("/v1/migrations/{}/cancel", encode_segment(name));
     let body = CancelRequest { force };
-    let r = call_peer(
-        &state.peer_auth,
-        &source,
-        state.source_timeout * 2,
-        move |a| a.post::<serde_json::Value>(&path, &body),
-    )
-    .await;
+    let r = Peer::new(&source, &state.peer_auth, state.source_timeout * 2)
+        .post::<serde_json::Value>(&path, &body)
+        .await
+        .map_err(PeerFailure::from);
     match r {
         Ok(v) => Ok(v),
         // A rollback clone whose source forgot the rollback (it restarted
