@@ -34,6 +34,25 @@ pub enum Phase {
     Failed,
 }
 
+impl Phase {
+    /// The phase as the API's JSON and the docs spell it (`passthrough`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Passthrough => "passthrough",
+            Phase::Hydrating => "hydrating",
+            Phase::Complete => "complete",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `dlsm migration status`: what either node reports about a migration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationStatus {
@@ -181,6 +200,19 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phases_print_as_serde_spells_them() {
+        for p in [
+            Phase::Preparing,
+            Phase::Passthrough,
+            Phase::Hydrating,
+            Phase::Complete,
+            Phase::Failed,
+        ] {
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+    }
 
     #[tokio::test]
     async fn overlapping_ranges_exclude_each_other() {
