@@ -579,3 +579,46 @@ fn migrate_wait_progress_bar_ends_its_line() {
         assert!(!t.contains(debug), "{debug}: {t:?}");
     }
 }
+
+#[test]
+fn systemd_unit_verifies_and_the_license_is_apache() {
+    let analyze = require("systemd-analyze");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/dlsm.service"
+    ))
+    .unwrap();
+    // The daemon rereads TLS on SIGHUP and keeps its volumes in the state
+    // directory.
+    assert!(unit.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    assert!(unit.contains("StateDirectory=dlsm"));
+    assert!(unit.contains("--data-dir /var/lib/dlsm"));
+    // systemd-analyze checks the unit's syntax, that ExecStart's binary
+    // exists (the one just built, in place of /usr/bin/dlsm) and that the
+    // Documentation= man page resolves (the one `dlsm man` prints).
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("dlsm.service");
+    std::fs::write(&path, unit.replace("/usr/bin/dlsm", DLSM)).unwrap();
+    let man1 = tmp.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    std::fs::write(man1.join("dlsm.1"), run_ok(Command::new(DLSM).arg("man"))).unwrap();
+    let o = Command::new(analyze)
+        .arg("verify")
+        .arg(&path)
+        .env("MANPATH", tmp.path().join("man"))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let cargo =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    assert!(cargo.contains("license = \"Apache-2.0\""));
+    let license = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/LICENSE")).unwrap();
+    assert!(license.contains("Apache License\n") && license.contains("Version 2.0, January 2004"));
+    assert!(license.contains("END OF TERMS AND CONDITIONS"));
+}
