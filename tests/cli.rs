@@ -107,6 +107,7 @@ fn json_is_one_global_flag_and_errors_are_json_on_stderr() {
     assert_eq!(o.status.code(), Some(2));
     let e: serde_json::Value = serde_json::from_slice(&o.stderr).unwrap();
     assert!(e["error"].as_str().unwrap().contains("NAME"), "{e}");
+    assert_eq!(e["usage"], true);
     // Without --json: one line of text.
     let e = fails(node.cli(&["volume", "show", "nope"]));
     assert!(e.starts_with("error: ") && e.lines().count() == 1, "{e}");

@@ -12,8 +12,9 @@ use super::Cli;
 /// The output contract, as `--help` and the man page state it.
 const OUTPUT: &str = "Results go to stdout: human text, or JSON with --json. Errors go to \
     stderr: one line `error: ...`, or with --json one JSON object {\"error\": \"...\", \
-    \"http_status\": N} (http_status only when a node answered). Notes while a command runs \
-    (migrate --wait losing its node) go to stderr, as {\"warning\": \"...\"} with --json.";
+    \"http_status\": N} (http_status only when a node answered; \"usage\": true instead when \
+    the command line is wrong). Notes while a command runs (migrate --wait losing its node) go \
+    to stderr, as {\"warning\": \"...\"} with --json.";
 
 /// Exit statuses.
 const EXIT_STATUS: &[(&str, &str)] = &[

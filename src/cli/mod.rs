@@ -18,9 +18,10 @@
 //! stdout, human text by default or JSON with `--json`; errors go to
 //! stderr, one line (`error: ...`), or with `--json` one JSON object
 //! `{"error": "...", "http_status": N}` (`http_status` only when the node
-//! answered). Exit status: 0 on success, also when whoever reads stdout
-//! stops early (`dlsm volume list | head -1`); 1 when the command failed;
-//! 2 when the command line is wrong.
+//! answered; `"usage": true` instead for a wrong command line). Exit
+//! status: 0 on success, also when whoever reads stdout stops early
+//! (`dlsm volume list | head -1`); 1 when the command failed; 2 when the
+//! command line is wrong.
 
 pub mod about;
 pub mod args;

@@ -7,8 +7,9 @@
 //!   [`failure`] exits 0 without a word: the reader got what it wanted,
 //!   and a pipeline under `set -o pipefail` does not fail for it.
 //! * Errors go to stderr: `error: ...` on one line, or with `--json` one
-//!   JSON object `{"error": "...", "http_status": N}`; exit status 1 (2
-//!   for a wrong command line, as clap does).
+//!   JSON object `{"error": "...", "http_status": N}` (`http_status` when
+//!   a node answered); exit status 1. A wrong command line exits 2, as
+//!   clap does, and with `--json` is `{"error": "...", "usage": true}`.
 //! * Notes while a command runs (`migrate --wait` losing its node) go to
 //!   stderr too, as text or, with `--json`, `{"warning": "..."}`.
 //! * The human formats (volume and migration tables, status, node info)
