@@ -79,11 +79,125 @@ pub fn status_of(e: &anyhow::Error) -> Option<u16> {
     e.downcast_ref::<HttpStatus>().map(|h| h.status)
 }
 
+/// What went wrong when no node's API answered: named after the problem
+/// (nothing listening, the NBD port, TLS on one side only), not after the
+/// transport error that revealed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Nothing listens there (connection refused).
+    Refused,
+    /// The address is a node's NBD port: it greeted with `NBDMAGIC`.
+    NbdPort,
+    /// The API uses TLS and this client spoke plain HTTP.
+    NeedsTls,
+    /// The API is plain HTTP and this client spoke TLS.
+    NoTls,
+    /// Anything else: a timeout, a reset, a failed TLS handshake, DNS.
+    Other,
+}
+
+/// A call that got no answer from a node's API.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiUnreachable {
+    pub kind: Unreachable,
+    pub message: String,
+}
+
+/// Whether a failed call may succeed if tried again unchanged: nothing
+/// answered, or the node answered with a 5xx status (a node restarting, a
+/// peer of it unreachable). A refusal (4xx) or a wrong address (the NBD
+/// port, TLS on one side only) is not.
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    if let Some(u) = e.downcast_ref::<ApiUnreachable>() {
+        return matches!(u.kind, Unreachable::Refused | Unreachable::Other);
+    }
+    status_of(e).is_some_and(|s| s >= 500)
+}
+
+/// What a server sent first when [`probe`] spoke to it.
+#[derive(Debug, PartialEq, Eq)]
+enum Speaks {
+    Nbd,
+    Tls,
+    Http,
+}
+
+/// Connects to `addr` once more, sends a plain HTTP request and reads the
+/// first bytes back, to tell what listens there: an NBD server greets
+/// first with `NBDMAGIC`, a TLS server answers plain text with an alert
+/// record (`0x15 0x03 ..`), an HTTP server with `HTTP/`. Bounded by
+/// `timeout`; `None` when nothing conclusive came back.
+fn probe(addr: &str, timeout: std::time::Duration) -> Option<Speaks> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let sa = addr.to_socket_addrs().ok()?.next()?;
+    let mut s = std::net::TcpStream::connect_timeout(&sa, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    // An NBD server may close before reading this; its greeting is read
+    // below either way.
+    let _ = s.write_all(b"GET /v1/node HTTP/1.0\r\n\r\n");
+    let mut buf = [0u8; 8];
+    let mut n = 0;
+    while n < buf.len() {
+        match s.read(&mut buf[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    let got = &buf[..n];
+    if got == b"NBDMAGIC" {
+        Some(Speaks::Nbd)
+    } else if got.len() >= 2 && matches!(got[0], 0x15 | 0x16) && got[1] == 0x03 {
+        Some(Speaks::Tls)
+    } else if got.starts_with(b"HTTP/") {
+        Some(Speaks::Http)
+    } else {
+        None
+    }
+}
+
+/// Whether a transport error's cause is a refused connection.
+fn refused(e: &ureq::Transport) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
+/// Whether a transport error is a timeout (then probing would only wait
+/// as long again).
+fn timed_out(e: &ureq::Transport) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) {
+                return true;
+            }
+        }
+        src = s.source();
+    }
+    false
+}
+
 /// A blocking client of a node's control API.
 pub struct Api {
     base: String,
     agent: ureq::Agent,
     token: Option<String>,
+    /// The command-line flag that named this address (`--api`, `--to`),
+    /// for error messages; `None` for node-to-node calls.
+    flag: Option<&'static str>,
 }
 
 impl Api {
@@ -118,7 +232,82 @@ impl Api {
             base,
             agent: agent.build(),
             token: auth.token.clone(),
+            flag: None,
         }
+    }
+
+    /// Names the command-line flag the address came from, so an error can
+    /// say which flag to fix.
+    pub fn from_flag(mut self, flag: &'static str) -> Self {
+        self.flag = Some(flag);
+        self
+    }
+
+    /// The address as given (`HOST:PORT`, without the scheme).
+    pub fn addr(&self) -> &str {
+        self.base
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+    }
+
+    /// Whether calls go over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.base.starts_with("https://")
+    }
+
+    /// Turns a transport error (no HTTP answer) into an error that names
+    /// the problem.
+    fn unreachable(&self, e: ureq::Transport) -> ApiUnreachable {
+        let addr = self.addr().trim_end_matches('/');
+        let (kind, message) = if refused(&e) {
+            (
+                Unreachable::Refused,
+                format!("no dlsm node listening at {addr} (connection refused)"),
+            )
+        } else if matches!(
+            e.kind(),
+            ureq::ErrorKind::Dns | ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme
+        ) || timed_out(&e)
+        {
+            (
+                Unreachable::Other,
+                format!("cannot reach the node API at {}: {e}", self.base),
+            )
+        } else {
+            match probe(addr, Duration::from_secs(2)) {
+                Some(Speaks::Nbd) => (
+                    Unreachable::NbdPort,
+                    format!(
+                        "{addr} answered with the NBD protocol, not the HTTP API; {}",
+                        match self.flag {
+                            Some(f) => format!("is {f} pointing at the NBD port?"),
+                            None => "is that the node's NBD port rather than its API?".into(),
+                        }
+                    ),
+                ),
+                Some(Speaks::Tls) if !self.is_tls() => (
+                    Unreachable::NeedsTls,
+                    format!(
+                        "the node API at {addr} uses TLS and this call was plain HTTP: give \
+                         --tls-dir DIR (or DLSM_TLS_DIR) with a client certificate the node's \
+                         CA signed"
+                    ),
+                ),
+                Some(Speaks::Http) if self.is_tls() => (
+                    Unreachable::NoTls,
+                    format!(
+                        "the node API at {addr} is plain HTTP (the node runs without \
+                         --tls-dir) and this call used TLS: leave out --tls-dir (and \
+                         DLSM_TLS_DIR)"
+                    ),
+                ),
+                _ => (
+                    Unreachable::Other,
+                    format!("cannot reach the node API at {}: {e}", self.base),
+                ),
+            }
+        };
+        ApiUnreachable { kind, message }
     }
 
     pub fn call<T: DeserializeOwned>(
@@ -150,12 +339,7 @@ impl Api {
                 }
                 .into());
             }
-            Err(e) if self.base.starts_with("http://") => bail!(
-                "cannot reach the node API at {}: {e} (if the node runs with --tls-dir, \
-                 give --tls-dir here too)",
-                self.base
-            ),
-            Err(e) => bail!("cannot reach the node API at {}: {e}", self.base),
+            Err(ureq::Error::Transport(e)) => return Err(self.unreachable(e).into()),
         };
         let text = if text.is_empty() {
             "null".to_owned()
@@ -181,10 +365,7 @@ impl Api {
     }
     /// Host part of the API address (to reach a node listening on 0.0.0.0).
     pub fn host(&self) -> &str {
-        let h = self
-            .base
-            .trim_start_matches("http://")
-            .trim_start_matches("https://");
+        let h = self.addr();
         h.rsplit_once(':').map(|(h, _)| h).unwrap_or(h)
     }
 }

@@ -119,7 +119,8 @@ fn volume_commands_and_their_errors() {
         .output()
         .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the node API"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("no dlsm node listening at 127.0.0.1:1"), "{e}");
     // DLSM_API is honoured.
     let o = Command::new(DLSM)
         .env("DLSM_API", &node.api)

@@ -252,6 +252,19 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    #[test]
+    fn phases_print_as_serde_spells_them() {
+        for p in [
+            Phase::Preparing,
+            Phase::Passthrough,
+            Phase::Hydrating,
+            Phase::Complete,
+            Phase::Failed,
+        ] {
+            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
+        }
+    }
+
     #[tokio::test]
     async fn overlapping_ranges_exclude_each_other() {
         let locks = RegionLocks::default();
