@@ -35,8 +35,9 @@
 //! fetch), `handoff` (the ownership change, fencing a source a forced
 //! handoff could not reach, the zero scan), `hydrator` (the background
 //! copier and its pacing), `commit` (the one owner of the region-map
-//! commit order), `status`, and the unit tests against an in-memory
-//! origin.
+//! commit order), `status`, `view` (the downsampled picture of the regions
+//! the dashboard draws, and the lock-free flags the data path sets for
+//! it), and the unit tests against an in-memory origin.
 //!
 //! The hydrator is a task owned by the target (spawned by
 //! [`CloneTarget::start`]); it stops when the volume completes or
@@ -61,6 +62,9 @@ mod hydrator;
 mod status;
 #[cfg(test)]
 mod tests;
+mod view;
+
+pub use view::{cell, CellCounts, RegionView, MAX_VIEW_CELLS};
 
 use super::region_map::RegionMap;
 use super::{MigrationStatus, Phase, RateLimiter, RegionLocks};
@@ -191,6 +195,8 @@ pub struct CloneTarget {
     last_on_demand_ms: AtomicU64,
     started: Instant,
     stats: Stats,
+    /// Where clients fetched on demand and wrote, for [`RegionView`].
+    activity: view::Activity,
 }
 
 impl CloneTarget {
@@ -209,6 +215,7 @@ impl CloneTarget {
     ) -> std::io::Result<Arc<Self>> {
         let map_file = map.file().try_clone()?;
         let complete = handed_off && map.is_complete();
+        let activity = view::Activity::new(map.regions());
         Ok(Arc::new(Self {
             name: name.to_owned(),
             peer: peer.to_owned(),
@@ -243,6 +250,7 @@ impl CloneTarget {
             last_on_demand_ms: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
+            activity,
         }))
     }
 
