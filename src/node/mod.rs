@@ -9,6 +9,7 @@
 //! had written, which is what NBD's FLUSH/FUA contract allows.
 
 pub mod api;
+pub mod dashboard;
 pub mod fence;
 pub mod history;
 pub mod migration;
@@ -169,6 +170,8 @@ pub struct NodeState {
     pub api_token: Option<String>,
     /// How the migrations this node took part in ended (persisted).
     pub history: history::History,
+    /// The dashboard's event streams and their producer.
+    pub dashboard: dashboard::Dashboard,
 }
 
 impl NodeState {
@@ -295,6 +298,7 @@ impl Node {
             peer_auth,
             api_token: cfg.api_token.clone(),
             history: history::History::open(&cfg.data_dir),
+            dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
