@@ -356,3 +356,98 @@ pub async fn css() -> Response {
 pub async fn js() -> Response {
     page_file("text/javascript; charset=utf-8", assets::JS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{Node, NodeConfig};
+
+    async fn node(dir: &std::path::Path) -> Node {
+        Node::start(NodeConfig {
+            data_dir: dir.to_owned(),
+            listen: Some("127.0.0.1:0".into()),
+            listen_unix: None,
+            api: "127.0.0.1:0".into(),
+            name: "t".into(),
+            source_timeout: Duration::from_secs(2),
+            inject_origin_delay: Duration::ZERO,
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 64,
+            tls: None,
+            api_token: None,
+            insecure_api: false,
+            advertise_nbd: None,
+            advertise_api: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    fn at_ms(frame: &str) -> u64 {
+        serde_json::from_str::<DashboardEvent>(frame).unwrap().at_ms
+    }
+
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_producer_runs_only_while_someone_watches_and_streams_end_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path()).await;
+        let st = node.state.clone();
+        assert!(!st.dashboard.producing(), "nobody watches yet");
+        let mut a = subscribe(&st).unwrap();
+        let b = subscribe(&st).unwrap();
+        assert!(st.dashboard.producing());
+        assert_eq!(st.dashboard.subscribers(), 2);
+        let first = a.next().await.expect("a frame");
+        let second = a.next().await.expect("another frame");
+        assert!(at_ms(&second) > at_ms(&first));
+        // Everybody leaves: the producer stops within a tick or two.
+        drop((a, b));
+        assert_eq!(st.dashboard.subscribers(), 0);
+        until("the producer stops", || !st.dashboard.producing()).await;
+        // The next subscriber starts it again, and is not handed the
+        // frame from before.
+        let mut c = subscribe(&st).unwrap();
+        assert!(st.dashboard.producing());
+        let fresh = c.next().await.expect("a frame");
+        assert!(at_ms(&fresh) > at_ms(&second));
+        // The node's shutdown ends the stream and the producer.
+        let reader = tokio::spawn(async move { while c.next().await.is_some() {} });
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            node.shutdown(Duration::from_secs(30)),
+        )
+        .await
+        .expect("shutdown does not wait for the stream");
+        tokio::time::timeout(Duration::from_secs(2), reader)
+            .await
+            .expect("the stream ended")
+            .unwrap();
+        until("the producer stops at shutdown", || {
+            !st.dashboard.producing()
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streams_beyond_the_cap_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path()).await;
+        let st = node.state.clone();
+        let open: Vec<_> = (0..MAX_SUBSCRIBERS)
+            .map(|_| subscribe(&st).unwrap())
+            .collect();
+        assert!(matches!(subscribe(&st), Err(Busy)));
+        assert_eq!(busy_response().status(), StatusCode::SERVICE_UNAVAILABLE);
+        drop(open);
+        assert!(subscribe(&st).is_ok());
+        node.shutdown(Duration::from_secs(5)).await;
+    }
+}

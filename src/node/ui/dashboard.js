@@ -91,11 +91,15 @@
     };
     const map = el('div', 'map');
     map.dataset.volume = m.volume;
+    const caption = el('p', 'map-note');
     const note = el('p', 'map-note');
     const stalled = el('p', 'stalled');
     const error = el('p', 'error');
-    root.append(head, progress, dl, map, note, stalled, error);
-    return { root, dir: h3.querySelector('.dir'), phase, flags, id, bar, pct, s, map, note, stalled, error, cells: [] };
+    root.append(head, progress, dl, map, caption, note, stalled, error);
+    return {
+      root, dir: h3.querySelector('.dir'), phase, flags, id, bar, pct, s, map, caption, note, stalled, error,
+      cells: [],
+    };
   }
 
   // The on-demand rate over the last few seconds, from the counters.
@@ -109,6 +113,7 @@
   }
 
   function drawMap(c, view) {
+    c.caption.hidden = !view;
     if (!view) {
       c.map.hidden = true;
       c.cells = [];
@@ -141,8 +146,10 @@
     c.map.dataset.onDemand = String(view.counts.on_demand);
     c.map.dataset.written = String(view.counts.written);
     c.map.dataset.regionsPresent = String(view.regions_present);
-    c.map.title = n + ' cells of ' + (perCell >= 10 ? Math.round(perCell) : perCell.toFixed(1)) +
-      ' regions (' + bytes(view.region_size) + ' each)';
+    const per = perCell === 1 ? '1 region' : '~' + (perCell >= 10 ? Math.round(perCell) : perCell.toFixed(1)) + ' regions';
+    setText(c.caption, n + ' cells of ' + per + ' (' + bytes(view.region_size) + ' each) · ' +
+      view.counts.present + ' present, ' + view.counts.partial + ' partly · fetched on demand in ' +
+      view.counts.on_demand + ' · written here in ' + view.counts.written);
   }
 
   function drawMigration(c, m, view, at) {
