@@ -23,7 +23,9 @@
 //! frame once, serialised once, whatever the number of subscribers, and
 //! hands it over through a `watch` channel: a subscriber holds only the
 //! latest frame, never a queue, so a slow reader costs one frame of memory
-//! and the others do not wait for it. With nobody watching the node does
+//! (and what hyper buffers for its socket) and the others do not wait for
+//! it. A client that stops reading but keeps its connection open keeps
+//! its slot until TCP gives up on it: the cap bounds what that costs. With nobody watching the node does
 //! nothing for the dashboard but the data path's lock-free flags (see
 //! [`crate::migrate::clone::RegionView`]).
 //!

@@ -1,5 +1,6 @@
 //! The node daemon (`dlsm serve`): owns a data directory's volumes, serves
-//! them over NBD (TCP and UNIX sockets) and answers the control API.
+//! them over NBD (TCP and UNIX sockets) and answers the control API, which
+//! also serves the dashboard ([`dashboard`]).
 //!
 //! Lifecycle: [`Node::start`] opens the store, binds every listener and
 //! spawns the accept loops; [`Node::shutdown`] stops accepting, lets every

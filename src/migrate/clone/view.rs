@@ -110,10 +110,11 @@ impl Activity {
         }
     }
 
-    /// The tracking cell of region `r`.
+    /// The tracking cell of region `r`. In `u64`: regions are at least
+    /// 4 KiB, so there are fewer than 2^51, times at most 2^10 cells.
     fn cell_of(&self, r: u64) -> usize {
-        let n = self.cells.len() as u128;
-        ((r as u128 * n / self.regions as u128) as usize).min(self.cells.len() - 1)
+        let n = self.cells.len() as u64;
+        ((r * n / self.regions) as usize).min(self.cells.len() - 1)
     }
 
     /// Sets `flag` on the cells of regions `first..=last`. Lock-free; a
