@@ -11,6 +11,7 @@ declare -A PKG=(
   [fio]=fio [ip]=iproute2 [tc]=iproute2 [cpio]=cpio [gcc]=gcc [xz]=xz-utils
   [openssl]=openssl [g++]=g++
   [groff]=groff-base [man]=man-db [script]=bsdutils [systemd-analyze]=systemd [bash]=bash
+  [chromium]=chromium [chromedriver]=chromium-driver
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive

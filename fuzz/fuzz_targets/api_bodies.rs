@@ -51,6 +51,9 @@ fn env() -> &'static Env {
             peer_auth: Default::default(),
             api_token: None,
             history: dlsm::node::history::History::in_memory(),
+            // No shutdown signal (its sender is dropped): event streams,
+            // which no route here opens, would end at once.
+            dashboard: dlsm::node::dashboard::Dashboard::new(tokio::sync::watch::channel(false).1),
         });
         Env {
             rt,

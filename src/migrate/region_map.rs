@@ -292,6 +292,33 @@ impl RegionMap {
         (first..=last).all(|r| self.is_present(r))
     }
 
+    /// How many regions of `first..end` are present. Word at a time
+    /// (popcount), and a bitmap page never allocated counts as absent
+    /// without being read: counting a 1 TiB volume's 16 Mi regions reads
+    /// at most its 256 Ki words, and none of a fresh map's.
+    pub fn count_present(&self, first: u64, end: u64) -> u64 {
+        let end = end.min(self.regions);
+        let mut n = 0u64;
+        let mut r = first;
+        while r < end {
+            let page = (r / BITS_PER_PAGE) as usize;
+            if self.words.pages[page].is_none() {
+                r = ((page as u64 + 1) * BITS_PER_PAGE).min(end);
+                continue;
+            }
+            let bit = r % 64;
+            let take = (64 - bit).min(end - r);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            n += (self.words.word((r / 64) as usize) & mask).count_ones() as u64;
+            r += take;
+        }
+        n
+    }
+
     /// Marks a region present (its data must already be written locally).
     pub fn mark_present(&mut self, r: u64) {
         assert!(r < self.regions, "region {r} out of range");
@@ -552,6 +579,41 @@ mod tests {
         m.mark_present(150);
         assert!(m.is_complete());
         assert_eq!(m.next_absent(0), None);
+    }
+
+    #[test]
+    fn count_present_matches_a_naive_count() {
+        let d = tempfile::tempdir().unwrap();
+        // Three bitmap pages and a bit: ranges cross words and pages, and
+        // the middle page is never allocated.
+        let regions = 3 * BITS_PER_PAGE + 70;
+        let mut m = RegionMap::create(&d.path().join("m"), regions * 4096, 4096).unwrap();
+        let mut x = 12345u64;
+        for _ in 0..3000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = (x >> 33) % regions;
+            if r / BITS_PER_PAGE != 1 {
+                m.mark_present(r);
+            }
+        }
+        m.mark_range(2 * BITS_PER_PAGE + 10, 2 * BITS_PER_PAGE + 500);
+        let naive = |a: u64, b: u64| (a..b).filter(|r| m.is_present(*r)).count() as u64;
+        for (a, b) in [
+            (0, regions),
+            (0, 0),
+            (5, 6),
+            (63, 65),
+            (64, 128),
+            (100, BITS_PER_PAGE + 7),
+            (BITS_PER_PAGE, 2 * BITS_PER_PAGE),
+            (2 * BITS_PER_PAGE + 3, regions),
+            (regions - 1, regions + 100),
+        ] {
+            assert_eq!(m.count_present(a, b), naive(a, b.min(regions)), "{a}..{b}");
+        }
+        assert_eq!(m.count_present(0, regions), m.present_count());
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! | POST   | /v1/migrations/{name}/cancel  | either node: cancel, or roll back after handoff |
 //! | POST   | /v1/migrations/{name}/rollback | destination: roll a handed-off migration back |
 //! | GET    | /v1/migrations/{name}/written?id= | a fenced rollback source: regions written since handoff |
+//! | GET    | /v1/migrations/{name}/regions[?cells=N] | destination: the region map in N cells (default 1024, at most 4096) |
+//! | GET    | /v1/events[?token=] | server-sent events for the dashboard (at most 16 streams; 503 beyond) |
+//! | GET    | /ui                 | the dashboard page (no token needed: it holds no data) |
+//!
+//! `regions` answers a [`RegionView`]: per cell, `code & 3` is 0 absent, 1
+//! partly present, 2 present; `code & 4`: fetched on demand there; `code &
+//! 8`: written by a client there since the handoff (see
+//! [`crate::migrate::clone::cell`]). The dashboard, its event stream and
+//! why `?token=` is accepted there: [`super::dashboard`].
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
@@ -26,7 +35,10 @@
 //! ([`TlsListener`]: every caller presents a certificate signed by the
 //! node's CA, as other nodes do). With `--api-token-file`, every request
 //! also carries `Authorization: Bearer TOKEN` ([`require_token`]); nodes
-//! send the same token to each other. Bodies are JSON, at most
+//! send the same token to each other. The one exception is `GET
+//! /v1/events`, which may carry it as `?token=` instead (a browser's
+//! EventSource cannot set headers); the dashboard's page and files are the
+//! same constant bytes for everyone and need none. Bodies are JSON, at most
 //! [`MAX_BODY`] bytes, and every field is validated before anything acts.
 
 use std::sync::Arc;
@@ -43,7 +55,8 @@ use super::migration::{
     MigrationState, PrepareRequest, RateRequest, ReleaseRequest, StateQuery,
 };
 use super::store::{RemoveMode, StoreError, TargetSpec, Volume};
-use super::NodeState;
+use super::{dashboard, NodeState};
+use crate::migrate::clone::{RegionView, MAX_VIEW_CELLS};
 use crate::migrate::MigrationStatus;
 
 /// Largest request body the API accepts.
@@ -69,9 +82,35 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/pause", post(pause))
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
+        .route("/v1/migrations/{name}/regions", get(region_view))
+        .route("/v1/events", get(events))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .route_layer(auth)
+        // After the token layer: the page holds no data (see `dashboard`).
+        .route("/ui", get(dashboard::index))
+        .route("/ui/dashboard.css", get(dashboard::css))
+        .route("/ui/dashboard.js", get(dashboard::js))
         .with_state(state)
+}
+
+/// The token a request carries: its `Authorization: Bearer` header, or,
+/// for `GET /v1/events` only (a browser's EventSource cannot set headers),
+/// a `token` query parameter.
+fn given_token(req: &axum::extract::Request) -> Option<String> {
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = header {
+        return Some(t.to_owned());
+    }
+    if req.method() != axum::http::Method::GET || req.uri().path() != "/v1/events" {
+        return None;
+    }
+    axum::extract::Query::<EventsQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|axum::extract::Query(q)| q.token)
 }
 
 /// Refuses requests without the node's API token (when it has one).
@@ -81,12 +120,7 @@ pub async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     if let Some(token) = &st.api_token {
-        let given = req
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
+        let given = given_token(&req).unwrap_or_default();
         // Constant time, so the token cannot be guessed byte by byte.
         use subtle::ConstantTimeEq;
         if !bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
@@ -319,6 +353,9 @@ pub struct NodeInfo {
     pub version: String,
     pub nbd: Option<String>,
     pub nbd_unix: Option<String>,
+    /// Dashboard event streams open now (`GET /v1/events`).
+    #[serde(default)]
+    pub dashboard_subscribers: usize,
 }
 
 /// What the API says about a volume.
@@ -344,7 +381,7 @@ pub struct CreateVolume {
     pub size: u64,
 }
 
-fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
+pub(super) fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
     let t = v.table();
     VolumeInfo {
         name: v.name.clone(),
@@ -365,6 +402,7 @@ async fn node_info(State(s): State<Arc<NodeState>>) -> Json<NodeInfo> {
         version: env!("CARGO_PKG_VERSION").into(),
         nbd: s.nbd_addr.map(|a| a.to_string()),
         nbd_unix: s.nbd_unix.as_ref().map(|p| p.display().to_string()),
+        dashboard_subscribers: s.dashboard.subscribers(),
     })
 }
 
@@ -632,4 +670,57 @@ async fn set_rate(
     Ok(Json(
         migration::steer(&s, &name, what, q.id.as_deref()).await?,
     ))
+}
+
+/// Query of `GET /v1/migrations/{name}/regions`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionsQuery {
+    /// Cells wanted (default 1024; at most 4096, and at most one per
+    /// region).
+    #[serde(default)]
+    pub cells: Option<usize>,
+}
+
+async fn region_view(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+    q: QueryResult<RegionsQuery>,
+) -> Result<Json<RegionView>, ApiError> {
+    let cells = query(q)?.cells.unwrap_or(dashboard::EVENT_CELLS);
+    if cells == 0 || cells > MAX_VIEW_CELLS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("cells={cells}: between 1 and {MAX_VIEW_CELLS}"),
+        ));
+    }
+    let clone = s
+        .store
+        .get(&name)?
+        .clone_target()
+        .ok_or_else(|| MigrationError::NotMigrating(name.clone()))?;
+    // Off the async workers: a huge volume's view reads its whole map.
+    let view = tokio::task::spawn_blocking(move || clone.region_view(cells))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(view))
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// The API token, for a browser (checked by [`require_token`]).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+async fn events(State(s): State<Arc<NodeState>>, q: QueryResult<EventsQuery>) -> Response {
+    if let Err(e) = query(q) {
+        return e.into_response();
+    }
+    match dashboard::subscribe(&s) {
+        Ok(sub) => sub.into_response(),
+        Err(dashboard::Busy) => dashboard::busy_response(),
+    }
 }

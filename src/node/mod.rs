@@ -1,5 +1,6 @@
 //! The node daemon (`dlsm serve`): owns a data directory's volumes, serves
-//! them over NBD (TCP and UNIX sockets) and answers the control API.
+//! them over NBD (TCP and UNIX sockets) and answers the control API, which
+//! also serves the dashboard ([`dashboard`]).
 //!
 //! Lifecycle: [`Node::start`] opens the store, binds every listener and
 //! spawns the accept loops; [`Node::shutdown`] stops accepting, lets every
@@ -9,6 +10,7 @@
 //! had written, which is what NBD's FLUSH/FUA contract allows.
 
 pub mod api;
+pub mod dashboard;
 pub mod fence;
 pub mod history;
 pub mod migration;
@@ -192,6 +194,8 @@ pub struct NodeState {
     pub api_token: Option<String>,
     /// How the migrations this node took part in ended (persisted).
     pub history: history::History,
+    /// The dashboard's event streams and their producer.
+    pub dashboard: dashboard::Dashboard,
 }
 
 impl NodeState {
@@ -318,6 +322,7 @@ impl Node {
             peer_auth,
             api_token: cfg.api_token.clone(),
             history: history::History::open(&cfg.data_dir),
+            dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());

@@ -72,6 +72,9 @@ impl CloneTarget {
                     map.mark_present(reg);
                 }
             }
+            if kind == FetchKind::OnDemand {
+                self.note_fetched_on_demand(run_start, run_start + run_len - 1);
+            }
             let bytes = stop - off;
             match kind {
                 FetchKind::OnDemand => self.stats.on_demand.fetch_add(bytes, Ordering::Relaxed),
@@ -156,6 +159,7 @@ impl CloneTarget {
                 map.mark_present(r);
             }
         }
+        self.note_written_for_view(first, last);
         if fua {
             self.commit().await?;
         }

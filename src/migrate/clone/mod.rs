@@ -35,8 +35,9 @@
 //! fetch), `handoff` (the ownership change, fencing a source a forced
 //! handoff could not reach, the zero scan), `hydrator` (the background
 //! copier and its pacing), `commit` (the one owner of the region-map
-//! commit order), `status`, and the unit tests against an in-memory
-//! origin.
+//! commit order), `status`, `view` (the downsampled picture of the regions
+//! the dashboard draws, and the lock-free flags the data path sets for
+//! it), and the unit tests against an in-memory origin.
 //!
 //! The hydrator is a task owned by the target (spawned by
 //! [`CloneTarget::start`]); it stops when the volume completes or
@@ -62,6 +63,9 @@ mod rollback;
 mod status;
 #[cfg(test)]
 mod tests;
+mod view;
+
+pub use view::{cell, CellCounts, RegionView, MAX_VIEW_CELLS};
 
 use super::region_map::RegionMap;
 use super::{MigrationStatus, Phase, RateLimiter, RegionLocks};
@@ -214,6 +218,8 @@ pub struct CloneTarget {
     /// is under way, and the written set must keep growing until it hands
     /// off (a completed clone collapses and stops tracking).
     hold_complete: AtomicBool,
+    /// Where clients fetched on demand and wrote, for [`RegionView`].
+    activity: view::Activity,
 }
 
 impl CloneTarget {
@@ -232,6 +238,7 @@ impl CloneTarget {
     ) -> std::io::Result<Arc<Self>> {
         let map_file = map.file().try_clone()?;
         let complete = handed_off && map.is_complete();
+        let activity = view::Activity::new(map.regions());
         Ok(Arc::new(Self {
             name: name.to_owned(),
             peer: peer.to_owned(),
@@ -271,6 +278,7 @@ impl CloneTarget {
             written_commit: Default::default(),
             rollback_of: Mutex::new(None),
             hold_complete: AtomicBool::new(false),
+            activity,
         }))
     }
 

@@ -461,4 +461,33 @@ async fn completion_waits_while_held() {
     tokio::time::timeout(Duration::from_secs(10), c.wait_complete())
         .await
         .unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_view_shows_fetches_and_writes_where_they_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let origin = MemOrigin::new(vec![0xAA; 64 * RS as usize]);
+    let c = clone_over(dir.path(), origin, 64, true, Hooks::answering(Ok(())));
+    // No hydrator: only the client's requests make regions present.
+    let v = c.region_view(64);
+    assert_eq!((v.counts.absent, v.regions_present), (64, 0));
+    let mut b = vec![0; RS as usize];
+    c.read(10 * RS, &mut b).await.unwrap();
+    // A whole region needs no fetch; a partial one is fetched first.
+    c.write(40 * RS, &[1; RS as usize], false).await.unwrap();
+    c.write(50 * RS + 10, &[2; 10], false).await.unwrap();
+    let v = c.region_view(64);
+    assert_eq!(v.cells[10], cell::PRESENT | cell::ON_DEMAND);
+    assert_eq!(v.cells[40], cell::PRESENT | cell::WRITTEN);
+    assert_eq!(v.cells[50], cell::PRESENT | cell::ON_DEMAND | cell::WRITTEN);
+    assert_eq!(v.regions_present, 3);
+    assert_eq!(
+        (v.counts.present, v.counts.on_demand, v.counts.written),
+        (3, 2, 2)
+    );
+    // Downsampled to 8 cells of 8 regions.
+    let v = c.region_view(8);
+    assert_eq!(v.cells[0], cell::ABSENT);
+    assert_eq!(v.cells[1], cell::PARTIAL | cell::ON_DEMAND);
+    assert_eq!(v.cells[5], cell::PARTIAL | cell::WRITTEN);
+    assert_eq!(v.cells[6], cell::PARTIAL | cell::ON_DEMAND | cell::WRITTEN);
+    assert_eq!(v.regions_present, 3);
 }
