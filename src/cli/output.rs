@@ -245,7 +245,10 @@ pub fn status_text(s: &MigrationStatus) -> String {
     }
     let _ = writeln!(o, "phase:       {}", phase(s));
     if let Some(of) = &s.rollback_of {
-        let _ = writeln!(o, "rollback of: {of} (only what was written there crosses back)");
+        let _ = writeln!(
+            o,
+            "rollback of: {of} (only what was written there crosses back)"
+        );
     }
     if let Some(how) = &s.ended {
         let _ = writeln!(o, "ended:       {how}");
@@ -496,6 +499,9 @@ mod tests {
             handoff_after_seconds: Some(1.0),
             hydrate_seconds: None,
             last_error: None,
+            ended: None,
+            ended_at: None,
+            rollback_of: None,
         }
     }
 

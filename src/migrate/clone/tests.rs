@@ -461,6 +461,8 @@ async fn completion_waits_while_held() {
     tokio::time::timeout(Duration::from_secs(10), c.wait_complete())
         .await
         .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn region_view_shows_fetches_and_writes_where_they_happened() {
     let dir = tempfile::tempdir().unwrap();
