@@ -265,3 +265,61 @@ async fn cancel_and_removal_are_recorded_and_a_removed_destination_is_named() {
     let ca = client(&a, "vm1").await;
     ca.write(0, b"mine again", true).await.unwrap();
 }
+
+/// The events of a JSON log: `(event, migration)` of each line that has
+/// an `event`, after checking every line is one JSON object.
+fn events(log: &std::path::Path) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if let Some(ev) = v["event"].as_str() {
+            out.push((
+                ev.to_owned(),
+                v["migration"].as_str().unwrap_or("").to_owned(),
+            ));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_every_step_of_a_migration_with_its_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let (la, lb) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let a = NodeProc::start_logging_to(&dir.path().join("a"), &["--log-format", "json"], &la);
+    let b = NodeProc::start_logging_to(&dir.path().join("b"), &["--log-format", "json"], &lb);
+    filled(&a, 8).await;
+    let m = migrate(&a, &b, &[]);
+    let id = m["id"].as_str().unwrap().to_owned();
+    b.cli_ok(&["migration", "handoff", "vm1"]);
+    b.wait_phase("vm1", "complete", 60);
+    wait_until("source released", 30, || !a.has_volume("vm1"));
+    // `migration list` as people and scripts read it.
+    let table = b.cli_ok(&["migration", "list"]);
+    assert!(
+        table.contains("vm1") && table.contains("complete"),
+        "{table}"
+    );
+    let listed: Vec<MigrationStatus> =
+        serde_json::from_str(&a.cli_ok(&["migration", "list", "--json"])).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, id);
+    let want = |log: &std::path::Path, names: &[&str]| {
+        wait_until("events logged", 10, || {
+            let got = events(log);
+            names
+                .iter()
+                .all(|n| got.iter().any(|(e, mig)| e == n && *mig == id))
+        });
+    };
+    want(&la, &["prepared", "fenced", "released"]);
+    want(&lb, &["prepared", "handoff", "hydrated", "complete"]);
+}

@@ -128,3 +128,12 @@ mod tests {
         assert!(node_name("a\n").is_err());
     }
 }
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people.
+    Text,
+    /// One JSON object per line.
+    Json,
+}

@@ -74,6 +74,11 @@ pub struct Cli {
     /// `demo`, `completions` and `man`.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How the log (on stderr) is written: `text` for people, `json` for
+    /// machines (one object per line; migration events carry `event`,
+    /// `volume` and `migration`).
+    #[arg(long, global = true, env = "DLSM_LOG_FORMAT", value_enum, default_value_t = args::LogFormat::Text)]
+    pub log_format: args::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -148,13 +153,21 @@ pub fn main() -> std::process::ExitCode {
     } else {
         "warn,rustls=error"
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    let log = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line: the event's fields (`event`,
+        // `volume`, `migration`, ...) at the top level, for log shippers.
+        args::LogFormat::Json => log
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        args::LogFormat::Text => log.init(),
+    }
     let json = cli.json;
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -278,7 +278,7 @@ impl MigrationHooks for NodeHooks {
                     )))
                 }
                 Err(e) => {
-                    warn!(volume = %name, "fencing the source failed, retrying: {e}");
+                    warn!(volume = %name, migration = %id, event = "fault", "fencing the source failed, retrying: {e}");
                     retry.wait().await;
                 }
             }
@@ -466,7 +466,7 @@ pub async fn migrate(
         .map_err(PeerFailure::from);
     match r {
         Ok(mut status) => {
-            info!(volume = name, to = %req.to, migration = %id, "migration prepared");
+            info!(volume = name, to = %req.to, migration = %id, event = "prepared", "migration prepared");
             spawn_writer_watch(state.clone(), name.to_owned(), id);
             status.role = "source".into();
             status.peer = req.to.clone();
@@ -527,7 +527,7 @@ pub async fn prepare(
         let clone = vol.clone_target().expect("a clone volume");
         clone.start();
         spawn_supervisor(st, vol);
-        info!(volume = %req.name, from = %req.origin_api, migration = %req.id, "migration prepared: passthrough");
+        info!(volume = %req.name, from = %req.origin_api, migration = %req.id, event = "prepared", "migration prepared: passthrough");
         Ok::<_, MigrationError>(clone.status())
     });
     task.await
@@ -1105,7 +1105,7 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
                 Ok(()) => break pending,
                 Err(e) => {
                     drop(own);
-                    warn!(volume = %vol.name, "cannot collapse table, retrying: {e}");
+                    warn!(volume = %vol.name, migration = c.migration_id(), event = "fault", "cannot collapse table, retrying: {e}");
                     retry.wait().await;
                 }
             }
@@ -1212,7 +1212,7 @@ fn spawn_release(state: Arc<NodeState>, name: String, p: PendingRelease) {
                     return;
                 }
                 Err(e) => {
-                    warn!(volume = %name, source = %p.api, "release failed, retrying: {e}");
+                    warn!(volume = %name, source = %p.api, migration = %p.id, event = "fault", "release failed, retrying: {e}");
                     retry.wait().await;
                 }
             }
@@ -1249,17 +1249,19 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
             match r {
                 Ok(MigrationState::Passthrough) => {
                     vol.fence.release_hold();
-                    info!(volume = %name, migration = %id, "destination has not taken the volume: writes resume");
+                    info!(volume = %name, migration = %id, event = "recovered", "destination has not taken the volume: writes resume");
                     spawn_writer_watch(state.clone(), name.clone(), id.clone());
                     return;
                 }
                 Ok(MigrationState::HandedOff) => {
                     match fence_owned_elsewhere(&vol, &name, &out.to, &id).await {
                         Ok(()) => {
-                            info!(volume = %name, migration = %id, "destination owns the volume: fenced");
+                            info!(volume = %name, migration = %id, event = "fenced", "destination owns the volume: fenced");
                             return;
                         }
-                        Err(e) => warn!(volume = %name, "cannot fence: {e}"),
+                        Err(e) => {
+                            warn!(volume = %name, migration = %id, event = "fault", "cannot fence: {e}")
+                        }
                     }
                 }
                 Ok(MigrationState::Unknown) => {
@@ -1290,7 +1292,7 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                             if let Some(c) = vol.clone_target() {
                                 c.hold_completion(false);
                             }
-                            info!(volume = %name, migration = %id, "the cancel interrupted by the restart is complete: the volume stays here");
+                            info!(volume = %name, migration = %id, event = "cancelled", "the cancel interrupted by the restart is complete: the volume stays here");
                             return;
                         }
                     }
@@ -1302,7 +1304,7 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                     ));
                 }
                 Err(e) => {
-                    warn!(volume = %name, "cannot ask the destination who owns the volume: {e}")
+                    warn!(volume = %name, migration = %id, event = "fault", "cannot ask the destination who owns the volume: {e}")
                 }
             }
             retry.wait().await;
@@ -1345,7 +1347,7 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
                     Ok(Ok(())) | Err(_) => continue,
                 }
             }
-            info!(volume = %name, to = %out.to, "last client left: asking the destination to hand off");
+            info!(volume = %name, to = %out.to, migration = %id, event = "handoff_requested", "last client left: asking the destination to hand off");
             let path = format!("/v1/migrations/{}/handoff", encode_segment(&name));
             let req = HandoffRequest {
                 force: false,
@@ -1358,7 +1360,7 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
             if let Err(e) = r {
                 // Not fenced: this node still owns the volume; the
                 // destination hands off on its first write.
-                warn!(volume = %name, "asking the destination to hand off failed: {e}");
+                warn!(volume = %name, migration = %id, event = "fault", "asking the destination to hand off failed: {e}");
             }
             return;
         }

@@ -88,8 +88,32 @@ impl NodeProc {
         }
     }
 
+    /// Starts a node whose log (at `info`) goes to `log` instead of the
+    /// test's stderr.
+    pub fn start_logging_to(dir: &Path, extra: &[&str], log: &Path) -> NodeProc {
+        let f = std::fs::File::create(log).unwrap();
+        Self::spawn_full(None, dir, "127.0.0.1:0", "127.0.0.1:0", extra, Some(f))
+    }
+
     fn spawn(netns: Option<&str>, dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
+        Self::spawn_full(netns, dir, nbd, api, extra, None)
+    }
+
+    fn spawn_full(
+        netns: Option<&str>,
+        dir: &Path,
+        nbd: &str,
+        api: &str,
+        extra: &[&str],
+        log: Option<std::fs::File>,
+    ) -> NodeProc {
         let unix = dir.join("nbd.sock");
+        let level = if log.is_some() {
+            "info,rustls=error".to_string()
+        } else {
+            std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn,rustls=error".into())
+        };
+        let stderr = log.map_or_else(Stdio::inherit, Stdio::from);
         let mut child = Self::command(netns)
             .args(["serve", "--data-dir"])
             .arg(dir)
@@ -97,12 +121,9 @@ impl NodeProc {
             .args(extra)
             .arg("--listen-unix")
             .arg(&unix)
-            .env(
-                "RUST_LOG",
-                std::env::var("DLSM_TEST_LOG").unwrap_or_else(|_| "warn,rustls=error".into()),
-            )
+            .env("RUST_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn dlsm serve");
         let mut line = String::new();

@@ -29,7 +29,7 @@ impl CloneTarget {
                  sync may be lost, so this copy can no longer be trusted",
                 self.name
             );
-            tracing::error!(volume = %self.name, "{why}");
+            tracing::error!(volume = %self.name, migration = %self.migration, event = "failed", "{why}");
             self.fail(why);
             return Err(e);
         }

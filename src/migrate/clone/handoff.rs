@@ -33,7 +33,7 @@ impl CloneTarget {
             if matches!(e, FenceError::Refused(_)) {
                 // Alive, and it says this is not its migration: nothing
                 // more may ever be read from it for this clone.
-                warn!(volume = %self.name, "the source of the forced handoff refuses this migration: {e}");
+                warn!(volume = %self.name, migration = %self.migration, event = "fault", "the source of the forced handoff refuses this migration: {e}");
             }
             let why = format!(
                 "{}: the source of a forced handoff is not fenced yet: {e}",
@@ -46,7 +46,7 @@ impl CloneTarget {
             .persist_handoff(true)
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         self.source_unfenced.store(false, Ordering::SeqCst);
-        info!(volume = %self.name, "source reached and fenced after the forced handoff");
+        info!(volume = %self.name, migration = %self.migration, event = "recovered", "source reached and fenced after the forced handoff");
         // Its zeros need not cross the network now (a crash before the
         // next commit only means they are fetched after all).
         if let Err(e) = self.mark_source_zeroes().await {
@@ -98,7 +98,7 @@ impl CloneTarget {
                 )));
             }
             Err(FenceError::Unreachable(e)) if force => {
-                warn!(volume = %self.name, "forced handoff: the source cannot be reached ({e}); it will be fenced before anything more is read from it");
+                warn!(volume = %self.name, migration = %self.migration, event = "forced_handoff", "forced handoff: the source cannot be reached ({e}); it will be fenced before anything more is read from it");
                 self.source_unfenced.store(true, Ordering::SeqCst);
                 true
             }

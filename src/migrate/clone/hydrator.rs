@@ -14,12 +14,12 @@ impl CloneTarget {
         if matches!(e, BlockError::NoSpace) {
             let was = self.no_space.swap(true, Ordering::SeqCst);
             if !was {
-                warn!(volume = %self.name, "destination disk full: background copy stalled until space is freed");
+                warn!(volume = %self.name, migration = %self.migration, event = "fault", "destination disk full: background copy stalled until space is freed");
             }
             self.note_error(&"destination disk full (ENOSPC)");
             return Duration::from_secs(1);
         }
-        warn!(volume = %self.name, "background fetch failed: {e}");
+        warn!(volume = %self.name, migration = %self.migration, event = "fault", "background fetch failed: {e}");
         self.note_error(e);
         backoff.next_wait()
     }
@@ -29,7 +29,7 @@ impl CloneTarget {
         backoff.reset();
         self.note_recovered();
         if self.no_space.swap(false, Ordering::SeqCst) {
-            info!(volume = %self.name, "destination has space again: background copy resumed");
+            info!(volume = %self.name, migration = %self.migration, event = "recovered", "destination has space again: background copy resumed");
         }
     }
 
@@ -89,7 +89,7 @@ impl CloneTarget {
             }
             if last_commit.elapsed() >= self.cfg.commit_interval {
                 if let Err(e) = self.commit().await {
-                    warn!(volume = %self.name, "map commit failed: {e}");
+                    warn!(volume = %self.name, migration = %self.migration, event = "fault", "map commit failed: {e}");
                     self.note_error(&e);
                 }
                 self.save_counters();
