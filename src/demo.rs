@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rand::{Rng, SeedableRng};
 
+use crate::api::types::MigrateRequest;
+use crate::api::types::{MigrationStatus, Phase};
 use crate::api_client::Api;
-use crate::migrate::{MigrationStatus, Phase};
 use crate::nbd::client::{NbdAddr, NbdClient};
-use crate::node::migration::MigrateRequest;
 use crate::node::{Node, NodeConfig};
 use crate::size::format_size;
 

@@ -9,8 +9,8 @@ mod common;
 use std::time::Duration;
 
 use common::{client, pattern, wait_until, NodeProc};
+use dlsm::api::types::MigrationStatus;
 use dlsm::api_client::Api;
-use dlsm::migrate::MigrationStatus;
 
 const MIB: u64 = 1 << 20;
 
@@ -322,4 +322,26 @@ async fn json_logs_carry_every_step_of_a_migration_with_its_identity() {
     };
     want(&la, &["prepared", "fenced", "released"]);
     want(&lb, &["prepared", "handoff", "hydrated", "complete"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refuses_to_migrate_to_itself_by_any_address() {
+    let a = NodeProc::start();
+    a.create("vm1", "4M");
+    let port = a.api.rsplit(':').next().unwrap();
+    // Past the CLI's own check: straight to the API, naming itself as
+    // `localhost`, which no address comparison on the source catches.
+    let r = Api::new(&a.api).post::<serde_json::Value>(
+        "/v1/volumes/vm1/migrate",
+        &serde_json::json!({ "to": format!("localhost:{port}") }),
+    );
+    let e = r.unwrap_err();
+    assert!(format!("{e:#}").contains("on this node already"), "{e:#}");
+    // Nothing was left behind: the volume is writable and not migrating.
+    assert!(a.cli(&["migration", "status", "vm1"]).status.code() != Some(0));
+    let c = client(&a, "vm1").await;
+    c.write(0, b"still mine", true).await.unwrap();
+    let info: serde_json::Value = Api::new(&a.api).get("/v1/node").unwrap();
+    assert_eq!(info["id"].as_str().unwrap().len(), 16, "{info}");
+    assert_eq!(info["api"], a.api);
 }

@@ -146,7 +146,7 @@ async fn rollback_moves_back_only_what_was_written_and_keeps_one_writer() {
         SIZE_MIB * MIB
     );
     // Both nodes list it.
-    let la: Vec<dlsm::migrate::MigrationStatus> = dlsm::api_client::Api::new(&a.api)
+    let la: Vec<dlsm::api::types::MigrationStatus> = dlsm::api_client::Api::new(&a.api)
         .get("/v1/migrations")
         .unwrap();
     assert!(

@@ -41,6 +41,7 @@ fn env() -> &'static Env {
         let store = Arc::new(VolumeStore::open(dir.path(), env).unwrap());
         let state = Arc::new(NodeState {
             name: "fuzz".into(),
+            id: "0123456789abcdef".into(),
             store,
             nbd_addr: None,
             nbd_unix: None,

@@ -3,3 +3,4 @@
 //! `crate::api_client`; the server is `crate::node::api`.)
 
 pub mod peer;
+pub mod types;

@@ -3,10 +3,11 @@
 //!
 //! Before asking the source to migrate, the CLI refuses a destination that
 //! is the source itself when it can tell ([`same_node`]): `--to` reaching
-//! the same socket address as `--api`, or both nodes describing themselves
-//! identically. The source node refuses its own advertised address too;
-//! the CLI's check also catches other spellings of it (`localhost` for
-//! `127.0.0.1`).
+//! the same socket address as `--api`, or both nodes reporting the same
+//! node id (nodes older than ids: describing themselves identically). The
+//! node itself refuses too, whatever address it was named by: the source
+//! its own advertised address, the destination a prepare carrying its own
+//! id.
 
 use std::net::ToSocketAddrs;
 use std::time::Duration;
@@ -16,10 +17,10 @@ use clap::{Args, Subcommand};
 
 use super::output::{self, outln};
 use super::Ctx;
+use crate::api::types::MigrationStatus;
+use crate::api::types::NodeInfo;
+use crate::api::types::{CancelRequest, HandoffRequest, MigrateRequest, RateRequest};
 use crate::api_client::{seg, status_of, ApiUnreachable, Unreachable};
-use crate::migrate::MigrationStatus;
-use crate::node::api::NodeInfo;
-use crate::node::migration::{CancelRequest, HandoffRequest, MigrateRequest, RateRequest};
 use crate::size::parse_size;
 
 #[derive(Args, Debug)]
@@ -171,6 +172,10 @@ fn same_node(ctx: &Ctx, to: &str) -> anyhow::Result<Option<String>> {
             _ => return Ok(None),
         },
     };
+    // Nodes that report an identity: the same id is the same node.
+    if !mine.id.is_empty() && !theirs.id.is_empty() {
+        return Ok((mine.id == theirs.id).then(|| format!("node id {}", mine.id)));
+    }
     let listens = |n: &NodeInfo| n.nbd.is_some() || n.nbd_unix.is_some();
     if mine.name == theirs.name
         && mine.nbd == theirs.nbd

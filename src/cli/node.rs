@@ -4,7 +4,7 @@ use clap::Subcommand;
 
 use super::output;
 use super::Ctx;
-use crate::node::api::NodeInfo;
+use crate::api::types::NodeInfo;
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {

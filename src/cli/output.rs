@@ -21,8 +21,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
-use crate::migrate::{MigrationStatus, Phase};
-use crate::node::api::{NodeInfo, VolumeInfo};
+use crate::api::types::{MigrationStatus, Phase};
+use crate::api::types::{NodeInfo, VolumeInfo};
 use crate::node::store::TargetSpec;
 use crate::size::format_size;
 

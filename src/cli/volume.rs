@@ -9,9 +9,9 @@ use clap::Subcommand;
 
 use super::output::{self, outln};
 use super::Ctx;
+use crate::api::types::{CreateVolume, NodeInfo, VolumeInfo};
 use crate::api_client::seg;
 use crate::nbd::client::{NbdAddr, NbdClient};
-use crate::node::api::{CreateVolume, NodeInfo, VolumeInfo};
 use crate::size::{format_size, parse_size};
 
 #[derive(Subcommand, Debug)]

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 
 use super::output;
+use crate::api::types::{MigrationStatus, Phase};
 use crate::api_client::{is_transient, seg, Api};
-use crate::migrate::{MigrationStatus, Phase};
 use crate::retry::Backoff;
 
 /// How the wait shows progress.

@@ -20,126 +20,7 @@ pub mod region_map;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-
-/// Where a migration is, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Preparing,
-    Passthrough,
-    Hydrating,
-    Complete,
-    Failed,
-    /// Cancelled before handoff: the source kept the volume.
-    Cancelled,
-}
-
-impl Phase {
-    /// The name the API, the CLI and the docs use (`passthrough`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Preparing => "preparing",
-            Phase::Passthrough => "passthrough",
-            Phase::Hydrating => "hydrating",
-            Phase::Complete => "complete",
-            Phase::Failed => "failed",
-            Phase::Cancelled => "cancelled",
-        }
-    }
-
-    /// Whether the migration is over (it is then only in the history).
-    pub fn is_final(self) -> bool {
-        matches!(self, Phase::Complete | Phase::Failed | Phase::Cancelled)
-    }
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// `dlsm migration status`: what either node reports about a migration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrationStatus {
-    pub volume: String,
-    /// The migration's identity (16 hex digits; empty for migrations
-    /// started before identities existed).
-    #[serde(default)]
-    pub id: String,
-    pub phase: Phase,
-    /// `destination` or `source`: which node answered.
-    pub role: String,
-    /// The other node's API address.
-    pub peer: String,
-    pub region_size: u64,
-    pub regions_total: u64,
-    pub regions_present: u64,
-    pub bytes_on_demand: u64,
-    pub bytes_background: u64,
-    pub bytes_skipped: u64,
-    /// Background copy limit, bytes/s (0: unlimited).
-    pub rate_limit: u64,
-    /// Measured background copy rate over the last seconds, bytes/s.
-    pub rate: u64,
-    pub eta_seconds: Option<f64>,
-    pub paused: bool,
-    /// Why the background copy is waiting on its own (not paused by an
-    /// operator), e.g. the destination's disk is full. It resumes by itself
-    /// when the cause goes away.
-    #[serde(default)]
-    pub stalled: Option<String>,
-    /// Seconds from prepare to handoff, once handed off.
-    pub handoff_after_seconds: Option<f64>,
-    /// Seconds from handoff to completion, once complete.
-    pub hydrate_seconds: Option<f64>,
-    pub last_error: Option<String>,
-    /// How the migration ended, for one that did (from the node's history:
-    /// "complete", "cancelled by the operator", "volume removed"...).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended: Option<String>,
-    /// When it ended, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended_at: Option<u64>,
-    /// This migration rolls back that one (it brings the volume back to
-    /// the node it left, and only what was written meanwhile crosses).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_of: Option<String>,
-}
-
-impl MigrationStatus {
-    /// A status with nothing known but the volume and the migration
-    /// (counters zero, phase `preparing`): the base of what a source
-    /// reports when its destination cannot tell it more.
-    pub fn unknown(volume: &str, id: &str) -> Self {
-        Self {
-            volume: volume.to_owned(),
-            id: id.to_owned(),
-            phase: Phase::Preparing,
-            role: String::new(),
-            peer: String::new(),
-            region_size: 0,
-            regions_total: 0,
-            regions_present: 0,
-            bytes_on_demand: 0,
-            bytes_background: 0,
-            bytes_skipped: 0,
-            rate_limit: 0,
-            rate: 0,
-            eta_seconds: None,
-            paused: false,
-            stalled: None,
-            handoff_after_seconds: None,
-            hydrate_seconds: None,
-            last_error: None,
-            ended: None,
-            ended_at: None,
-            rollback_of: None,
-        }
-    }
-}
 
 /// Range locks over region numbers: holders of overlapping ranges exclude
 /// each other; acquisition is all-or-nothing, so there is no lock order and
@@ -251,19 +132,6 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn phases_print_as_serde_spells_them() {
-        for p in [
-            Phase::Preparing,
-            Phase::Passthrough,
-            Phase::Hydrating,
-            Phase::Complete,
-            Phase::Failed,
-        ] {
-            assert_eq!(serde_json::to_string(&p).unwrap(), format!("\"{p}\""));
-        }
-    }
 
     #[tokio::test]
     async fn overlapping_ranges_exclude_each_other() {

@@ -50,14 +50,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use super::migration::{
-    self, CancelRequest, DropRequest, FenceRequest, HandoffRequest, MigrateRequest, MigrationError,
-    MigrationState, PrepareRequest, RateRequest, ReleaseRequest, StateQuery,
-};
-use super::store::{RemoveMode, StoreError, TargetSpec, Volume};
+use super::migration::{self, MigrationError};
+use super::store::{RemoveMode, StoreError, Volume};
 use super::{dashboard, NodeState};
+use crate::api::types::{
+    CancelRequest, CreateVolume, DropRequest, FenceRequest, HandoffRequest, MigrateRequest,
+    MigrationState, MigrationStatus, NodeInfo, PrepareRequest, RateRequest, ReleaseRequest,
+    RemoveQuery, RollbackRequest, StateQuery, StatusQuery, SteerQuery, VolumeInfo, WrittenSet,
+};
 use crate::migrate::clone::{RegionView, MAX_VIEW_CELLS};
-use crate::migrate::MigrationStatus;
 
 /// Largest request body the API accepts.
 const MAX_BODY: usize = 64 << 10;
@@ -346,41 +347,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// What the API says about a node.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub version: String,
-    pub nbd: Option<String>,
-    pub nbd_unix: Option<String>,
-    /// Dashboard event streams open now (`GET /v1/events`).
-    #[serde(default)]
-    pub dashboard_subscribers: usize,
-}
-
-/// What the API says about a volume.
-#[derive(Debug, Serialize, Deserialize, Clone)]
-pub struct VolumeInfo {
-    pub name: String,
-    pub size: u64,
-    pub table: TargetSpec,
-    pub allocated_bytes: u64,
-    pub connections: usize,
-    /// `nbd://HOST:PORT/NAME`, when the node listens on TCP.
-    pub uri: Option<String>,
-    /// Set when this node handed the volume off (writes refused).
-    #[serde(default)]
-    pub fenced_to: Option<String>,
-}
-
-/// Body of `POST /v1/volumes`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVolume {
-    pub name: String,
-    pub size: u64,
-}
-
 pub(super) fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
     let t = v.table();
     VolumeInfo {
@@ -393,12 +359,17 @@ pub(super) fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
             .nbd_addr
             .map(|a| format!("{}://{a}/{}", state.nbd_scheme(), v.name)),
         fenced_to: t.fenced_to,
+        fenced_for: t.fenced_for,
+        outgoing: t.outgoing,
+        release_pending: t.release_pending,
     }
 }
 
 async fn node_info(State(s): State<Arc<NodeState>>) -> Json<NodeInfo> {
     Json(NodeInfo {
         name: s.name.clone(),
+        id: s.id.clone(),
+        api: s.advertised_api.clone(),
         version: env!("CARGO_PKG_VERSION").into(),
         nbd: s.nbd_addr.map(|a| a.to_string()),
         nbd_unix: s.nbd_unix.as_ref().map(|p| p.display().to_string()),
@@ -427,15 +398,6 @@ async fn show_volume(
     VolumeName(name): VolumeName,
 ) -> Result<Json<VolumeInfo>, ApiError> {
     Ok(Json(info(&s, &s.store.get(&name)?)))
-}
-
-/// Query of `DELETE /v1/volumes/{name}`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RemoveQuery {
-    /// Remove even what clients or a migration still need.
-    #[serde(default)]
-    pub force: bool,
 }
 
 async fn remove_volume(
@@ -554,7 +516,7 @@ async fn rollback(
     VolumeName(name): VolumeName,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let req = optional_body::<migration::RollbackRequest>(&body)?;
+    let req = optional_body::<RollbackRequest>(&body)?;
     Ok(Json(migration::rollback(&s, &name, req).await?))
 }
 
@@ -562,7 +524,7 @@ async fn written_set(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
     q: QueryResult<StateQuery>,
-) -> Result<Json<migration::WrittenSet>, ApiError> {
+) -> Result<Json<WrittenSet>, ApiError> {
     let q = query(q)?;
     Ok(Json(migration::written_set(&s, &name, &q.id)?))
 }
@@ -590,25 +552,6 @@ async fn prepare(
 
 async fn list_migrations(State(s): State<Arc<NodeState>>) -> Json<Vec<MigrationStatus>> {
     Json(migration::list(&s).await)
-}
-
-/// Query of `GET /v1/migrations/{name}`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StatusQuery {
-    /// `source` or `destination`: which side of a node that is both (the
-    /// middle of a chain); by default the destination's.
-    #[serde(default)]
-    pub role: Option<String>,
-}
-
-/// Query of the steering calls (`pause`, `resume`, `rate`).
-#[derive(Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SteerQuery {
-    /// The migration meant; refused (409) if the node holds another.
-    #[serde(default)]
-    pub id: Option<String>,
 }
 
 type QueryResult<T> = Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>;

@@ -68,10 +68,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::api::VolumeInfo;
 use super::NodeState;
+use crate::api::types::MigrationStatus;
+use crate::api::types::VolumeInfo;
 use crate::migrate::clone::RegionView;
-use crate::migrate::MigrationStatus;
 use crate::nbd::server::stopped;
 
 /// Most event streams open at once on a node; more get 503.

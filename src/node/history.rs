@@ -16,7 +16,7 @@ use std::sync::Mutex;
 
 use tracing::warn;
 
-use crate::migrate::MigrationStatus;
+use crate::api::types::MigrationStatus;
 
 /// Entries kept per volume (newest first wins).
 pub const PER_VOLUME: usize = 8;
@@ -145,7 +145,7 @@ fn same(a: &MigrationStatus, b: &MigrationStatus) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migrate::Phase;
+    use crate::api::types::Phase;
 
     fn status(volume: &str, id: &str, role: &str) -> MigrationStatus {
         MigrationStatus {

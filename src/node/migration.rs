@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use super::store::{
@@ -34,9 +33,12 @@ use super::store::{
 };
 use super::NodeState;
 use crate::api::peer::{Peer, PeerError};
+use crate::api::types::{
+    CancelRequest, DropRequest, FenceRequest, HandoffRequest, MigrateRequest, MigrationState,
+    MigrationStatus, Phase, PrepareRequest, ReleaseRequest, RollbackRequest, WrittenSet,
+};
 use crate::api_client::{encode_segment, ApiAuth};
 use crate::migrate::clone::{FenceError, MigrationHooks};
-use crate::migrate::{MigrationStatus, Phase};
 use crate::retry::Backoff;
 use crate::target::BlockError;
 
@@ -59,136 +61,6 @@ pub enum MigrationError {
     Peer(String),
     #[error(transparent)]
     Block(#[from] BlockError),
-}
-
-/// Body of `POST /v1/volumes/{name}/migrate` (to the source).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MigrateRequest {
-    /// The destination node's API address.
-    pub to: String,
-    #[serde(default)]
-    pub region_size: Option<u64>,
-    #[serde(default)]
-    pub rate: Option<u64>,
-    #[serde(default)]
-    pub keep_source: bool,
-}
-
-/// Body of `POST /v1/migrations` (source to destination).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrepareRequest {
-    pub name: String,
-    /// The migration's identity, made by the source.
-    pub id: String,
-    pub size: u64,
-    pub origin_nbd: String,
-    pub origin_api: String,
-    pub region_size: u64,
-    #[serde(default)]
-    pub rate: u64,
-    /// A rollback: the destination already has the volume from migration
-    /// `rollback_of` (it was that migration's source, and is fenced with
-    /// its copy); only the regions written since cross back.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollback_of: Option<String>,
-}
-
-/// Body of `POST /v1/migrations/{name}/rollback` (to the destination of
-/// a handed-off migration; from its source's cancel, or an operator).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RollbackRequest {
-    /// The migration to roll back; any other is refused (409).
-    #[serde(default)]
-    pub id: Option<String>,
-}
-
-/// What the destination sends a rollback's new destination (the old
-/// source) at its handoff: the regions written since the first handoff.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WrittenSet {
-    pub region_size: u64,
-    /// Runs `[first, count]` of written regions, in order.
-    pub runs: Vec<(u64, u64)>,
-}
-
-/// Body of `POST /v1/volumes/{name}/fence` (destination to source).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FenceRequest {
-    /// The destination's API address (recorded as who the volume went to).
-    pub to: String,
-    /// The migration the destination holds; the source fences only for
-    /// its own outgoing migration.
-    pub id: String,
-}
-
-/// Body of `POST /v1/volumes/{name}/release` (destination to source).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReleaseRequest {
-    /// The migration that completed; the source releases only the copy
-    /// it handed off in that migration.
-    pub id: String,
-    /// The destination's final status of that migration, for the
-    /// source's history (absent from older nodes and from a middle node
-    /// of a chain releasing its origin).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<Box<MigrationStatus>>,
-}
-
-/// Body of `POST /v1/migrations/{name}/handoff`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct HandoffRequest {
-    #[serde(default)]
-    pub force: bool,
-    /// Set by a source (its last writer left): the migration it means.
-    #[serde(default)]
-    pub id: Option<String>,
-}
-
-/// Body of `POST /v1/migrations/{name}/cancel` (operator, at the source).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct CancelRequest {
-    /// The destination cannot be reached: forget the migration anyway.
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// Body of `POST /v1/migrations/{name}/drop` (source to destination: a
-/// cancelled migration's clone, before handoff).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DropRequest {
-    pub id: String,
-}
-
-/// Body of `POST /v1/migrations/{name}/rate`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RateRequest {
-    pub rate: u64,
-}
-
-/// What a destination knows of one migration (`GET
-/// /v1/migrations/{name}/state?id=ID`): how a source that restarted, or
-/// lost track, learns whether it still owns the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationState {
-    /// The destination holds the clone of this migration, not handed off:
-    /// the source still owns the volume.
-    Passthrough,
-    /// The volume was handed off to the destination in this migration
-    /// (hydrating, complete, or moved on from there): the source must
-    /// refuse writes.
-    HandedOff,
-    /// The destination has no record of this migration.
-    Unknown,
-}
-
-/// Query of `GET /v1/migrations/{name}/state`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StateQuery {
-    pub id: String,
 }
 
 /// A failed call to another node: its HTTP status when it answered
@@ -459,6 +331,7 @@ pub async fn migrate(
         region_size,
         rate: req.rate.unwrap_or(0),
         rollback_of: None,
+        origin_node: Some(state.id.clone()),
     };
     let r = Peer::new(&req.to, &state.peer_auth, state.source_timeout)
         .post::<MigrationStatus>("/v1/migrations", &prep)
@@ -498,6 +371,13 @@ pub async fn prepare(
         return Err(MigrationError::Conflict(
             "prepare without a migration identity".into(),
         ));
+    }
+    if req.origin_node.as_deref() == Some(state.id.as_str()) {
+        return Err(MigrationError::Invalid(format!(
+            "volume {:?} is on this node already ({} is this node, by another address); name \
+             another node as the destination",
+            req.name, req.origin_api
+        )));
     }
     if let Some(of) = req.rollback_of.clone() {
         return prepare_rollback(state, req, of).await;
@@ -1671,6 +1551,7 @@ pub async fn rollback(
         region_size: *region_size,
         rate: *rate,
         rollback_of: Some(m.clone()),
+        origin_node: Some(state.id.clone()),
     };
     let peer = back_to.clone();
     let answer = Peer::new(&peer, &state.peer_auth, state.source_timeout)

@@ -178,6 +178,8 @@ impl ExportRegistry for Registry {
 /// What the API handlers share.
 pub struct NodeState {
     pub name: String,
+    /// This node's identity (`DATA_DIR/node-id`, made once).
+    pub id: String,
     pub store: Arc<VolumeStore>,
     pub nbd_addr: Option<SocketAddr>,
     pub nbd_unix: Option<PathBuf>,
@@ -304,8 +306,11 @@ impl Node {
         if cfg.listen.is_none() && cfg.listen_unix.is_none() {
             anyhow::bail!("no NBD listener: give --listen or --listen-unix");
         }
+        let id = store::node_id(&cfg.data_dir)
+            .with_context(|| format!("cannot read the node id in {}", cfg.data_dir.display()))?;
         let state = Arc::new(NodeState {
             name: cfg.name.clone(),
+            id,
             store,
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),

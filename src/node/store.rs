@@ -1031,6 +1031,24 @@ pub fn update_table(
     Ok(new)
 }
 
+/// This node's identity: 64 random bits made the first time the data
+/// directory is used, kept in `DATA_DIR/node-id` (call with the directory
+/// locked, as `VolumeStore::open` leaves it).
+pub fn node_id(data_dir: &Path) -> Result<String, StoreError> {
+    let path = data_dir.join("node-id");
+    match fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() == 16 && s.trim().chars().all(|c| c.is_ascii_hexdigit()) => {
+            return Ok(s.trim().to_owned())
+        }
+        Ok(_) => tracing::warn!(path = %path.display(), "unreadable node id; making a new one"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&path)(e)),
+    }
+    let id = new_migration_id();
+    write_atomic(&path, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
 /// Writes `table.json` atomically and durably.
 pub fn write_table(dir: &Path, table: &VolumeTable) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(table).expect("table serialises");

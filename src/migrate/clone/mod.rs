@@ -68,7 +68,8 @@ mod view;
 pub use view::{cell, CellCounts, RegionView, MAX_VIEW_CELLS};
 
 use super::region_map::RegionMap;
-use super::{MigrationStatus, Phase, RateLimiter, RegionLocks};
+use super::{RateLimiter, RegionLocks};
+use crate::api::types::{MigrationStatus, Phase};
 use crate::nbd::proto::alloc_flags;
 use crate::target::{
     check_range, BlockError, BlockResult, BlockTarget, Capabilities, Extent, LocalTarget, Origin,
