@@ -79,6 +79,12 @@ async fn list_shows_every_role_and_the_history_outlives_restarts_and_releases() 
         .unwrap();
     assert_eq!(src.id, bc["id"].as_str().unwrap());
     assert_eq!(src.peer, c.api);
+    // And `migration status` on the middle node shows both sides.
+    let text = b.cli_ok(&["migration", "status", "vm1"]);
+    assert!(
+        text.contains("destination of the migration") && text.contains("source of the migration"),
+        "{text}"
+    );
     let bad = Api::new(&b.api).get::<MigrationStatus>("/v1/migrations/vm1?role=both");
     assert_eq!(dlsm::api_client::status_of(&bad.unwrap_err()), Some(400));
     // Finish it: C hands off and copies everything; B and A are released.

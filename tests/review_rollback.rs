@@ -84,3 +84,50 @@ async fn review_written_but_absent_region_does_not_wedge_the_rollback() {
     let got = ca.read(8 * MIB, RS as u32).await.unwrap();
     assert!(got == model[(8 * MIB) as usize..(8 * MIB + RS) as usize]);
 }
+
+/// `migration cancel` forwarded from a destination to its source carries
+/// no migration identity, and the source's `cancel_anywhere` rolls back
+/// whatever it holds that was handed off. X -> S (M0, handed off, S still
+/// hydrating), S -> D (M1, not handed off); D is down while the operator
+/// cancels M1 on S with --force, so D comes back with an orphan clone of
+/// M1. Cancelling that orphan on D asks S to "cancel", and S rolls back
+/// M0 (an unrelated migration) to X. Expected: the orphan clone at D is
+/// dropped, and M0 is left alone (X stays M0's fenced source).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_forwarded_cancel_never_rolls_back_another_migration() {
+    let x = NodeProc::start();
+    let s = NodeProc::start();
+    let mut d = NodeProc::start();
+    x.create("vm1", "16M");
+    {
+        let cx = client(&x, "vm1").await;
+        cx.write(0, &pattern(SIZE as usize, 5), false).await.unwrap();
+        cx.flush().await.unwrap();
+    }
+    x.cli_ok(&["migrate", "vm1", "--to", &s.api, "--rate", "64K"]);
+    {
+        // Hand M0 off with a whole-region write at S.
+        let cs = client(&s, "vm1").await;
+        cs.write(0, &pattern(RS as usize, 6), false).await.unwrap();
+        cs.flush().await.unwrap();
+    }
+    let m0 = s.status("vm1")["id"].as_str().unwrap().to_owned();
+    s.cli_ok(&["migrate", "vm1", "--to", &d.api]);
+    d.kill();
+    s.cli_ok(&["migration", "cancel", "vm1", "--force"]);
+    d.restart();
+    // The operator drops the orphan at D.
+    let o = d.cli(&["migration", "cancel", "vm1", "--json"]);
+    println!(
+        "cancel at D: {} {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let xs = x.cli(&["migration", "status", "vm1", "--json"]);
+    let xs = String::from_utf8_lossy(&xs.stdout).to_string();
+    assert!(
+        !xs.contains("rollback_of"),
+        "cancelling M1's orphan clone at D rolled back M0 ({m0}) from S to X: {xs}"
+    );
+}

@@ -78,6 +78,14 @@ async fn handed_off_with_writes(a: &NodeProc, b: &NodeProc) -> (Model, serde_jso
     (model, m, written)
 }
 
+/// The rollback under way, as the destination reports it when asked to
+/// roll back again (idempotent).
+fn cancel_report(node: &NodeProc) -> serde_json::Value {
+    dlsm::api_client::Api::new(&node.api)
+        .post("/v1/migrations/vm1/rollback", &serde_json::Value::Null)
+        .unwrap()
+}
+
 fn cancel(node: &NodeProc) -> serde_json::Value {
     serde_json::from_str(&node.cli_ok(&["migration", "cancel", "vm1", "--json"])).unwrap()
 }
@@ -163,7 +171,13 @@ async fn cancel_on_the_destination_rolls_back_when_its_clients_leave() {
     let (model, _, _) = handed_off_with_writes(&a, &b).await;
     // The client of the handoff above is gone; a new one is the VM here.
     let cb = client(&b, "vm1").await;
-    let r = cancel(&b);
+    let text = b.cli_ok(&["migration", "cancel", "vm1"]);
+    assert!(
+        text.contains(&format!("rolling it back to {}", a.api)),
+        "{text}"
+    );
+    // Asked again, the destination answers with the rollback under way.
+    let r = cancel_report(&b);
     assert_eq!(r["to"], a.api, "{r}");
     // The VM leaves the destination, as it came: that hands off.
     drop(cb);

@@ -52,10 +52,14 @@ pub struct MigrateArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum MigrationCmd {
-    /// Show a migration's progress (on either node).
+    /// Show a migration's progress (on either node; also one that ended).
     Status {
         /// The migrating volume.
         name: String,
+        /// Which side of a node that is both (the middle of a chain A -> B
+        /// -> C): `source` or `destination`. Without it, both are shown.
+        #[arg(long, value_parser = ["source", "destination"])]
+        role: Option<String>,
     },
     /// List every migration this node takes part in, as source or
     /// destination, finished ones included.
@@ -68,8 +72,12 @@ pub enum MigrationCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Cancel a migration that was not handed off yet (on the source): the
-    /// destination drops its copy and the volume stays here, writable.
+    /// Cancel a migration (on either node). Before handoff the destination
+    /// drops its copy and the volume stays on the source, writable. After
+    /// handoff it is rolled back: the volume returns to the source over
+    /// the copy the source kept, and only what was written at the
+    /// destination crosses back (when the VM moves back, or at `handoff`
+    /// on the source).
     Cancel {
         /// The migrating volume.
         name: String,
@@ -215,9 +223,36 @@ pub fn run(ctx: &Ctx, cmd: MigrationCmd) -> anyhow::Result<()> {
             if ctx.json {
                 return output::print_json(&r);
             }
-            return outln!("migration of {name} cancelled: the volume stays on this node");
+            if let Some(to) = r.get("to").and_then(|t| t.as_str()) {
+                return outln!(
+                    "migration of {name} was handed off already: rolling it back to {to} \
+                     (migration {}). {} written at the destination will cross back once the VM \
+                     moves back to {to} (or run `dlsm --api {to} migration handoff {name}`).",
+                    r["migration"].as_str().unwrap_or("?"),
+                    crate::size::format_size(r["bytes_written"].as_u64().unwrap_or(0)),
+                );
+            }
+            return outln!("migration of {name} cancelled: the volume stays on its source");
         }
-        MigrationCmd::Status { name } => api.get(&format!("/v1/migrations/{}", seg(&name)?))?,
+        MigrationCmd::Status { name, role } => {
+            let path = format!("/v1/migrations/{}", seg(&name)?);
+            if let Some(r) = role {
+                api.get(&format!("{path}?role={r}"))?
+            } else {
+                let first: MigrationStatus = api.get(&path)?;
+                // A middle node of a chain: its onward migration too.
+                if !ctx.json && first.role == "destination" && first.ended.is_none() {
+                    if let Ok(other) = api.get::<MigrationStatus>(&format!("{path}?role=source")) {
+                        if other.ended.is_none() && other.id != first.id {
+                            print_status(ctx, &first)?;
+                            outln!("")?;
+                            return print_status(ctx, &other);
+                        }
+                    }
+                }
+                first
+            }
+        }
         MigrationCmd::Handoff { name, force } => api.post(
             &format!("/v1/migrations/{}/handoff", seg(&name)?),
             &HandoffRequest { force, id: None },
