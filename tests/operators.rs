@@ -157,7 +157,17 @@ async fn pause_rate_and_resume_work_from_the_source_and_paused_shows_no_rate() {
     let data = filled(&a, 32).await;
     let m = migrate(&a, &b, &["--rate", "2M"]);
     let id = m["id"].as_str().unwrap();
-    b.cli_ok(&["migration", "handoff", "vm1"]);
+    // Handoff asked of the source is done by the destination; a forced
+    // one is refused there with where to run it.
+    let o = a.cli(&["migration", "handoff", "vm1", "--force"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("run it on the destination"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    a.cli_ok(&["migration", "handoff", "vm1"]);
+    assert_eq!(status(&b, "vm1")["phase"], "hydrating");
     wait_until("a measured rate", 20, || {
         status(&b, "vm1")["rate"].as_u64().unwrap() > 0
     });

@@ -101,7 +101,9 @@ async fn review_a_forwarded_cancel_never_rolls_back_another_migration() {
     x.create("vm1", "16M");
     {
         let cx = client(&x, "vm1").await;
-        cx.write(0, &pattern(SIZE as usize, 5), false).await.unwrap();
+        cx.write(0, &pattern(SIZE as usize, 5), false)
+            .await
+            .unwrap();
         cx.flush().await.unwrap();
     }
     x.cli_ok(&["migrate", "vm1", "--to", &s.api, "--rate", "64K"]);

@@ -64,11 +64,13 @@ pub enum MigrationCmd {
     /// List every migration this node takes part in, as source or
     /// destination, finished ones included.
     List,
-    /// Hand the volume off now (on the destination).
+    /// Hand the volume off now (on either node: the destination does it,
+    /// fencing the source).
     Handoff {
         /// The migrating volume.
         name: String,
-        /// The source is dead: take ownership without fencing it.
+        /// The source is dead: take ownership without fencing it (on the
+        /// destination only; the source is asked first anyway).
         #[arg(long)]
         force: bool,
     },

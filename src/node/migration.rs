@@ -630,6 +630,41 @@ pub async fn handoff(
     req: HandoffRequest,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
+    // Asked of the source (or of a middle node, for its onward migration):
+    // the destination hands off, for this node's own migration.
+    if let Some(out) = vol.table().outgoing {
+        if req.force {
+            return Err(MigrationError::Invalid(format!(
+                "a forced handoff is for a destination whose source is dead; this node is the \
+                 source of {name:?}: run it on the destination {}",
+                out.to
+            )));
+        }
+        if req.id.as_deref().is_some_and(|id| id != out.id) {
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?}: handoff asked for migration {}, but this node's is {}",
+                req.id.unwrap_or_default(),
+                out.id
+            )));
+        }
+        let path = format!("/v1/migrations/{}/handoff", encode_segment(name));
+        let fwd = HandoffRequest {
+            force: false,
+            id: Some(out.id.clone()),
+        };
+        let mut s = Peer::new(&out.to, &state.peer_auth, state.source_timeout * 2)
+            .post::<MigrationStatus>(&path, &fwd)
+            .await
+            .map_err(|e| {
+                MigrationError::Peer(format!(
+                    "the destination {} hands off, and asking it failed: {e}",
+                    out.to
+                ))
+            })?;
+        s.role = "source".into();
+        s.peer = out.to;
+        return Ok(s);
+    }
     let c = vol
         .clone_target()
         .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
