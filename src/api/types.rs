@@ -324,12 +324,18 @@ pub struct HandoffRequest {
     pub id: Option<String>,
 }
 
-/// Body of `POST /v1/migrations/{name}/cancel` (operator, at the source).
+/// Body of `POST /v1/migrations/{name}/cancel` (operator, on either node;
+/// or a destination passing it on to its source).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CancelRequest {
     /// The destination cannot be reached: forget the migration anyway.
     #[serde(default)]
     pub force: bool,
+    /// Set when a destination passes an operator's cancel on to its
+    /// source: cancel only this node's outgoing migration `id` (404 if it
+    /// has none), never anything else of the volume here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// Body of `POST /v1/migrations/{name}/drop` (source to destination: a

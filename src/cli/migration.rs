@@ -220,7 +220,7 @@ pub fn run(ctx: &Ctx, cmd: MigrationCmd) -> anyhow::Result<()> {
         MigrationCmd::Cancel { name, force } => {
             let r: serde_json::Value = api.post(
                 &format!("/v1/migrations/{}/cancel", seg(&name)?),
-                &CancelRequest { force },
+                &CancelRequest { force, id: None },
             )?;
             if ctx.json {
                 return output::print_json(&r);

@@ -507,8 +507,8 @@ async fn cancel(
     VolumeName(name): VolumeName,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let force = optional_body::<CancelRequest>(&body)?.force;
-    Ok(Json(migration::cancel_anywhere(&s, &name, force).await?))
+    let req = optional_body::<CancelRequest>(&body)?;
+    Ok(Json(migration::cancel_anywhere(&s, &name, req).await?))
 }
 
 async fn rollback(

@@ -249,8 +249,10 @@ pub fn resume_all(state: &Arc<NodeState>) {
         }
         let t = v.table();
         if let Some(out) = &t.outgoing {
-            // Held since the store loaded it (before any listener).
-            if v.fence.held().is_some() {
+            // Held since the store loaded it (before any listener); a
+            // rollback is not held (see `store::load_volume`) but is still
+            // settled with the node it goes to.
+            if v.fence.held().is_some() || (out.rollback_of.is_some() && !v.fence.is_fenced()) {
                 spawn_reconcile(state.clone(), v.name.clone(), out.id.clone());
             }
         }
@@ -518,6 +520,15 @@ pub async fn release(
     let id = req.id.as_str();
     let vol = state.store.get(name)?;
     let _own = vol.ownership.lock().await;
+    // An orphan rollback of that very migration (the node it went to
+    // forgot the rollback, then completed): undo it, then release as the
+    // migration's source.
+    if let Some(c) = vol.clone_target() {
+        if c.rollback_of().as_deref() == Some(id) && c.cancel_before_handoff().await {
+            warn!(volume = name, migration = id, event = "cancelled", "released by the destination of the migration this node's clone was rolling back: undoing the rollback first");
+            state.store.revert_rollback_clone(&vol).await?;
+        }
+    }
     let t = vol.table();
     let Some(out) = t.outgoing.clone().filter(|o| o.id == id) else {
         if t.outgoing.is_none() && t.fenced_for.as_deref() == Some(id) {
@@ -1535,6 +1546,20 @@ pub async fn rollback(
              the volume back instead"
         )));
     }
+    if c.rollback_of().is_some() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {m} is itself a rollback, which cannot be rolled back \
+             (there is no copy left where it came from to reuse); cancel it before its handoff, \
+             or migrate the volume again once it completes"
+        )));
+    }
+    if c.source_unfenced() {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?}: migration {m} was handed off by force and its source has not been \
+             fenced since; a rollback needs that source's copy fenced first (it is, as soon as \
+             the source can be reached)"
+        )));
+    }
     if !c.tracks_writes() {
         return Err(MigrationError::Conflict(format!(
             "volume {name:?}: migration {m} began before this node recorded the regions clients \
@@ -1594,8 +1619,21 @@ pub async fn rollback(
         .await
         .map_err(PeerFailure::from);
     if let Err(e) = answer {
-        // As in `migrate`: forgetting R is safe whether or not the source
-        // made the clone, since this node refuses it the fence from now on.
+        if e.status.is_none() {
+            // No answer: the source may have made the clone. R stays
+            // recorded (this node still takes writes: it is not fenced),
+            // and the reconcile asks the source until it knows: prepared,
+            // then the rollback goes on; no record, then R is dropped.
+            warn!(volume = name, to = %back_to, migration = %r, event = "fault", "the old source did not answer the rollback's prepare ({e}); settling it in the background");
+            spawn_reconcile(state.clone(), name.to_owned(), r.clone());
+            return Err(MigrationError::Peer(format!(
+                "the source {back_to} did not answer ({e}); the rollback (migration {r}) goes \
+                 on if it was prepared there, and is dropped if not: `migration status` says \
+                 which"
+            )));
+        }
+        // It answered no: forgetting R is safe, since this node refuses
+        // it the fence from now on.
         let _ = vol.update_table(|t| {
             if t.outgoing.as_ref().is_some_and(|o| o.id == r) {
                 t.outgoing = None;
@@ -1627,10 +1665,15 @@ async fn prepare_rollback(
         }
     }
     let t = vol.table();
+    // The node that asks is the one this node was fenced for (it gave
+    // its own address then; the operator may have named it otherwise).
+    let from_it = |o: &Outgoing| {
+        o.to == req.origin_api || t.fenced_to.as_deref() == Some(req.origin_api.as_str())
+    };
     let ok = t
         .outgoing
         .as_ref()
-        .is_some_and(|o| o.id == of && o.to == req.origin_api)
+        .is_some_and(|o| o.id == of && from_it(o))
         && t.fenced_for.as_deref() == Some(of.as_str())
         && vol.fence.is_fenced();
     if !ok {
@@ -1691,7 +1734,13 @@ pub fn written_set(state: &NodeState, name: &str, id: &str) -> Result<WrittenSet
     let c = vol
         .clone_target()
         .ok_or_else(|| MigrationError::NotMigrating(name.to_owned()))?;
-    let runs = c.written_runs().ok_or_else(|| {
+    // Written *and* present: a region whose bit was recorded but whose
+    // data never landed (a partial write whose fetch failed; a crash
+    // before the region map's commit, which NBD lets lose an unflushed
+    // write) is absent here, so it still reads as the old source's copy,
+    // which is therefore current for it. Asking this node for it would
+    // send it back to that copy, no longer served once R handed off.
+    let runs = c.written_present_runs().ok_or_else(|| {
         MigrationError::Conflict(format!("volume {name:?}: writes are not tracked"))
     })?;
     Ok(WrittenSet {
@@ -1706,9 +1755,18 @@ pub fn written_set(state: &NodeState, name: &str, id: &str) -> Result<WrittenSet
 pub async fn cancel_anywhere(
     state: &Arc<NodeState>,
     name: &str,
-    force: bool,
+    req: CancelRequest,
 ) -> Result<serde_json::Value, MigrationError> {
+    let force = req.force;
     let vol = state.store.get(name)?;
+    if let Some(id) = &req.id {
+        // Passed on by a destination: only this node's outgoing migration
+        // of that identity (invariant 7), never a rollback of another.
+        if vol.table().outgoing.is_none_or(|o| &o.id != id) {
+            return Err(MigrationError::NotMigrating(name.to_owned()));
+        }
+        return cancel(state, name, force).await;
+    }
     if vol.table().outgoing.is_some() {
         return cancel(state, name, force).await;
     }
@@ -1728,20 +1786,30 @@ pub async fn cancel_anywhere(
     // Not handed off: the source decides (it drops this clone).
     let source = c.status().peer;
     let path = format!("/v1/migrations/{}/cancel", encode_segment(name));
-    let body = CancelRequest { force };
+    let body = CancelRequest {
+        force,
+        id: Some(c.migration_id().to_owned()),
+    };
     let r = Peer::new(&source, &state.peer_auth, state.source_timeout * 2)
         .post::<serde_json::Value>(&path, &body)
         .await
         .map_err(PeerFailure::from);
     match r {
         Ok(v) => Ok(v),
-        // A rollback clone whose source forgot the rollback (it restarted
-        // before recording it, or cancelled it and this node missed the
-        // drop): it can never hand off; go back to the fenced copy.
-        Err(e) if c.rollback_of().is_some() && (force || e.status == Some(404)) => {
+        // The source has no such outgoing migration (it never recorded
+        // it, or forgot it): this clone can never hand off, since the
+        // source refuses it the fence. Or the source is gone and the
+        // operator says so. Either way it goes (a rollback clone goes back
+        // to its fenced copy).
+        Err(e)
+            if (e.status == Some(404) && e.message.contains("is not migrating on this node"))
+                || (force && e.status.is_none()) =>
+        {
             warn!(
                 volume = name,
-                "the rollback's source {source} does not hold it ({e}); undoing it here"
+                migration = c.migration_id(),
+                event = "cancelled",
+                "the source {source} does not hold this migration ({e}); dropping the clone here"
             );
             drop_clone(state, name, c.migration_id()).await?;
             Ok(serde_json::json!({ "cancelled": name, "migration": c.migration_id() }))

@@ -605,6 +605,20 @@ impl VolumeStore {
                 )));
             }
             if let TargetSpec::Clone {
+                rollback_of: Some(base),
+                handed_off: false,
+                ..
+            } = &table.target
+            {
+                return Err(StoreError::Migrating(format!(
+                    "volume {name:?} is being rolled back here (migration {} back from {}, not \
+                     handed off yet): this node's copy is the only copy of every region {} has \
+                     not fetched; cancel the rollback (`dlsm migration cancel`) instead. \
+                     --force removes it anyway, losing those regions",
+                    base.id, base.to, base.to
+                )));
+            }
+            if let TargetSpec::Clone {
                 origin, handed_off, ..
             } = &table.target
             {
@@ -669,16 +683,21 @@ impl VolumeStore {
                 vol.name
             )));
         };
+        // No written map: a rollback is never rolled back itself (its
+        // origin keeps no plain copy to reuse), so recording writes here
+        // would only cost a sync per first write.
         for f in ["regions.map", WRITTEN_MAP] {
             let p = vol.dir.join(f);
             if p.exists() {
                 fs::remove_file(&p).map_err(io_err(&p))?;
             }
-            RegionMap::create(&p, vol.size, region_size).map_err(|e| match e.kind() {
+        }
+        RegionMap::create(&vol.dir.join("regions.map"), vol.size, region_size).map_err(
+            |e| match e.kind() {
                 std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
                 _ => StoreError::Block(BlockError::from_io(e)),
-            })?;
-        }
+            },
+        )?;
         let mut new = t.clone();
         new.target = TargetSpec::Clone {
             origin: Box::new(origin),
@@ -941,7 +960,15 @@ fn load_volume(dir: &Path, name: &str, env: &CloneEnv) -> Result<Volume, StoreEr
     // was down the destination may have been handed it by force. Writes
     // wait, from before any listener opens, until the destination says
     // who owns it (`node::migration::resume_all`).
-    if let (Some(out), None) = (&table.outgoing, &table.fenced_to) {
+    // Not for a rollback: its handoff cannot be forced, and it fences this
+    // node durably before the other node takes a write, so unfenced here
+    // means not handed off: this node is still the writer.
+    let held = table.fenced_to.is_none();
+    if let Some(out) = table
+        .outgoing
+        .as_ref()
+        .filter(|o| held && o.rollback_of.is_none())
+    {
         fence.hold(format!(
             "writes held: this node restarted while migrating the volume to {} (migration {}); \
              waiting to learn from it who owns the volume",

@@ -260,6 +260,25 @@ impl BlockTarget for CloneTarget {
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
+        // A fast zero must fail rather than wait: this target does not
+        // offer it, but a connection opened on the local volume this clone
+        // replaced (a rollback) may still ask. A handoff or a fetch is
+        // slow, so refuse when one would be needed.
+        if flags.fast && len > 0 {
+            check_range(offset, len, self.size)?;
+            if !self.is_handed_off() {
+                return Err(BlockError::NotSupported);
+            }
+            let (first, last) = (self.region_of(offset), self.region_of(offset + len - 1));
+            let map = self.map.lock().unwrap();
+            for r in [first, last] {
+                let (a, b) = self.region_span(r);
+                let covered = offset <= a && offset + len >= b;
+                if !covered && !map.is_present(r) {
+                    return Err(BlockError::NotSupported);
+                }
+            }
+        }
         self.modify(offset, len, flags.fua, LocalOp::Zero(flags))
             .await
     }

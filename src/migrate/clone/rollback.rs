@@ -106,6 +106,32 @@ impl CloneTarget {
             .map(|w| w.present_runs())
     }
 
+    /// The regions written here since handoff that are present here, as
+    /// runs: what a rollback must copy back (a written region that is
+    /// absent never got its data, so the old source's copy is current).
+    pub fn written_present_runs(&self) -> Option<Vec<(u64, u64)>> {
+        let runs = self.written_runs()?;
+        let map = self.map.lock().unwrap();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (first, count) in runs {
+            for r in first..first + count {
+                if !map.is_present(r) {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some((s, n)) if *s + *n == r => *n += 1,
+                    _ => out.push((r, 1)),
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Whether a forced handoff left the source unfenced so far.
+    pub fn source_unfenced(&self) -> bool {
+        self.source_unfenced.load(Ordering::SeqCst)
+    }
+
     /// Bytes of the regions written here since handoff.
     pub fn written_bytes(&self) -> u64 {
         self.written

@@ -1,4 +1,5 @@
-//! Adversarial review of the rollback (ecd7e7c). Each test states the
+//! The rollback under attack: what an adversarial review of it found (each
+//! failed before its fix). Each test states the
 //! sequence it drives and the invariant it expects to hold.
 
 mod common;
@@ -22,14 +23,15 @@ const RS: u64 = 64 * 1024;
 /// the region reads as the source's copy (the failed write never landed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_written_but_absent_region_does_not_wedge_the_rollback() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut a = NodeProc::start_with(
-        tempfile::tempdir().unwrap().keep().as_path(),
+        da.path(),
         "127.0.0.1:0",
         "127.0.0.1:0",
         &["--source-timeout", "3"],
     );
     let b = NodeProc::start_with(
-        tempfile::tempdir().unwrap().keep().as_path(),
+        db.path(),
         "127.0.0.1:0",
         "127.0.0.1:0",
         &["--source-timeout", "3"],
@@ -131,5 +133,49 @@ async fn review_a_forwarded_cancel_never_rolls_back_another_migration() {
     assert!(
         !xs.contains("rollback_of"),
         "cancelling M1's orphan clone at D rolled back M0 ({m0}) from S to X: {xs}"
+    );
+}
+
+/// A rollback is never handed off by force, and its handoff fences the
+/// destination durably first: a destination that restarts *unfenced* with
+/// an outgoing rollback knows the rollback did not hand off. Yet it holds
+/// writes until the old source answers, and `cancel --force` is refused
+/// while writes are held: with the old source dead, the one node holding
+/// the newest data can never take a write again. Sequence: S -> D handed
+/// off with writes at D; cancel (rollback R prepared at S); S dies for
+/// good; D is killed and restarts. Expected: D takes writes (or at least
+/// `migration cancel --force` on D gives them back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_dead_old_source_does_not_hold_the_destination_forever() {
+    let mut s = NodeProc::start();
+    let mut d = NodeProc::start();
+    s.create("vm1", "16M");
+    {
+        let c = client(&s, "vm1").await;
+        c.write(0, &pattern(SIZE as usize, 5), false).await.unwrap();
+        c.flush().await.unwrap();
+    }
+    s.cli_ok(&["migrate", "vm1", "--to", &d.api, "--rate", "64K"]);
+    {
+        let c = client(&d, "vm1").await;
+        c.write(0, &pattern(RS as usize, 6), false).await.unwrap();
+        c.flush().await.unwrap();
+    }
+    s.cli_ok(&["migration", "cancel", "vm1"]);
+    s.kill();
+    d.restart();
+    let c = client(&d, "vm1").await;
+    std::thread::sleep(Duration::from_secs(2));
+    if c.write(RS, b"after the restart", false).await.is_ok() {
+        return;
+    }
+    let o = d.cli(&["migration", "cancel", "vm1", "--force"]);
+    let r = c.write(RS, b"after the restart", false).await;
+    assert!(
+        r.is_ok(),
+        "the destination, sole holder of the volume, cannot take writes while the old \
+         source is down, and cancel --force does not help: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
     );
 }
