@@ -154,7 +154,8 @@
 
   function drawMigration(c, m, view, at) {
     c.root.dataset.phase = m.phase;
-    setText(c.dir, m.role === 'destination' ? '← from ' + m.peer : '→ to ' + m.peer);
+    setText(c.dir, (m.role === 'destination' ? '← from ' + m.peer : '→ to ' + m.peer) +
+      (m.rollback_of ? ' · rollback of ' + m.rollback_of : ''));
     setText(c.phase, m.phase);
     c.phase.className = 'badge phase-' + m.phase;
     const flags = [];
