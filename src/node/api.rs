@@ -13,6 +13,7 @@
 //! | POST   | /v1/migrations             | destination: prepare a clone  |
 //! | GET    | /v1/migrations/{name}      | status, on either node        |
 //! | POST   | /v1/migrations/{name}/handoff, /pause, /resume, /rate |     |
+//! | GET    | /metrics                   | Prometheus text exposition ([`super::metrics`]) |
 //!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
@@ -21,7 +22,10 @@
 //! ([`TlsListener`]: every caller presents a certificate signed by the
 //! node's CA, as other nodes do). With `--api-token-file`, every request
 //! also carries `Authorization: Bearer TOKEN` ([`require_token`]); nodes
-//! send the same token to each other. Bodies are JSON, at most
+//! send the same token to each other. `/metrics` is no exception: a
+//! Prometheus server scraping a node with a token sends it
+//! (`authorization: {credentials_file: ...}` in its scrape config) and,
+//! with TLS, a client certificate (`tls_config`). Bodies are JSON, at most
 //! [`MAX_BODY`] bytes, and every field is validated before anything acts.
 
 use std::sync::Arc;
@@ -62,6 +66,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/pause", post(pause))
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .route_layer(auth)
         .with_state(state)
@@ -556,6 +561,23 @@ async fn resume(
     let c = migration::clone_of(&s, &name)?;
     c.resume();
     Ok(Json(c.status()))
+}
+
+/// `GET /metrics`: reads the store and `/proc/self` off the async workers.
+async fn metrics(State(s): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+    let text =
+        tokio::task::spawn_blocking(move || s.metrics.render(super::metrics::Snapshot::of(&s)))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            super::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn set_rate(

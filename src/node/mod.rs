@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod fence;
+pub mod metrics;
 pub mod migration;
 pub mod store;
 
@@ -166,6 +167,8 @@ pub struct NodeState {
     pub peer_auth: crate::api_client::ApiAuth,
     /// The token incoming API requests must carry, if any.
     pub api_token: Option<String>,
+    /// The registry `GET /metrics` renders, and the NBD server's instruments.
+    pub metrics: Arc<metrics::NodeMetrics>,
     /// Status of migrations completed here since start (for `status`).
     pub completed:
         std::sync::Mutex<std::collections::HashMap<String, crate::migrate::MigrationStatus>>,
@@ -241,6 +244,7 @@ impl Node {
         let cap = connection_cap(cfg.max_connections);
         info!(max_connections = cap, "NBD connection cap");
         let slots = Arc::new(Semaphore::new(cap));
+        let node_metrics = Arc::new(metrics::NodeMetrics::default());
 
         let mut nbd_addr = None;
         if let Some(listen) = &cfg.listen {
@@ -254,6 +258,7 @@ impl Node {
                 cfg.handshake_timeout,
                 acceptor_rx.clone(),
                 slots.clone(),
+                node_metrics.nbd(),
                 shutdown_rx.clone(),
             ));
         }
@@ -271,6 +276,7 @@ impl Node {
                 cfg.handshake_timeout,
                 acceptor_rx.clone(),
                 slots.clone(),
+                node_metrics.nbd(),
                 shutdown_rx.clone(),
             ));
         }
@@ -294,6 +300,7 @@ impl Node {
             source_timeout: cfg.source_timeout,
             peer_auth,
             api_token: cfg.api_token.clone(),
+            metrics: node_metrics,
             completed: Default::default(),
         });
         migration::resume_all(&state);
@@ -384,6 +391,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
     acceptor: watch::Receiver<Option<tokio_rustls::TlsAcceptor>>,
     slots: Arc<Semaphore>,
+    metrics: Arc<metrics::NbdMetrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -404,6 +412,7 @@ async fn accept_loop(
                     };
                     let reg = registry.clone();
                     let sd = shutdown.clone();
+                    let m = metrics.clone();
                     // The acceptor in force now: a SIGHUP reload applies
                     // from the next connection on.
                     let hs = HandshakePolicy {
@@ -416,10 +425,10 @@ async fn accept_loop(
                             Accepted::Tcp(sock, peer) => {
                                 let _ = sock.set_nodelay(true);
                                 let peer = peer.to_string();
-                                (peer.clone(), serve_connection(sock, reg, hs, sd, peer).await)
+                                (peer.clone(), serve_connection(sock, reg, hs, sd, peer, m).await)
                             }
                             Accepted::Unix(sock) => {
-                                ("unix".to_string(), serve_connection(sock, reg, hs, sd, "unix".into()).await)
+                                ("unix".to_string(), serve_connection(sock, reg, hs, sd, "unix".into(), m).await)
                             }
                         };
                         if let Err(e) = r {

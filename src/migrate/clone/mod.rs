@@ -65,6 +65,7 @@ mod tests;
 use super::region_map::RegionMap;
 use super::{MigrationStatus, Phase, RateLimiter, RegionLocks};
 use crate::nbd::proto::alloc_flags;
+use crate::node::metrics::{FetchMetrics, OriginRead};
 use crate::target::{
     check_range, BlockError, BlockResult, BlockTarget, Capabilities, Extent, LocalTarget, Origin,
     ZeroFlags,
@@ -188,6 +189,9 @@ pub struct CloneTarget {
     last_on_demand_ms: AtomicU64,
     started: Instant,
     stats: Stats,
+    /// How long reads from the origin take, and whether the last one
+    /// succeeded (read by `GET /metrics` at scrape time).
+    fetch_metrics: Arc<FetchMetrics>,
 }
 
 impl CloneTarget {
@@ -240,6 +244,7 @@ impl CloneTarget {
             last_on_demand_ms: AtomicU64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
+            fetch_metrics: Default::default(),
         }))
     }
 
@@ -283,6 +288,23 @@ impl CloneTarget {
     /// The local data target (what the volume becomes on completion).
     pub fn local(&self) -> Arc<LocalTarget> {
         self.local.clone()
+    }
+
+    /// Reads from the origin so far: their times and the last outcome.
+    pub fn fetch_metrics(&self) -> Arc<FetchMetrics> {
+        self.fetch_metrics.clone()
+    }
+
+    /// Awaits `read` of the origin, recording its time and outcome.
+    async fn timed_read<T>(
+        &self,
+        kind: OriginRead,
+        read: impl std::future::Future<Output = BlockResult<T>>,
+    ) -> BlockResult<T> {
+        let t = Instant::now();
+        let r = read.await;
+        self.fetch_metrics.record(kind, t.elapsed(), r.is_ok());
+        r
     }
 
     /// The origin link (dropped on completion).
