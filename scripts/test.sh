@@ -10,6 +10,7 @@ declare -A PKG=(
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdkit]=nbdkit
   [fio]=fio [ip]=iproute2 [tc]=iproute2 [cpio]=cpio [gcc]=gcc [xz]=xz-utils
   [openssl]=openssl [g++]=g++
+  [promtool]=prometheus [prometheus]=prometheus
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive
