@@ -23,7 +23,8 @@
 //!
 //! Metrics: every connection records into the node's [`NbdMetrics`] (open
 //! connections; per command requests, bytes, errors by errno and latency),
-//! with atomic adds only, never a lock (see [`crate::node::metrics`]).
+//! with atomic adds only (see [`crate::node::metrics`]): no lock, except
+//! once per node lifetime for each new kind of error.
 //!
 //! Shutdown: when the `shutdown` signal fires, the reader stops taking new
 //! requests, in-flight ones complete and their replies are sent, then the

@@ -8,7 +8,7 @@
 //!   NodeMetrics ── registry ──┬── NbdMetrics      (Arc, given to every NBD connection)
 //!                             │     connections, requests, bytes, errors, latency by command
 //!                             └── ProcessCollector (reads /proc/self at scrape time)
-//!   at scrape time:  MigrationCollector over a Snapshot of the store
+//!   at scrape time:  SnapshotCollector over a Snapshot of the store
 //!                    (volumes; per migration: MigrationStatus + the clone's FetchMetrics)
 //!   CloneTarget ── Arc<FetchMetrics> (its own; read through the clone at scrape time)
 //! ```
