@@ -12,6 +12,7 @@ declare -A PKG=(
   [openssl]=openssl [g++]=g++
   [groff]=groff-base [man]=man-db [script]=bsdutils [systemd-analyze]=systemd [bash]=bash
   [chromium]=chromium [chromedriver]=chromium-driver
+  [promtool]=prometheus [prometheus]=prometheus
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive

@@ -55,6 +55,7 @@ fn env() -> &'static Env {
             // No shutdown signal (its sender is dropped): event streams,
             // which no route here opens, would end at once.
             dashboard: dlsm::node::dashboard::Dashboard::new(tokio::sync::watch::channel(false).1),
+            metrics: Default::default(),
         });
         Env {
             rt,

@@ -83,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
             policy,
             stop_rx,
             "fuzz".into(),
+            Default::default(),
         ));
         let client = async move {
             let mut greeting = [0u8; 18];

@@ -21,19 +21,25 @@
 //! protocol (bad magic, truncated frame) is disconnected; requests it already
 //! sent run to completion. Nothing a client sends can panic the server.
 //!
+//! Metrics: every connection records into the node's [`NbdMetrics`] (open
+//! connections; per command requests, bytes, errors by errno and latency),
+//! with atomic adds only (see [`crate::node::metrics`]): no lock, except
+//! once per node lifetime for each new kind of error.
+//!
 //! Shutdown: when the `shutdown` signal fires, the reader stops taking new
 //! requests, in-flight ones complete and their replies are sent, then the
 //! connection closes.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, cmd_flags, errno, opt, rep, tflags, ClientOption, Command, Request};
+use crate::node::metrics::NbdMetrics;
 use crate::target::{BlockError, BlockTarget, Extent, ZeroFlags};
 
 /// Largest READ or WRITE payload accepted (advertised as the maximum block size).
@@ -195,14 +201,17 @@ enum Haggled {
 
 /// Serves one client connection until it disconnects, breaks the protocol,
 /// does not finish its handshake as `policy` demands, or `shutdown`
-/// becomes true.
+/// becomes true. The connection counts as open in `metrics` throughout,
+/// and its requests are recorded there.
 pub async fn serve_connection<S: NbdStream>(
     stream: S,
     registry: Arc<dyn ExportRegistry>,
     policy: HandshakePolicy,
     mut shutdown: watch::Receiver<bool>,
     peer: String,
+    metrics: Arc<NbdMetrics>,
 ) -> Result<(), ConnError> {
+    let _open = metrics.connection();
     // One deadline for the whole handshake, TLS included: a client that
     // dribbles bytes cannot hold a connection slot forever.
     let deadline = tokio::time::Instant::now() + policy.timeout;
@@ -221,7 +230,7 @@ pub async fn serve_connection<S: NbdStream>(
     })
     .await?;
     match first {
-        Some((_, Haggled::Attach(n))) => attached(io, n, shutdown, &peer).await,
+        Some((_, Haggled::Attach(n))) => attached(io, n, shutdown, &peer, metrics).await,
         Some((no_zeroes, Haggled::StartTls)) => {
             // `options` only ACKs STARTTLS in TlsState::Required, which
             // only exists with an acceptor; still, no panics on this path.
@@ -244,7 +253,7 @@ pub async fn serve_connection<S: NbdStream>(
             })
             .await?;
             match second {
-                Some((io, Haggled::Attach(n))) => attached(io, n, shutdown, &peer).await,
+                Some((io, Haggled::Attach(n))) => attached(io, n, shutdown, &peer, metrics).await,
                 _ => Ok(()),
             }
         }
@@ -270,6 +279,7 @@ async fn attached<S: NbdStream>(
     n: Negotiated,
     shutdown: watch::Receiver<bool>,
     peer: &str,
+    metrics: Arc<NbdMetrics>,
 ) -> Result<(), ConnError> {
     // A client may pipeline its first requests right behind GO: keep what
     // the handshake buffer already holds.
@@ -278,7 +288,7 @@ async fn attached<S: NbdStream>(
     let rd = BufReader::with_capacity(16 << 10, std::io::Cursor::new(early).chain(rd));
     let wr = BufWriter::with_capacity(64 << 10, wr);
     info!(%peer, export = %n.export.name, structured = n.structured, "client attached");
-    let r = transmission(rd, wr, n, shutdown).await;
+    let r = transmission(rd, wr, n, shutdown, metrics).await;
     debug!(%peer, "client detached");
     r
 }
@@ -570,6 +580,7 @@ struct Conn {
     read_only: bool,
     structured: bool,
     base_allocation: bool,
+    metrics: Arc<NbdMetrics>,
 }
 
 async fn transmission<R, W>(
@@ -577,6 +588,7 @@ async fn transmission<R, W>(
     wr: BufWriter<W>,
     n: Negotiated,
     mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<NbdMetrics>,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin + Send + 'static,
@@ -589,6 +601,7 @@ where
         read_only: n.export.read_only || caps.read_only,
         structured: n.structured,
         base_allocation: n.base_allocation,
+        metrics,
     });
     let _guard = n.export.guard;
     let sink = Arc::new(ReplySink::new(wr));
@@ -663,14 +676,23 @@ where
         };
         if let Err((code, msg)) = verdict {
             debug!(?req, code, msg, "request refused");
-            sink.send(error_reply(&conn, req.cookie, code, msg), permit)
-                .await;
+            conn.metrics.request_refused(req.command);
+            sink.send(error_reply(&conn, &req, code, msg), permit).await;
             continue;
         }
         let task_conn = conn.clone();
         let task_sink = sink.clone();
+        let arrived = Instant::now();
         let mut fut = Box::pin(async move {
             let reply = handle(&task_conn, req, payload).await;
+            let bytes = if req.command == Command::Flush {
+                0
+            } else {
+                req.len as u64
+            };
+            task_conn
+                .metrics
+                .request_done(req.command, bytes, arrived.elapsed());
             task_sink.send(reply, permit).await;
         });
         // Fast path: most requests to a local target complete on their first
@@ -836,24 +858,27 @@ fn validate(conn: &Conn, req: &Request) -> Result<(), Refusal> {
     Ok(())
 }
 
-fn error_reply(conn: &Conn, cookie: u64, code: u32, msg: &str) -> Vec<u8> {
+/// The reply refusing `req` with errno `code` (counted in the metrics).
+fn error_reply(conn: &Conn, req: &Request, code: u32, msg: &str) -> Vec<u8> {
+    conn.metrics.error(req.command, code);
     let mut b = Vec::with_capacity(64);
     if conn.structured {
-        proto::encode_error_chunk(&mut b, cookie, code, msg);
+        proto::encode_error_chunk(&mut b, req.cookie, code, msg);
     } else {
-        proto::encode_simple_reply(&mut b, cookie, code);
+        proto::encode_simple_reply(&mut b, req.cookie, code);
     }
     b
 }
 
-fn block_error_reply(conn: &Conn, cookie: u64, e: &BlockError) -> Vec<u8> {
+fn block_error_reply(conn: &Conn, req: &Request, e: &BlockError) -> Vec<u8> {
+    let cookie = req.cookie;
     let code = e.nbd_errno();
     if code == errno::EIO {
         warn!(cookie, "request failed: {e}");
     } else {
         debug!(cookie, "request failed: {e}");
     }
-    error_reply(conn, cookie, code, &e.to_string())
+    error_reply(conn, req, code, &e.to_string())
 }
 
 fn ok_reply(cookie: u64) -> Vec<u8> {
@@ -887,7 +912,7 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> 
                     ext.truncate(1);
                 }
                 if ext.is_empty() {
-                    return error_reply(conn, req.cookie, errno::EIO, "target gave no extents");
+                    return error_reply(conn, &req, errno::EIO, "target gave no extents");
                 }
                 let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * ext.len());
                 proto::encode_block_status(&mut b, req.cookie, proto::BASE_ALLOCATION_ID, &ext);
@@ -899,7 +924,7 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> 
     };
     match r {
         Ok(()) => ok_reply(req.cookie),
-        Err(e) => block_error_reply(conn, req.cookie, &e),
+        Err(e) => block_error_reply(conn, &req, &e),
     }
 }
 
@@ -918,7 +943,7 @@ async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
                 proto::write_simple_reply(&mut b, req.cookie, 0);
                 b
             }
-            Err(e) => block_error_reply(conn, req.cookie, &e),
+            Err(e) => block_error_reply(conn, &req, &e),
         };
     }
     if len == 0 {
@@ -950,7 +975,7 @@ async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
                     proto::write_offset_data_prefix(&mut b, true, req.cookie, req.offset, req.len);
                     b
                 }
-                Err(e) => block_error_reply(conn, req.cookie, &e),
+                Err(e) => block_error_reply(conn, &req, &e),
             }
         }
     }
@@ -989,7 +1014,7 @@ async fn sparse_read(conn: &Conn, req: Request, ext: &[Extent]) -> Vec<u8> {
                 .read(off, &mut b[at + proto::OFFSET_DATA_PREFIX..])
                 .await
             {
-                return block_error_reply(conn, req.cookie, &e);
+                return block_error_reply(conn, &req, &e);
             }
         }
     }

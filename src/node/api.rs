@@ -28,6 +28,8 @@
 //! [`crate::migrate::clone::cell`]). The dashboard, its event stream and
 //! why `?token=` is accepted there: [`super::dashboard`].
 //!
+//! `GET /metrics`: the Prometheus text exposition ([`super::metrics`]).
+//!
 //! Errors are `{"error": "..."}` with a status from [`status_of`], the one
 //! place errors become HTTP statuses.
 //!
@@ -38,7 +40,10 @@
 //! send the same token to each other. The one exception is `GET
 //! /v1/events`, which may carry it as `?token=` instead (a browser's
 //! EventSource cannot set headers); the dashboard's page and files are the
-//! same constant bytes for everyone and need none. Bodies are JSON, at most
+//! same constant bytes for everyone and need none. `/metrics` is no
+//! exception: a Prometheus server scraping a node with a token sends it
+//! (`authorization: {credentials_file: ...}` in its scrape config) and,
+//! with TLS, a client certificate (`tls_config`). Bodies are JSON, at most
 //! [`MAX_BODY`] bytes, and every field is validated before anything acts.
 
 use std::sync::Arc;
@@ -85,6 +90,7 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/rate", post(set_rate))
         .route("/v1/migrations/{name}/regions", get(region_view))
         .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .route_layer(auth)
         // After the token layer: the page holds no data (see `dashboard`).
@@ -599,6 +605,23 @@ async fn resume(
     let q = query(q)?;
     let st = migration::steer(&s, &name, migration::Steer::Resume, q.id.as_deref()).await?;
     Ok(Json(st))
+}
+
+/// `GET /metrics`: reads the store and `/proc/self` off the async workers.
+async fn metrics(State(s): State<Arc<NodeState>>) -> Result<Response, ApiError> {
+    let text =
+        tokio::task::spawn_blocking(move || s.metrics.render(super::metrics::Snapshot::of(&s)))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            super::metrics::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn set_rate(

@@ -13,6 +13,7 @@ pub mod api;
 pub mod dashboard;
 pub mod fence;
 pub mod history;
+pub mod metrics;
 pub mod migration;
 pub mod store;
 
@@ -198,6 +199,8 @@ pub struct NodeState {
     pub history: history::History,
     /// The dashboard's event streams and their producer.
     pub dashboard: dashboard::Dashboard,
+    /// The registry `GET /metrics` renders, and the NBD server's instruments.
+    pub metrics: Arc<metrics::NodeMetrics>,
 }
 
 impl NodeState {
@@ -270,6 +273,7 @@ impl Node {
         let cap = connection_cap(cfg.max_connections);
         info!(max_connections = cap, "NBD connection cap");
         let slots = Arc::new(Semaphore::new(cap));
+        let node_metrics = Arc::new(metrics::NodeMetrics::default());
 
         let mut nbd_addr = None;
         if let Some(listen) = &cfg.listen {
@@ -283,6 +287,7 @@ impl Node {
                 cfg.handshake_timeout,
                 acceptor_rx.clone(),
                 slots.clone(),
+                node_metrics.nbd(),
                 shutdown_rx.clone(),
             ));
         }
@@ -300,6 +305,7 @@ impl Node {
                 cfg.handshake_timeout,
                 acceptor_rx.clone(),
                 slots.clone(),
+                node_metrics.nbd(),
                 shutdown_rx.clone(),
             ));
         }
@@ -328,6 +334,7 @@ impl Node {
             api_token: cfg.api_token.clone(),
             history: history::History::open(&cfg.data_dir),
             dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
+            metrics: node_metrics,
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
@@ -417,6 +424,7 @@ async fn accept_loop(
     handshake_timeout: Duration,
     acceptor: watch::Receiver<Option<tokio_rustls::TlsAcceptor>>,
     slots: Arc<Semaphore>,
+    metrics: Arc<metrics::NbdMetrics>,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
@@ -437,6 +445,7 @@ async fn accept_loop(
                     };
                     let reg = registry.clone();
                     let sd = shutdown.clone();
+                    let m = metrics.clone();
                     // The acceptor in force now: a SIGHUP reload applies
                     // from the next connection on.
                     let hs = HandshakePolicy {
@@ -449,10 +458,10 @@ async fn accept_loop(
                             Accepted::Tcp(sock, peer) => {
                                 let _ = sock.set_nodelay(true);
                                 let peer = peer.to_string();
-                                (peer.clone(), serve_connection(sock, reg, hs, sd, peer).await)
+                                (peer.clone(), serve_connection(sock, reg, hs, sd, peer, m).await)
                             }
                             Accepted::Unix(sock) => {
-                                ("unix".to_string(), serve_connection(sock, reg, hs, sd, "unix".into()).await)
+                                ("unix".to_string(), serve_connection(sock, reg, hs, sd, "unix".into(), m).await)
                             }
                         };
                         if let Err(e) = r {

@@ -29,12 +29,17 @@ impl CloneTarget {
             }
             let (off, _) = self.region_span(run_start);
             let (_, stop) = self.region_span(run_start + run_len - 1);
+            let (bulk, timed) = match kind {
+                FetchKind::Background => (true, OriginRead::Background),
+                FetchKind::OnDemand => (false, OriginRead::OnDemand),
+            };
             let buf = if stop - off <= crate::nbd::server::MAX_PAYLOAD as u64 {
-                let bulk = kind == FetchKind::Background;
-                self.origin.read_vec(off, (stop - off) as u32, bulk).await?
+                let read = self.origin.read_vec(off, (stop - off) as u32, bulk);
+                self.timed_read(timed, read).await?
             } else {
                 let mut b = vec![0u8; (stop - off) as usize];
-                self.origin.read_into(off, &mut b).await?;
+                self.timed_read(timed, self.origin.read_into(off, &mut b))
+                    .await?;
                 b
             };
             // Write runs of data regions in one call each; punch runs of
@@ -100,7 +105,8 @@ impl CloneTarget {
             if self.map.lock().unwrap().is_present(r) {
                 self.local.read(a, part).await?;
             } else {
-                self.origin.read_into(a, part).await?;
+                self.timed_read(OriginRead::Passthrough, self.origin.read_into(a, part))
+                    .await?;
             }
         }
         Ok(())
@@ -214,7 +220,8 @@ impl BlockTarget for CloneTarget {
         }
         if !self.is_handed_off() {
             // Passthrough: nothing read before handoff is kept.
-            return self.origin.read_into(offset, buf).await;
+            let read = self.origin.read_into(offset, buf);
+            return self.timed_read(OriginRead::Passthrough, read).await;
         }
         let end = offset + buf.len() as u64;
         let (first, last) = (self.region_of(offset), self.region_of(end - 1));

@@ -71,6 +71,7 @@ use super::region_map::RegionMap;
 use super::{RateLimiter, RegionLocks};
 use crate::api::types::{MigrationStatus, Phase};
 use crate::nbd::proto::alloc_flags;
+use crate::node::metrics::{FetchMetrics, OriginRead};
 use crate::target::{
     check_range, BlockError, BlockResult, BlockTarget, Capabilities, Extent, LocalTarget, Origin,
     ZeroFlags,
@@ -221,6 +222,9 @@ pub struct CloneTarget {
     hold_complete: AtomicBool,
     /// Where clients fetched on demand and wrote, for [`RegionView`].
     activity: view::Activity,
+    /// How long reads from the origin take, and whether the last one
+    /// succeeded (read by `GET /metrics` at scrape time).
+    fetch_metrics: Arc<FetchMetrics>,
 }
 
 impl CloneTarget {
@@ -280,6 +284,7 @@ impl CloneTarget {
             rollback_of: Mutex::new(None),
             hold_complete: AtomicBool::new(false),
             activity,
+            fetch_metrics: Default::default(),
         }))
     }
 
@@ -323,6 +328,23 @@ impl CloneTarget {
     /// The local data target (what the volume becomes on completion).
     pub fn local(&self) -> Arc<LocalTarget> {
         self.local.clone()
+    }
+
+    /// Reads from the origin so far: their times and the last outcome.
+    pub fn fetch_metrics(&self) -> Arc<FetchMetrics> {
+        self.fetch_metrics.clone()
+    }
+
+    /// Awaits `read` of the origin, recording its time and outcome.
+    async fn timed_read<T>(
+        &self,
+        kind: OriginRead,
+        read: impl std::future::Future<Output = BlockResult<T>>,
+    ) -> BlockResult<T> {
+        let t = Instant::now();
+        let r = read.await;
+        self.fetch_metrics.record(kind, t.elapsed(), r.is_ok());
+        r
     }
 
     /// The origin link (dropped on completion).
