@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Metrics overhead: fio's nbd engine against one dlsm node, in alternating
-# rounds with and without a scraper hitting /metrics every SCRAPE_INTERVAL
-# seconds (default 1). With BASE=REV (a commit before /metrics existed,
+# Metrics and dashboard overhead: fio's nbd engine against one dlsm node,
+# in alternating rounds with and without a scraper hitting /metrics every
+# SCRAPE_INTERVAL seconds (default 1) and a dashboard's event stream open. With BASE=REV (a commit before /metrics existed,
 # e.g. dc48037) a node built from REV serves its own copy of the file in a
 # third arm, which measures what the always-on request counting costs.
 #
@@ -51,14 +51,22 @@ done
 
 JOBS=("randread-4k-qd32 randread 4k 32" "randread-4k-qd1 randread 4k 1" "randwrite-4k-qd32 randwrite 4k 32")
 scraper=""
+viewer=""
+# `on`: Prometheus-style scrapes and one dashboard open (its event stream,
+# a frame every 500 ms, read by curl as a browser would).
 scrape_on() {
   ( while :; do
       curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:21750/metrics >>"$WORK/scrapes"
       sleep "$INTERVAL"
     done ) &
   scraper=$!
+  curl -sN http://127.0.0.1:21750/v1/events >>"$WORK/events" 2>/dev/null &
+  viewer=$!
 }
-scrape_off() { [ -z "$scraper" ] || { kill "$scraper"; wait "$scraper" 2>/dev/null || true; scraper=""; }; }
+scrape_off() {
+  [ -z "$scraper" ] || { kill "$scraper"; wait "$scraper" 2>/dev/null || true; scraper=""; }
+  [ -z "$viewer" ] || { kill "$viewer"; wait "$viewer" 2>/dev/null || true; viewer=""; }
+}
 
 for job in "${JOBS[@]}"; do
   set -- $job
@@ -79,6 +87,9 @@ for job in "${JOBS[@]}"; do
 done
 ok=$(grep -c '^200$' "$WORK/scrapes" || true); all=$(wc -l <"$WORK/scrapes")
 [ "$ok" -gt 0 ] && [ "$ok" = "$all" ] || { echo "scrapes failed: $ok of $all answered 200"; exit 1; }
+frames=$(grep -c '^data:' "$WORK/events" || true)
+[ "$frames" -gt 0 ] || { echo "the dashboard stream sent no frame"; exit 1; }
+echo "dashboard frames received: $frames"
 
 python3 - "$OUT" "$ROUNDS" "$INTERVAL" "$ok" "${ARMS[*]}" "${JOBS[@]}" <<'PY'
 import json, os, statistics as st, sys
@@ -87,7 +98,7 @@ jobs = [j.split()[0] for j in sys.argv[6:]]
 def iops(j, a, r):
     d = json.load(open(os.path.join(out, f"{j}-{a}-{r}.json")))["jobs"][0]
     return (d["read"] if "read" in j else d["write"])["iops"]
-rows = [f"{rounds} rounds per arm; `on` = scraped every {interval} s ({scrapes} scrapes, all HTTP 200); "
+rows = [f"{rounds} rounds per arm; `on` = scraped every {interval} s ({scrapes} scrapes, all HTTP 200) with a dashboard open; "
         "ratios are to `off` (the same binary, not scraped), per round and of the medians", "",
         "| job | arm | IOPS median | min-max | / off (medians) | / off per round |",
         "|---|---|---:|---:|---:|---:|"]
