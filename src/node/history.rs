@@ -21,6 +21,9 @@ use crate::api::types::MigrationStatus;
 /// Entries kept per volume (newest first wins).
 pub const PER_VOLUME: usize = 8;
 
+/// Entries kept in all (volumes removed long ago go first).
+pub const TOTAL: usize = 512;
+
 const FILE: &str = "history.json";
 
 /// See the module docs.
@@ -100,6 +103,8 @@ impl History {
                     }
                 }
             }
+            let extra = e.len().saturating_sub(TOTAL);
+            e.drain(..extra);
             serde_json::to_vec_pretty(&*e).expect("statuses serialise")
         };
         if self.path.as_os_str().is_empty() {

@@ -601,13 +601,16 @@ pub async fn release(
         release_once(state, &p.api, name, &p.id).await?;
         vol.update_table(|t| t.release_pending = None)?;
     }
+    // Recorded before the change: a crash after it leaves nothing to
+    // record it again (the retried release finds it done), while an entry
+    // of a migration still live is hidden by the live one.
     let ended = source_ended(name, &out, req.status.as_deref(), Phase::Complete);
     if keep {
-        vol.update_table(|t| t.outgoing = None)?;
         state.history.record(
             ended,
             "complete: the destination has the volume; this copy kept, fenced",
         );
+        vol.update_table(|t| t.outgoing = None)?;
         info!(
             volume = name,
             migration = id,
@@ -615,15 +618,15 @@ pub async fn release(
             "released: kept (fenced) as asked"
         );
     } else {
+        state.history.record(
+            ended,
+            "complete: the destination has the volume; this copy released",
+        );
         let store = state.store.clone();
         let v = vol.clone();
         tokio::task::spawn_blocking(move || store.remove_volume(&v, RemoveMode::Released))
             .await
             .map_err(|e| MigrationError::Peer(e.to_string()))??;
-        state.history.record(
-            ended,
-            "complete: the destination has the volume; this copy released",
-        );
         info!(
             volume = name,
             migration = id,
@@ -810,6 +813,11 @@ pub async fn cancel(
             )));
         }
     }
+    // Recorded first (see `release`).
+    state.history.record(
+        source_ended(name, &out, None, Phase::Cancelled),
+        "cancelled by the operator: the volume stayed here",
+    );
     vol.update_table(|t| {
         if t.outgoing.as_ref().is_some_and(|o| o.id == out.id) {
             t.outgoing = None;
@@ -832,10 +840,6 @@ pub async fn cancel(
             c.resume();
         }
     }
-    state.history.record(
-        source_ended(name, &out, None, Phase::Cancelled),
-        "cancelled by the operator: the volume stayed here",
-    );
     info!(volume = name, migration = %out.id, event = "cancelled", "migration cancelled: the volume stays here");
     Ok(serde_json::json!({ "cancelled": name, "migration": out.id }))
 }
@@ -873,11 +877,11 @@ pub async fn drop_clone(
         // The copy under a rollback clone is this node's own: it goes
         // back to being the fenced source of the migration rolled back.
         let _own = vol.ownership.lock().await;
-        state.store.revert_rollback_clone(&vol).await?;
         state.history.record(
             ended,
             "rollback cancelled: this copy is again the fenced source",
         );
+        state.store.revert_rollback_clone(&vol).await?;
         info!(
             volume = name,
             migration = id,
@@ -886,13 +890,13 @@ pub async fn drop_clone(
         );
         return Ok(());
     }
+    state
+        .history
+        .record(ended, "cancelled by the source: this clone was dropped");
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.remove_volume(&vol, RemoveMode::Cancelled))
         .await
         .map_err(|e| MigrationError::Peer(e.to_string()))??;
-    state
-        .history
-        .record(ended, "cancelled by the source: this clone was dropped");
     info!(
         volume = name,
         migration = id,
@@ -996,6 +1000,9 @@ fn spawn_supervisor(state: Arc<NodeState>, vol: Arc<Volume>) {
         let mut recorded = false;
         let pending = loop {
             c.wait_complete().await;
+            if c.is_stopped() && !c.is_complete() {
+                return; // removed, cancelled or released before completing
+            }
             // Under the ownership lock: a rollback (which holds completion
             // under it) either came first and is seen here, or finds the
             // clone collapsed and refuses.
@@ -1377,13 +1384,25 @@ pub async fn steer(
     id: Option<&str>,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
-    if let Some(c) = vol.clone_target() {
-        if let Some(id) = id.filter(|id| *id != c.migration_id()) {
-            return Err(MigrationError::Conflict(format!(
-                "volume {name:?}: asked to steer migration {id}, but this node holds migration {}",
-                c.migration_id()
-            )));
-        }
+    let out = vol.table().outgoing;
+    let clone = vol.clone_target();
+    // With an identity, only that migration: this node's clone of it, or
+    // its own outgoing one (asked of its destination). Without one, the
+    // clone here, else the outgoing migration.
+    let (clone, out) = match id {
+        Some(id) => match (clone, out) {
+            (Some(c), _) if c.migration_id() == id => (Some(c), None),
+            (_, Some(o)) if o.id == id => (None, Some(o)),
+            _ => {
+                return Err(MigrationError::Conflict(format!(
+                    "volume {name:?}: asked to steer migration {id}, which this node neither \
+                     holds nor migrates"
+                )))
+            }
+        },
+        None => (clone, out),
+    };
+    if let Some(c) = clone {
         match what {
             Steer::Pause => c.pause(),
             Steer::Resume => c.resume(),
@@ -1392,7 +1411,7 @@ pub async fn steer(
         info!(volume = name, migration = c.migration_id(), event = "steer", action = ?what, "migration steered");
         return Ok(c.status());
     }
-    let Some(out) = vol.table().outgoing else {
+    let Some(out) = out else {
         return Err(MigrationError::NotMigrating(name.to_owned()));
     };
     let (verb, body) = match what {

@@ -315,14 +315,22 @@ impl CloneTarget {
     }
 
     /// Resolves once every region is present and committed.
+    /// Resolves once every region is present and committed, or once the
+    /// clone is stopped (removed, cancelled, released, failed): it will
+    /// never complete then.
     pub async fn wait_complete(&self) {
         loop {
             let n = self.completed.notified();
-            if self.is_complete() {
+            if self.is_complete() || self.is_stopped() {
                 return;
             }
             n.await;
         }
+    }
+
+    /// Whether [`Self::stop`] (or a failure) ended the clone.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     /// The local data target (what the volume becomes on completion).
@@ -367,12 +375,23 @@ impl CloneTarget {
         self.limiter.set_rate(rate);
     }
 
-    /// Stops the hydrator (volume released or removed).
+    /// Ends the clone for good (volume released, removed, cancelled, or
+    /// a rollback undone): the hydrator stops, waiters on completion are
+    /// let go, and the origin link closes, so the source's connections
+    /// (and its connection slots) are given back.
     pub fn stop(&self) {
+        self.halt();
+        self.origin.close();
+    }
+
+    /// Stops the hydrator and lets completion waiters go, keeping the
+    /// origin link (a failed clone still serves absent regions from it).
+    fn halt(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         // No counter writes after this (see `save_counters`).
         self.stats.counters_file.lock().unwrap().take();
         self.wake.notify_waiters();
+        self.completed.notify_waiters();
     }
 
     /// Marks the migration failed for good because the local copy cannot
@@ -381,7 +400,7 @@ impl CloneTarget {
     fn fail(&self, why: String) {
         self.data_lost.store(true, Ordering::SeqCst);
         *self.failed.lock().unwrap() = Some(why);
-        self.stop();
+        self.halt();
     }
 
     fn region_of(&self, offset: u64) -> u64 {

@@ -6,6 +6,10 @@ use super::*;
 /// after a restart still says how much crossed the network.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Counters {
+    /// Whose counts these are: a later clone in the same directory (a
+    /// rollback reuses its volume's) must not start from them.
+    #[serde(default)]
+    migration: String,
     on_demand: u64,
     background: u64,
     skipped: u64,
@@ -19,6 +23,14 @@ impl CloneTarget {
         if let Ok(c) = std::fs::read(&path)
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Counters>(&b).map_err(|e| e.to_string()))
+            .map_err(drop)
+            .and_then(|c| {
+                if c.migration == self.migration {
+                    Ok(c)
+                } else {
+                    Err(())
+                }
+            })
         {
             self.stats
                 .on_demand
@@ -41,6 +53,7 @@ impl CloneTarget {
             return;
         };
         let c = Counters {
+            migration: self.migration.clone(),
             on_demand: self.stats.on_demand.load(Ordering::Relaxed),
             background: self.stats.background.load(Ordering::Relaxed),
             skipped: self.stats.skipped.load(Ordering::Relaxed),
