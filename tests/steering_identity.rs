@@ -105,7 +105,7 @@ async fn rollback_clone_does_not_inherit_old_counters() {
     let r: serde_json::Value =
         serde_json::from_str(&b.cli_ok(&["migration", "cancel", "vm1", "--json"])).unwrap();
     let s = b.status("vm1");
-    assert_eq!(s["rollback_of"].is_null(), false, "{s} {r}");
+    assert!(!s["rollback_of"].is_null(), "{s} {r}");
     assert_eq!(s["phase"], "passthrough", "{s}");
     let moved = s["bytes_background"].as_u64().unwrap() + s["bytes_on_demand"].as_u64().unwrap();
     assert_eq!(
