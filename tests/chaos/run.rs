@@ -1156,6 +1156,11 @@ impl Run {
             // Handed off already: the cancel is a rollback, a migration
             // back to the source over its old copy.
             self.stats.rollbacks += 1;
+            // The volume returns to `src` over its old copy: clients left
+            // there (fenced so far) reach the rollback and may hand it
+            // off, as the VM coming back does; they belong to the owner
+            // again, as after a cancel before handoff.
+            self.vols[v].stale.retain(|s| s.node != src);
             self.migration_started(v, dst, src, "rollback");
             return true;
         }
