@@ -409,10 +409,9 @@ async fn show_volume(
 async fn remove_volume(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
-    query: Result<axum::extract::Query<RemoveQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<RemoveQuery>,
 ) -> Result<StatusCode, ApiError> {
-    let axum::extract::Query(q) =
-        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let q = query(q)?;
     let vol = s.store.get(&name)?;
     let live = migration::live_statuses(&vol);
     let store = s.store.clone();
@@ -501,10 +500,9 @@ async fn release(
 async fn migration_state(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
-    query: Result<axum::extract::Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<StateQuery>,
 ) -> Result<Json<MigrationState>, ApiError> {
-    let axum::extract::Query(q) =
-        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let q = query(q)?;
     Ok(Json(migration::migration_state(&s, &name, &q.id)))
 }
 

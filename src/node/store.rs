@@ -485,10 +485,7 @@ impl VolumeStore {
             RegionMap::create(&dir.join("regions.map"), size, region_size)
                 .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
                 .map(drop)
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
-                    _ => StoreError::Block(BlockError::from_io(e)),
-                })
+                .map_err(map_create_error)
         })
     }
 
@@ -692,12 +689,8 @@ impl VolumeStore {
                 fs::remove_file(&p).map_err(io_err(&p))?;
             }
         }
-        RegionMap::create(&vol.dir.join("regions.map"), vol.size, region_size).map_err(
-            |e| match e.kind() {
-                std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
-                _ => StoreError::Block(BlockError::from_io(e)),
-            },
-        )?;
+        RegionMap::create(&vol.dir.join("regions.map"), vol.size, region_size)
+            .map_err(map_create_error)?;
         let mut new = t.clone();
         new.target = TargetSpec::Clone {
             origin: Box::new(origin),
@@ -825,6 +818,15 @@ impl DirLock {
                 source: e.into(),
             }),
         }
+    }
+}
+
+/// A region map that could not be made: a bad region size is the
+/// caller's mistake, anything else the disk's.
+fn map_create_error(e: std::io::Error) -> StoreError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidInput => StoreError::InvalidSize(e.to_string()),
+        _ => StoreError::Block(BlockError::from_io(e)),
     }
 }
 
