@@ -480,8 +480,6 @@ mod tests {
 
     fn status(volume: &str, phase: Phase) -> MigrationStatus {
         MigrationStatus {
-            volume: volume.into(),
-            id: "00112233aabbccdd".into(),
             phase,
             role: "destination".into(),
             peer: "10.0.0.1:7450".into(),
@@ -490,18 +488,10 @@ mod tests {
             regions_present: 4096,
             bytes_on_demand: 1 << 20,
             bytes_background: 255 << 20,
-            bytes_skipped: 0,
-            rate_limit: 0,
             rate: 100 << 20,
             eta_seconds: Some(7.5),
-            paused: false,
-            stalled: None,
             handoff_after_seconds: Some(1.0),
-            hydrate_seconds: None,
-            last_error: None,
-            ended: None,
-            ended_at: None,
-            rollback_of: None,
+            ..MigrationStatus::unknown(volume, "00112233aabbccdd")
         }
     }
 

@@ -154,8 +154,6 @@ mod tests {
 
     fn status(volume: &str, id: &str, role: &str) -> MigrationStatus {
         MigrationStatus {
-            volume: volume.into(),
-            id: id.into(),
             phase: Phase::Complete,
             role: role.into(),
             peer: "127.0.0.1:1".into(),
@@ -165,17 +163,9 @@ mod tests {
             bytes_on_demand: 1,
             bytes_background: 2,
             bytes_skipped: 3,
-            rate_limit: 0,
             rate: 99,
             eta_seconds: Some(1.0),
-            paused: false,
-            stalled: None,
-            handoff_after_seconds: None,
-            hydrate_seconds: None,
-            last_error: None,
-            ended: None,
-            ended_at: None,
-            rollback_of: None,
+            ..MigrationStatus::unknown(volume, id)
         }
     }
 

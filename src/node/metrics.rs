@@ -916,8 +916,6 @@ mod tests {
 
     fn destination(id: &str) -> MigrationStatus {
         MigrationStatus {
-            volume: "vm1".into(),
-            id: id.into(),
             phase: Phase::Hydrating,
             role: "destination".into(),
             peer: "127.0.0.1:1".into(),
@@ -929,15 +927,8 @@ mod tests {
             bytes_skipped: 2 << 20,
             rate_limit: 4 << 20,
             rate: 1000,
-            eta_seconds: None,
-            paused: false,
-            stalled: None,
             handoff_after_seconds: Some(1.0),
-            hydrate_seconds: None,
-            last_error: None,
-            ended: None,
-            ended_at: None,
-            rollback_of: None,
+            ..MigrationStatus::unknown("vm1", id)
         }
     }
 
