@@ -666,18 +666,15 @@ pub async fn handoff(
             force: false,
             id: Some(out.id.clone()),
         };
-        let mut s = Peer::new(&out.to, &state.peer_auth, state.source_timeout * 2)
-            .post::<MigrationStatus>(&path, &fwd)
-            .await
-            .map_err(|e| {
-                MigrationError::Peer(format!(
-                    "the destination {} hands off, and asking it failed: {e}",
-                    out.to
-                ))
-            })?;
-        s.role = "source".into();
-        s.peer = out.to;
-        return Ok(s);
+        return via_destination(
+            state,
+            out,
+            &path,
+            &fwd,
+            state.source_timeout * 2,
+            |to, e| format!("the destination {to} hands off, and asking it failed: {e}"),
+        )
+        .await;
     }
     let c = vol
         .clone_target()
@@ -1424,16 +1421,27 @@ pub async fn steer(
         encode_segment(name),
         encode_segment(&out.id)
     );
-    let mut s = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
-        .post::<MigrationStatus>(&path, &body)
+    via_destination(state, out, &path, &body, state.source_timeout, |to, e| {
+        format!("the copy runs on the destination {to}, which could not be asked: {e}")
+    })
+    .await
+}
+
+/// Asks the destination of this node's outgoing migration `out` to act
+/// (`path`, with `body`) and answers with its status as this node, the
+/// source, reports it; `why` words a failure.
+async fn via_destination(
+    state: &NodeState,
+    out: Outgoing,
+    path: &str,
+    body: &impl serde::Serialize,
+    timeout: Duration,
+    why: impl FnOnce(&str, PeerError) -> String,
+) -> Result<MigrationStatus, MigrationError> {
+    let mut s = Peer::new(&out.to, &state.peer_auth, timeout)
+        .post::<MigrationStatus>(path, body)
         .await
-        .map_err(PeerFailure::from)
-        .map_err(|e| {
-            MigrationError::Peer(format!(
-                "the copy runs on the destination {}, which could not be asked: {e}",
-                out.to
-            ))
-        })?;
+        .map_err(|e| MigrationError::Peer(why(&out.to, e)))?;
     s.role = "source".into();
     s.peer = out.to;
     Ok(s)
@@ -1446,9 +1454,6 @@ async fn source_status(
     name: &str,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
-    if vol.table().outgoing.is_none() {
-        return Err(MigrationError::NotMigrating(name.to_owned()));
-    }
     status_as_source(state, &vol, name).await
 }
 
@@ -1538,7 +1543,7 @@ pub async fn rollback(
             "to": to,
             "migration": r,
             "rolls_back": m,
-            "regions_written": c.written_bytes() / c.status().region_size.max(1),
+            "regions_written": c.written_regions(),
             "bytes_written": c.written_bytes(),
         })
     };
@@ -1556,7 +1561,7 @@ pub async fn rollback(
         return Err(MigrationError::Conflict(format!(
             "volume {name:?} was not handed off here yet: cancel it on the source {} instead \
              (nothing needs to move back)",
-            c.status().peer
+            c.peer()
         )));
     }
     if c.is_complete() {
@@ -1763,7 +1768,7 @@ pub fn written_set(state: &NodeState, name: &str, id: &str) -> Result<WrittenSet
         MigrationError::Conflict(format!("volume {name:?}: writes are not tracked"))
     })?;
     Ok(WrittenSet {
-        region_size: c.status().region_size,
+        region_size: c.region_size(),
         runs,
     })
 }
@@ -1803,7 +1808,7 @@ pub async fn cancel_anywhere(
         .await;
     }
     // Not handed off: the source decides (it drops this clone).
-    let source = c.status().peer;
+    let source = c.peer().to_owned();
     let path = format!("/v1/migrations/{}/cancel", encode_segment(name));
     let body = CancelRequest {
         force,

@@ -300,6 +300,16 @@ impl CloneTarget {
         &self.migration
     }
 
+    /// The source's API address.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Bytes per region of this clone's maps.
+    pub fn region_size(&self) -> u64 {
+        self.region_size
+    }
+
     pub fn is_handed_off(&self) -> bool {
         self.handed_off.load(Ordering::SeqCst)
     }

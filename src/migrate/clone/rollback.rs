@@ -132,13 +132,18 @@ impl CloneTarget {
         self.source_unfenced.load(Ordering::SeqCst)
     }
 
-    /// Bytes of the regions written here since handoff.
-    pub fn written_bytes(&self) -> u64 {
+    /// How many regions clients wrote here since handoff.
+    pub fn written_regions(&self) -> u64 {
         self.written
             .lock()
             .unwrap()
             .as_ref()
-            .map_or(0, |w| w.present_count() * self.region_size)
+            .map_or(0, |w| w.present_count())
+    }
+
+    /// Bytes of the regions written here since handoff.
+    pub fn written_bytes(&self) -> u64 {
+        self.written_regions() * self.region_size
     }
 
     /// Makes this clone the rollback of migration `of` (see the module
