@@ -63,32 +63,9 @@ pub enum MigrationError {
     Block(#[from] BlockError),
 }
 
-/// A failed call to another node: its HTTP status when it answered
-/// (`None`: unreachable or timed out), and what went wrong.
-#[derive(Debug)]
-struct PeerFailure {
-    status: Option<u16>,
-    message: String,
-}
-
-impl std::fmt::Display for PeerFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl From<PeerFailure> for MigrationError {
-    fn from(e: PeerFailure) -> Self {
-        MigrationError::Peer(e.message)
-    }
-}
-
-impl From<PeerError> for PeerFailure {
+impl From<PeerError> for MigrationError {
     fn from(e: PeerError) -> Self {
-        PeerFailure {
-            status: e.status(),
-            message: e.to_string(),
-        }
+        MigrationError::Peer(e.to_string())
     }
 }
 
@@ -132,13 +109,12 @@ impl MigrationHooks for NodeHooks {
             let left = deadline.saturating_duration_since(Instant::now());
             let r = Peer::new(&api, &self.auth, left.max(Duration::from_millis(100)))
                 .post::<serde_json::Value>(&path, &req)
-                .await
-                .map_err(PeerFailure::from);
+                .await;
             match r {
                 Ok(_) => return Ok(()),
                 // The source answered, and said no: this migration is not
                 // (or no longer) its outgoing one. Retrying cannot help.
-                Err(e) if e.status == Some(409) || e.status == Some(404) => {
+                Err(e) if e.status() == Some(409) || e.status() == Some(404) => {
                     return Err(FenceError::Refused(format!(
                         "source {api} refused to fence for migration {id}: {e}"
                     )))
@@ -183,8 +159,7 @@ impl MigrationHooks for NodeHooks {
         let w = Peer::new(&api, &self.auth, self.timeout)
             .get::<WrittenSet>(&path)
             .await
-            .map_err(PeerFailure::from)
-            .map_err(|e| match e.status {
+            .map_err(|e| match e.status() {
                 Some(404 | 409) => FenceError::Refused(format!(
                     "source {api} will not say what it wrote for migration {id}: {e}"
                 )),
@@ -337,8 +312,7 @@ pub async fn migrate(
     };
     let r = Peer::new(&req.to, &state.peer_auth, state.source_timeout)
         .post::<MigrationStatus>("/v1/migrations", &prep)
-        .await
-        .map_err(PeerFailure::from);
+        .await;
     match r {
         Ok(mut status) => {
             info!(volume = name, to = %req.to, migration = %id, event = "prepared", "migration prepared");
@@ -754,8 +728,7 @@ pub async fn cancel(
     // the answer is decided under the lock, against the table as it is then.
     let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
         .post::<serde_json::Value>(&path, &req)
-        .await
-        .map_err(PeerFailure::from);
+        .await;
     let _own = vol.ownership.lock().await;
     if vol.table().outgoing.is_none_or(|o| o.id != out.id) {
         return Err(MigrationError::Conflict(format!(
@@ -770,8 +743,10 @@ pub async fn cancel(
         Ok(_) => {}
         // Only the destination's own "no such migration" counts, not any
         // 404 (an older node without the route, another service there).
-        Err(e) if e.status == Some(404) && e.message.contains("is not migrating on this node") => {}
-        Err(e) if e.status == Some(409) => {
+        Err(e)
+            if e.status() == Some(404)
+                && e.to_string().contains("is not migrating on this node") => {}
+        Err(e) if e.status() == Some(409) => {
             // Handed off (before the cancel was recorded): the destination
             // owns the volume.
             mark_cancelling(&vol, &out.id, false)?;
@@ -928,8 +903,7 @@ async fn status_as_source(
     let path = format!("/v1/migrations/{}?role=destination", encode_segment(name));
     let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
         .get::<MigrationStatus>(&path)
-        .await
-        .map_err(PeerFailure::from);
+        .await;
     match r {
         Ok(mut s) if s.id == out.id => {
             // Ended there but not here (the source still holds it): say
@@ -952,7 +926,7 @@ async fn status_as_source(
                     "the destination reports migration {:?}, not this node's {}",
                     s.id, out.id
                 ),
-                Err(e) if e.status == Some(404) => format!(
+                Err(e) if e.status() == Some(404) => format!(
                     "the destination {} has no volume {name:?} (removed there, or its \
                      clone was dropped); `dlsm migration cancel {name}` here ends the \
                      migration if it was not handed off",
@@ -1102,11 +1076,10 @@ async fn release_once(
     match Peer::new(api, &state.peer_auth, state.source_timeout)
         .post::<serde_json::Value>(&path, &req)
         .await
-        .map_err(PeerFailure::from)
     {
         Ok(_) => Ok(()),
-        Err(e) if e.status == Some(404) => Ok(()),
-        Err(e) if e.status == Some(409) => {
+        Err(e) if e.status() == Some(404) => Ok(()),
+        Err(e) if e.status() == Some(409) => {
             warn!(
                 volume = name,
                 source = api,
@@ -1174,8 +1147,7 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
             let path = format!("/v1/migrations/{}/state?id={}", encode_segment(&name), id);
             let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
                 .get::<MigrationState>(&path)
-                .await
-                .map_err(PeerFailure::from);
+                .await;
             match r {
                 Ok(MigrationState::Passthrough) => {
                     vol.fence.release_hold();
@@ -1285,8 +1257,7 @@ fn spawn_writer_watch(state: Arc<NodeState>, name: String, id: String) {
             };
             let r = Peer::new(&out.to, &state.peer_auth, state.source_timeout)
                 .post::<serde_json::Value>(&path, &req)
-                .await
-                .map_err(PeerFailure::from);
+                .await;
             if let Err(e) = r {
                 // Not fenced: this node still owns the volume; the
                 // destination hands off on its first write.
@@ -1502,8 +1473,7 @@ async fn forward_rollback(
     Peer::new(to, &state.peer_auth, timeout)
         .post::<serde_json::Value>(&path, &req)
         .await
-        .map_err(PeerFailure::from)
-        .map_err(|e| match e.status {
+        .map_err(|e| match e.status() {
             Some(409 | 404) => MigrationError::Conflict(format!(
                 "volume {name:?} was handed off to {to}, which refused to roll it back: {e}"
             )),
@@ -1640,10 +1610,9 @@ pub async fn rollback(
     let peer = back_to.clone();
     let answer = Peer::new(&peer, &state.peer_auth, state.source_timeout)
         .post::<MigrationStatus>("/v1/migrations", &prep)
-        .await
-        .map_err(PeerFailure::from);
+        .await;
     if let Err(e) = answer {
-        if e.status.is_none() {
+        if e.status().is_none() {
             // No answer: the source may have made the clone. R stays
             // recorded (this node still takes writes: it is not fenced),
             // and the reconcile asks the source until it knows: prepared,
@@ -1816,8 +1785,7 @@ pub async fn cancel_anywhere(
     };
     let r = Peer::new(&source, &state.peer_auth, state.source_timeout * 2)
         .post::<serde_json::Value>(&path, &body)
-        .await
-        .map_err(PeerFailure::from);
+        .await;
     match r {
         Ok(v) => Ok(v),
         // The source has no such outgoing migration (it never recorded
@@ -1826,8 +1794,9 @@ pub async fn cancel_anywhere(
         // operator says so. Either way it goes (a rollback clone goes back
         // to its fenced copy).
         Err(e)
-            if (e.status == Some(404) && e.message.contains("is not migrating on this node"))
-                || (force && e.status.is_none()) =>
+            if (e.status() == Some(404)
+                && e.to_string().contains("is not migrating on this node"))
+                || (force && e.status().is_none()) =>
         {
             warn!(
                 volume = name,
