@@ -7,36 +7,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{client, errno_of, pattern, require, run_ok, wait_until, NodeProc};
+use common::{client, errno_of, pattern, require, run_ok, wait_until, Model, NodeProc};
 use dlsm::nbd::client::{ClientError, NbdClient};
 
 const MIB: u64 = 1 << 20;
-
-/// A model of a volume's bytes.
-struct Model(Vec<u8>);
-
-impl Model {
-    fn new(size: u64) -> Self {
-        Model(vec![0; size as usize])
-    }
-    async fn write(&mut self, c: &NbdClient, off: u64, data: &[u8]) {
-        for (i, piece) in data.chunks(8 << 20).enumerate() {
-            c.write(off + (i << 23) as u64, piece, false).await.unwrap();
-        }
-        self.0[off as usize..off as usize + data.len()].copy_from_slice(data);
-    }
-    /// Reads the whole volume through `c` and compares.
-    async fn check(&self, c: &NbdClient) {
-        let chunk = 8 * MIB as usize;
-        for (i, want) in self.0.chunks(chunk).enumerate() {
-            let got = c.read((i * chunk) as u64, want.len() as u32).await.unwrap();
-            if got != want {
-                let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
-                panic!("mismatch at byte {}", i * chunk + at);
-            }
-        }
-    }
-}
 
 /// Creates `vm1` of `mib` MiB on `node`, written all over with a seeded
 /// pattern and flushed; returns its model.

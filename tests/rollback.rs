@@ -8,34 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, errno_of, pattern, wait_until, NodeProc};
-use dlsm::nbd::client::NbdClient;
+use common::{client, errno_of, pattern, wait_until, Model, NodeProc};
 
 const MIB: u64 = 1 << 20;
 const SIZE_MIB: u64 = 64;
-
-/// The volume's bytes as clients wrote them.
-struct Model(Vec<u8>);
-
-impl Model {
-    async fn write(&mut self, c: &NbdClient, off: u64, data: &[u8]) {
-        for (i, piece) in data.chunks(8 << 20).enumerate() {
-            c.write(off + (i << 23) as u64, piece, false).await.unwrap();
-        }
-        self.0[off as usize..off as usize + data.len()].copy_from_slice(data);
-    }
-
-    async fn check(&self, c: &NbdClient, what: &str) {
-        let chunk = 8 * MIB as usize;
-        for (i, want) in self.0.chunks(chunk).enumerate() {
-            let got = c.read((i * chunk) as u64, want.len() as u32).await.unwrap();
-            if got != want {
-                let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
-                panic!("{what}: mismatch at byte {}", i * chunk + at);
-            }
-        }
-    }
-}
 
 /// `vm1` on `a`, written all over, migrated to `b` (slowly, so most of it
 /// is still absent there) and handed off by a write at `b`; then 8 writes
@@ -43,7 +19,7 @@ impl Model {
 /// migration's status and the bytes written at `b`.
 async fn handed_off_with_writes(a: &NodeProc, b: &NodeProc) -> (Model, serde_json::Value, u64) {
     a.create("vm1", &format!("{SIZE_MIB}M"));
-    let mut model = Model(vec![0; (SIZE_MIB * MIB) as usize]);
+    let mut model = Model::new(SIZE_MIB * MIB);
     let ca = client(a, "vm1").await;
     model
         .write(&ca, 0, &pattern((SIZE_MIB * MIB) as usize, 3))
@@ -120,7 +96,7 @@ async fn rollback_moves_back_only_what_was_written_and_keeps_one_writer() {
     cb.flush().await.unwrap();
     let ca = client(&a, "vm1").await;
     model
-        .check(&ca, "at the source before the rollback's handoff")
+        .check_as(&ca, "at the source before the rollback's handoff")
         .await;
     drop(ca);
     // The operator hands off (as the hypervisor's move would; a write at
@@ -138,7 +114,7 @@ async fn rollback_moves_back_only_what_was_written_and_keeps_one_writer() {
     model.write(&ca, 50 * MIB, b"back home").await;
     ca.flush().await.unwrap();
     let done = wait_rolled_back(&a, &b);
-    model.check(&ca, "after the rollback").await;
+    model.check_as(&ca, "after the rollback").await;
     // What crossed back: the regions written at the destination (16 + 1
     // of 64 KiB), not the volume.
     let moved =
@@ -188,7 +164,7 @@ async fn cancel_on_the_destination_rolls_back_when_its_clients_leave() {
     );
     wait_rolled_back(&a, &b);
     model
-        .check(&client(&a, "vm1").await, "after the rollback")
+        .check_as(&client(&a, "vm1").await, "after the rollback")
         .await;
 }
 
@@ -216,7 +192,7 @@ async fn a_rollback_cancelled_before_its_handoff_leaves_the_migration_as_it_was(
     b.wait_phase("vm1", "complete", 90);
     wait_until("source released", 30, || !a.has_volume("vm1"));
     model
-        .check(&cb, "after the first migration completed")
+        .check_as(&cb, "after the first migration completed")
         .await;
 }
 
@@ -243,7 +219,7 @@ async fn kill_either_node_during_a_rollback_and_it_ends_consistent() {
     a.restart();
     let ca = client(&a, "vm1").await;
     model
-        .check(&ca, "at the restarted source, in passthrough")
+        .check_as(&ca, "at the restarted source, in passthrough")
         .await;
     drop(ca);
     // The VM moves back.
@@ -268,5 +244,5 @@ async fn kill_either_node_during_a_rollback_and_it_ends_consistent() {
     drop(cb);
     a.cli_ok(&["migration", "set-rate", "vm1", "0"]);
     wait_rolled_back(&a, &b);
-    model.check(&ca, "after the rollback with crashes").await;
+    model.check_as(&ca, "after the rollback with crashes").await;
 }

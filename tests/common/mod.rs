@@ -507,3 +507,37 @@ impl Drop for Hosts {
         }
     }
 }
+
+/// A model of a volume's bytes, as clients wrote them.
+pub struct Model(pub Vec<u8>);
+
+impl Model {
+    pub fn new(size: u64) -> Self {
+        Model(vec![0; size as usize])
+    }
+
+    /// Writes `data` through `c` (8 MiB at a time) and into the model.
+    pub async fn write(&mut self, c: &dlsm::nbd::client::NbdClient, off: u64, data: &[u8]) {
+        for (i, piece) in data.chunks(8 << 20).enumerate() {
+            c.write(off + (i << 23) as u64, piece, false).await.unwrap();
+        }
+        self.0[off as usize..off as usize + data.len()].copy_from_slice(data);
+    }
+
+    /// Reads the whole volume through `c` and compares.
+    pub async fn check(&self, c: &dlsm::nbd::client::NbdClient) {
+        self.check_as(c, "model").await
+    }
+
+    /// [`Model::check`], naming the moment in the panic (`what`).
+    pub async fn check_as(&self, c: &dlsm::nbd::client::NbdClient, what: &str) {
+        let chunk = 8 << 20;
+        for (i, want) in self.0.chunks(chunk).enumerate() {
+            let got = c.read((i * chunk) as u64, want.len() as u32).await.unwrap();
+            if got != want {
+                let at = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+                panic!("{what}: mismatch at byte {}", i * chunk + at);
+            }
+        }
+    }
+}
