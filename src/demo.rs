@@ -67,6 +67,7 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         insecure_api: false,
         advertise_nbd: None,
         advertise_api: None,
+        vhost_user: None,
     })
     .await
 }

@@ -52,6 +52,15 @@ pub struct ServeArgs {
     /// HOST:PORT, when it differs from --api.
     #[arg(long, value_parser = args::api_addr)]
     pub advertise_api: Option<String>,
+    /// Serve every volume as a vhost-user-blk backend too, at the UNIX
+    /// socket DIR/NAME (QEMU: -chardev socket,path=DIR/NAME plus
+    /// -device vhost-user-blk-pci, with shared guest memory).
+    #[arg(long)]
+    pub vhost_user_dir: Option<PathBuf>,
+    /// Queues each vhost-user-blk device offers, one worker thread each
+    /// (default: the number of CPUs).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub vhost_user_queues: Option<u16>,
     /// Fault injection for tests: milliseconds added to every read from
     /// a migration source.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -89,6 +98,12 @@ pub fn run(
         insecure_api: a.insecure_api,
         advertise_nbd: a.advertise_nbd,
         advertise_api: a.advertise_api,
+        vhost_user: a.vhost_user_dir.map(|dir| crate::node::VhostUserConfig {
+            dir,
+            num_queues: a.vhost_user_queues.map(usize::from).unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            }),
+        }),
     };
     super::runtime()?.block_on(serve(cfg))
 }

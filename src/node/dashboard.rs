@@ -380,6 +380,7 @@ mod tests {
             insecure_api: false,
             advertise_nbd: None,
             advertise_api: None,
+            vhost_user: None,
         })
         .await
         .unwrap()

@@ -68,6 +68,17 @@ pub struct NodeConfig {
     /// The API address other nodes are told to use (default: the bound
     /// `api` address).
     pub advertise_api: Option<String>,
+    /// Serve every volume as a vhost-user-blk backend too, at `DIR/NAME`.
+    pub vhost_user: Option<VhostUserConfig>,
+}
+
+/// The vhost-user-blk export (`--vhost-user-dir`).
+#[derive(Debug, Clone)]
+pub struct VhostUserConfig {
+    /// Where the sockets live (one per volume, named after it).
+    pub dir: PathBuf,
+    /// Queues each device offers (`num-queues` in QEMU may ask fewer).
+    pub num_queues: usize,
 }
 
 /// Descriptors kept back from NBD clients when `max_connections` is 0:
@@ -201,6 +212,8 @@ pub struct NodeState {
     pub dashboard: dashboard::Dashboard,
     /// The registry `GET /metrics` renders, and the NBD server's instruments.
     pub metrics: Arc<metrics::NodeMetrics>,
+    /// The vhost-user-blk sockets, when the node serves them.
+    pub vhost: Option<Arc<crate::vhost::VhostExports>>,
 }
 
 impl NodeState {
@@ -312,6 +325,27 @@ impl Node {
         if cfg.listen.is_none() && cfg.listen_unix.is_none() {
             anyhow::bail!("no NBD listener: give --listen or --listen-unix");
         }
+        let vhost = match &cfg.vhost_user {
+            Some(v) => {
+                let exports = Arc::new(
+                    crate::vhost::VhostExports::new(
+                        &v.dir,
+                        v.num_queues,
+                        tokio::runtime::Handle::current(),
+                    )
+                    .with_context(|| {
+                        format!("cannot use {} for vhost-user sockets", v.dir.display())
+                    })?,
+                );
+                tasks.spawn(follow_volumes(
+                    exports.clone(),
+                    store.clone(),
+                    shutdown_rx.clone(),
+                ));
+                Some(exports)
+            }
+            None => None,
+        };
         let id = store::node_id(&cfg.data_dir)
             .with_context(|| format!("cannot read the node id in {}", cfg.data_dir.display()))?;
         let state = Arc::new(NodeState {
@@ -335,6 +369,7 @@ impl Node {
             history: history::History::open(&cfg.data_dir),
             dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
             metrics: node_metrics,
+            vhost,
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
@@ -392,6 +427,27 @@ impl Node {
         }
         info!("node stopped, volumes flushed");
     }
+}
+
+/// Keeps a vhost-user socket for every volume, until shutdown.
+async fn follow_volumes(
+    exports: Arc<crate::vhost::VhostExports>,
+    store: Arc<VolumeStore>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut changes = store.watch_volumes();
+    let mut stop = shutdown;
+    loop {
+        changes.borrow_and_update();
+        let (e, vols) = (exports.clone(), store.list());
+        // Opening and closing sockets joins threads: not on a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || e.sync(&vols)).await;
+        tokio::select! {
+            _ = stopped(&mut stop) => break,
+            r = changes.changed() => if r.is_err() { break },
+        }
+    }
+    let _ = tokio::task::spawn_blocking(move || exports.stop_all()).await;
 }
 
 /// A listening NBD socket.

@@ -391,6 +391,9 @@ pub struct VolumeStore {
     root: PathBuf,
     volumes: Mutex<BTreeMap<String, Arc<Volume>>>,
     env: CloneEnv,
+    /// Bumped whenever a volume appears or goes (exports that follow the
+    /// set of volumes, such as vhost-user sockets, watch it).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl VolumeStore {
@@ -426,6 +429,7 @@ impl VolumeStore {
             root,
             volumes: Mutex::new(volumes),
             env,
+            changes: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -527,8 +531,15 @@ impl VolumeStore {
             }
         };
         vols.insert(name.to_owned(), vol.clone());
+        drop(vols);
+        self.changes.send_modify(|n| *n += 1);
         tracing::info!(volume = name, size, "volume created");
         Ok(vol)
+    }
+
+    /// Wakes whenever a volume appears or goes.
+    pub fn watch_volumes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The volume called `name`.
@@ -650,6 +661,7 @@ impl VolumeStore {
         sync_dir(&self.root)?;
         vols.remove(name);
         drop(vols);
+        self.changes.send_modify(|n| *n += 1);
         fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
         tracing::info!(volume = name, ?mode, "volume removed");
         Ok(())

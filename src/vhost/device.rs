@@ -1,0 +1,600 @@
+//! One volume as a virtio-blk device behind vhost-user: features, config
+//! space, and the queues' request loop.
+//!
+//! The frontend (QEMU) owns the device model and hands this node the
+//! guest's memory and virtqueues. Each queue has its own worker thread
+//! (made by `vhost-user-backend`), which pops every available chain,
+//! checks it ([`super::request::parse`]) and spawns its I/O on the node's
+//! Tokio runtime, so many requests of many queues are in flight at once and
+//! a slow one (an on-demand fetch from a migration's source) holds up no
+//! other. I/O reads and writes guest buffers in place: a single-buffer
+//! request goes straight between the file and guest memory.
+//!
+//! The device reaches the volume only through the [`BlockTarget`] the NBD
+//! server uses (the fence gate over the live table), so a migration's
+//! clone, handoff on first write and fencing apply unchanged.
+//!
+//! Live migration of the VM: guest pages this device writes (read data,
+//! status bytes, used ring) are marked in QEMU's dirty log while logging is
+//! on ([`GuestMemoryMmap<BitmapMmapRegion>`] marks every write made through
+//! vm-memory; in-place writes mark theirs by hand). `GET_VRING_BASE`
+//! stops a queue only once its requests in flight have completed
+//! ([`VhostUserBackend::stop_vring`]), so none is lost in the move.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueOwnedT;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use super::request::{self, byte_range, Desc, Op, Request, ID_LEN, MAX_RANGES, SECTOR};
+use crate::target::{BlockError, BlockTarget, ZeroFlags};
+
+/// Guest memory as this device maps it: every region carries the dirty
+/// log QEMU hands over for live migration.
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
+type AtomicMem = GuestMemoryAtomic<GuestMem>;
+
+/// Largest virtqueue the device accepts.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Largest single data buffer (`size_max`).
+const SIZE_MAX: u32 = 1 << 20;
+/// Most data buffers per request (`seg_max`): Linux wants at most
+/// queue size - 2, and QEMU's default queue has 128 entries.
+const SEG_MAX: u32 = 126;
+/// How long `GET_VRING_BASE` waits for requests in flight before giving up
+/// on them (an origin that stopped answering mid-migration).
+const STOP_WAIT: Duration = Duration::from_secs(60);
+
+/// How an export is set up.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// The volume's name: the GET_ID answer and the log's label.
+    pub name: String,
+    /// Queues offered (`num_queues`); the frontend may use fewer.
+    pub num_queues: usize,
+    /// The export refuses writes.
+    pub read_only: bool,
+}
+
+/// A volume as a vhost-user-blk device (cheap to clone: one shared state).
+#[derive(Clone)]
+pub struct BlockDevice(Arc<Inner>);
+
+struct Inner {
+    cfg: DeviceConfig,
+    target: Arc<dyn BlockTarget>,
+    size: u64,
+    rt: tokio::runtime::Handle,
+    mem: RwLock<Option<AtomicMem>>,
+    event_idx: AtomicBool,
+    /// Write cache on (`writeback` in config space, CONFIG_WCE): off makes
+    /// every write durable before it completes.
+    writeback: AtomicBool,
+    acked: AtomicU64,
+    /// Per worker thread: the event that stops it.
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    /// Per queue: requests popped and not yet completed.
+    in_flight: Vec<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    n: Mutex<usize>,
+    zero: Condvar,
+}
+
+impl InFlight {
+    fn enter(&self) {
+        *self.n.lock().unwrap() += 1;
+    }
+    fn leave(&self) {
+        let mut n = self.n.lock().unwrap();
+        *n -= 1;
+        if *n == 0 {
+            self.zero.notify_all();
+        }
+    }
+    fn wait_idle(&self, limit: Duration) -> bool {
+        let n = self.n.lock().unwrap();
+        let (n, _) = self.zero.wait_timeout_while(n, limit, |n| *n > 0).unwrap();
+        *n == 0
+    }
+}
+
+impl BlockDevice {
+    /// A device over `target`, whose I/O runs on `rt`.
+    pub fn new(
+        cfg: DeviceConfig,
+        target: Arc<dyn BlockTarget>,
+        rt: tokio::runtime::Handle,
+    ) -> io::Result<Self> {
+        let queues = cfg.num_queues.clamp(1, 64);
+        let exits = (0..queues)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        let read_only = cfg.read_only || target.capabilities().read_only;
+        Ok(BlockDevice(Arc::new(Inner {
+            cfg: DeviceConfig {
+                num_queues: queues,
+                read_only,
+                ..cfg
+            },
+            size: target.size(),
+            target,
+            rt,
+            mem: RwLock::new(None),
+            event_idx: AtomicBool::new(false),
+            writeback: AtomicBool::new(true),
+            acked: AtomicU64::new(0),
+            exits,
+            in_flight: (0..queues).map(|_| InFlight::default()).collect(),
+        })))
+    }
+
+    /// Stops every worker thread (the connection is gone).
+    pub fn stop_workers(&self) {
+        for (_, notify) in &self.0.exits {
+            let _ = notify.notify();
+        }
+    }
+
+    /// The config space (`struct virtio_blk_config`), as this device fills it.
+    pub fn config_space(&self) -> [u8; 60] {
+        config_space(
+            self.0.size,
+            self.0.cfg.num_queues as u16,
+            self.0.writeback.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// `struct virtio_blk_config` (virtio 1.2, 5.2.4), little endian.
+pub fn config_space(size: u64, num_queues: u16, writeback: bool) -> [u8; 60] {
+    let mut c = [0u8; 60];
+    let sectors = size / SECTOR;
+    c[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
+    c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
+    // geometry (16..20) unused.
+    c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
+    c[24] = 3; // physical_block_exp: 4 KiB physical blocks
+    c[25] = 0; // alignment_offset
+    c[26..28].copy_from_slice(&8u16.to_le_bytes()); // min_io_size (sectors)
+    c[28..32].copy_from_slice(&0u32.to_le_bytes()); // opt_io_size
+    c[32] = u8::from(writeback);
+    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    let max_sectors = u32::try_from(sectors).unwrap_or(u32::MAX);
+    c[36..40].copy_from_slice(&max_sectors.to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&MAX_RANGES.to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment
+    c[48..52].copy_from_slice(&max_sectors.to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&MAX_RANGES.to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+impl VhostUserBackend for BlockDevice {
+    type Bitmap = BitmapMmapRegion;
+    type Vring = VringRwLock<AtomicMem>;
+
+    fn num_queues(&self) -> usize {
+        self.0.cfg.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE as usize
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_CONFIG_WCE
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits();
+        if self.0.cfg.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.0.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.0.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.config_space();
+        let (o, s) = (offset as usize, size as usize);
+        let mut out = vec![0u8; s];
+        if o < c.len() {
+            let n = s.min(c.len() - o);
+            out[..n].copy_from_slice(&c[o..o + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write-cache byte is writable (CONFIG_WCE).
+        if offset == 32 && buf.len() == 1 {
+            self.0.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            debug!(volume = %self.0.cfg.name, writeback = buf[0] != 0, "vhost-user: write cache");
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("config bytes [{offset}, +{}) are read-only", buf.len()),
+        ))
+    }
+
+    fn update_memory(&self, mem: AtomicMem) -> io::Result<()> {
+        *self.0.mem.write().unwrap() = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue.
+        (0..self.0.cfg.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.0.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(f) = self.0.in_flight.get(queue_index as usize) {
+            if !f.wait_idle(STOP_WAIT) {
+                warn!(volume = %self.0.cfg.name, queue = queue_index,
+                      "vhost-user: requests still in flight when the frontend stopped the queue");
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        // One queue per thread: the thread's index is the queue's.
+        let Some(vring) = vrings.get(device_event as usize) else {
+            return Ok(());
+        };
+        let queue = thread_id;
+        let event_idx = self.0.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            self.process_queue(queue, vring)?;
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice {
+    /// Pops every available chain of `vring` and starts its I/O.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock<AtomicMem>) -> io::Result<()> {
+        let Some(atomic) = self.0.mem.read().unwrap().clone() else {
+            return Err(io::Error::other("no guest memory table yet"));
+        };
+        let mem = atomic.memory();
+        let chains: Vec<_> = vring
+            .get_mut()
+            .get_queue_mut()
+            .iter(mem.clone())
+            .map_err(io::Error::other)?
+            .collect();
+        for chain in chains {
+            let head = chain.head_index();
+            let descs: Vec<Desc> = chain
+                .clone()
+                .map(|d| Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                })
+                .collect();
+            let parsed = request::parse(descs, &*mem);
+            let status_at = parsed_status(&parsed);
+            self.0.in_flight[queue].enter();
+            let dev = self.clone();
+            let vring = vring.clone();
+            let mem = mem.clone().into_inner();
+            self.0.rt.spawn(async move {
+                let (status, used) = match parsed {
+                    Ok(req) => dev.execute(&req, &mem).await,
+                    Err(e) => {
+                        warn!(volume = %dev.0.cfg.name, error = %e, "vhost-user: bad request");
+                        (VIRTIO_BLK_S_IOERR as u8, 0)
+                    }
+                };
+                dev.complete(queue, &vring, &mem, head, status, used, status_at);
+            });
+        }
+        Ok(())
+    }
+}
+
+fn parsed_status(p: &Result<Request, request::ParseError>) -> Option<GuestAddress> {
+    match p {
+        Ok(r) => Some(r.status),
+        Err(e) => e.status_at(),
+    }
+}
+
+impl BlockDevice {
+    /// Writes the status, returns the chain to the guest, and tells it
+    /// (when EVENT_IDX says it wants to know).
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        queue: usize,
+        vring: &VringRwLock<AtomicMem>,
+        mem: &GuestMem,
+        head: u16,
+        status: u8,
+        data_written: u32,
+        status_at: Option<GuestAddress>,
+    ) {
+        let mut used = data_written;
+        if let Some(at) = status_at {
+            if mem.write_obj(status, at).is_ok() {
+                used += 1;
+            }
+        }
+        if let Err(e) = vring.add_used(head, used) {
+            warn!(volume = %self.0.cfg.name, error = %e, "vhost-user: cannot return a request");
+        } else {
+            let notify = !self.0.event_idx.load(Ordering::Relaxed)
+                || vring.needs_notification().unwrap_or(true);
+            if notify {
+                if let Err(e) = vring.signal_used_queue() {
+                    debug!(volume = %self.0.cfg.name, error = %e, "vhost-user: cannot signal the guest");
+                }
+            }
+        }
+        self.0.in_flight[queue].leave();
+    }
+
+    /// Carries out one request: `(status, bytes written to guest buffers)`.
+    async fn execute(&self, req: &Request, mem: &GuestMem) -> (u8, u32) {
+        let t = &self.0.target;
+        let size = self.0.size;
+        let ro = self.0.cfg.read_only;
+        let result: Result<u32, BlockError> = match &req.op {
+            Op::Read => match byte_range(req.sector, req.data_len, size) {
+                None => Err(BlockError::OutOfRange {
+                    offset: req.sector.saturating_mul(SECTOR),
+                    len: req.data_len,
+                    size,
+                }),
+                Some((offset, len)) => read_into_guest(t.as_ref(), offset, &req.data, mem)
+                    .await
+                    .map(|()| len as u32),
+            },
+            Op::Write if ro => Err(BlockError::ReadOnly),
+            Op::Write => match byte_range(req.sector, req.data_len, size) {
+                None => Err(BlockError::OutOfRange {
+                    offset: req.sector.saturating_mul(SECTOR),
+                    len: req.data_len,
+                    size,
+                }),
+                Some((offset, _)) => {
+                    let fua = !self.0.writeback.load(Ordering::Relaxed);
+                    write_from_guest(t.as_ref(), offset, &req.data, mem, fua)
+                        .await
+                        .map(|()| 0)
+                }
+            },
+            Op::Flush => t.flush().await.map(|()| 0),
+            Op::GetId => {
+                let mut id = [0u8; ID_LEN];
+                let n = self.0.cfg.name.len().min(ID_LEN);
+                id[..n].copy_from_slice(&self.0.cfg.name.as_bytes()[..n]);
+                let mut left = &id[..];
+                let mut written = 0u32;
+                for s in &req.data {
+                    let k = (s.len as usize).min(left.len());
+                    if mem.write_slice(&left[..k], s.addr).is_err() {
+                        break;
+                    }
+                    left = &left[k..];
+                    written += k as u32;
+                }
+                Ok(written)
+            }
+            Op::Discard(_) | Op::WriteZeroes(_) if ro => Err(BlockError::ReadOnly),
+            Op::Discard(ranges) | Op::WriteZeroes(ranges) => {
+                let zero = matches!(req.op, Op::WriteZeroes(_));
+                let fua = !self.0.writeback.load(Ordering::Relaxed);
+                let mut r = Ok(0);
+                for range in ranges {
+                    let len = u64::from(range.sectors) * SECTOR;
+                    let Some((offset, len)) = byte_range(range.sector, len, size) else {
+                        r = Err(BlockError::OutOfRange {
+                            offset: range.sector.saturating_mul(SECTOR),
+                            len,
+                            size,
+                        });
+                        break;
+                    };
+                    let done = if zero {
+                        let flags = ZeroFlags {
+                            no_hole: range.flags & request::WZ_FLAG_UNMAP == 0,
+                            fast: false,
+                            fua,
+                        };
+                        t.write_zeroes(offset, len, flags).await
+                    } else {
+                        t.trim(offset, len, fua).await
+                    };
+                    if let Err(e) = done {
+                        r = Err(e);
+                        break;
+                    }
+                }
+                r
+            }
+            Op::Unsupported(_) => Err(BlockError::NotSupported),
+        };
+        match result {
+            Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
+            Err(BlockError::NotSupported) => (VIRTIO_BLK_S_UNSUPP as u8, 0),
+            Err(e) => {
+                debug!(volume = %self.0.cfg.name, op = ?req.op, error = %e, "vhost-user: request failed");
+                (VIRTIO_BLK_S_IOERR as u8, 0)
+            }
+        }
+    }
+}
+
+/// Reads `[offset, +len(segs))` of the volume into guest buffers: straight
+/// into guest memory when the request is one buffer, else through one
+/// pooled buffer (one target call, not one per page).
+async fn read_into_guest(
+    t: &dyn BlockTarget,
+    offset: u64,
+    segs: &[request::Seg],
+    mem: &GuestMem,
+) -> Result<(), BlockError> {
+    if let [seg] = segs {
+        let len = seg.len as usize;
+        let buf: Option<&mut [u8]> = mem.get_slice(seg.addr, len).ok().map(|slice| {
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            // SAFETY: `slice` lies inside a region of `mem`, whose mapping
+            // lives as long as `mem` (held by this request until it
+            // completes); the pointer guard only matters for Xen grant
+            // mappings, which this node does not use. The guest made this
+            // buffer device-writable and, by the virtio contract, does not
+            // touch it until the request is returned; a guest that does
+            // anyway races only with its own data, and any byte pattern is
+            // a valid `u8`. No other Rust reference to this memory exists:
+            // vm-memory hands out only volatile accessors.
+            unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+        });
+        if let Some(buf) = buf {
+            let r = t.read(offset, buf).await;
+            // The guest page changed: tell a migration's dirty log.
+            if let Ok(slice) = mem.get_slice(seg.addr, len) {
+                slice.bitmap().mark_dirty(0, len);
+            }
+            return r;
+        }
+    }
+    let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+    let mut buf = crate::bufpool::take_for_overwrite(total as usize);
+    let r = t.read(offset, &mut buf).await;
+    if r.is_ok() {
+        let mut at = 0usize;
+        for s in segs {
+            let n = s.len as usize;
+            mem.write_slice(&buf[at..at + n], s.addr)
+                .map_err(|e| BlockError::Invalid(format!("guest buffer: {e}")))?;
+            at += n;
+        }
+    }
+    crate::bufpool::give(buf);
+    r
+}
+
+/// Writes guest buffers to `[offset, +len(segs))` of the volume.
+async fn write_from_guest(
+    t: &dyn BlockTarget,
+    offset: u64,
+    segs: &[request::Seg],
+    mem: &GuestMem,
+    fua: bool,
+) -> Result<(), BlockError> {
+    if let [seg] = segs {
+        let len = seg.len as usize;
+        let buf: Option<&[u8]> = mem.get_slice(seg.addr, len).ok().map(|slice| {
+            let ptr = slice.ptr_guard().as_ptr();
+            // SAFETY: as in `read_into_guest`; the buffer is only read. A
+            // guest changing it meanwhile writes whichever bytes it raced
+            // with, as on any DMA-capable disk.
+            unsafe { std::slice::from_raw_parts(ptr, len) }
+        });
+        if let Some(buf) = buf {
+            return t.write(offset, buf, fua).await;
+        }
+    }
+    let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
+    let mut buf = crate::bufpool::take_for_overwrite(total as usize);
+    let mut at = 0usize;
+    for s in segs {
+        let n = s.len as usize;
+        if let Err(e) = mem.read_slice(&mut buf[at..at + n], s.addr) {
+            crate::bufpool::give(buf);
+            return Err(BlockError::Invalid(format!("guest buffer: {e}")));
+        }
+        at += n;
+    }
+    let r = t.write(offset, &buf, fua).await;
+    crate::bufpool::give(buf);
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_space_layout() {
+        let c = config_space(1 << 30, 2, true);
+        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 30) / 512);
+        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
+        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
+        assert_eq!(c[32], 1);
+        assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
+        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), MAX_RANGES);
+        assert_eq!(config_space(4096, 1, false)[32], 0);
+    }
+}
