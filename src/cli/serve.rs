@@ -100,9 +100,10 @@ pub fn run(
         advertise_api: a.advertise_api,
         vhost_user: a.vhost_user_dir.map(|dir| crate::node::VhostUserConfig {
             dir,
-            num_queues: a.vhost_user_queues.map(usize::from).unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            }),
+            num_queues: a
+                .vhost_user_queues
+                .map(usize::from)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         }),
     };
     super::runtime()?.block_on(serve(cfg))

@@ -38,13 +38,15 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::request::{self, byte_range, Desc, Op, Request, ID_LEN, MAX_RANGES, SECTOR};
 use crate::target::{BlockError, BlockTarget, ZeroFlags};
@@ -104,9 +106,6 @@ struct InFlight {
 }
 
 impl InFlight {
-    fn enter(&self) {
-        *self.n.lock().unwrap() += 1;
-    }
     fn leave(&self) {
         let mut n = self.n.lock().unwrap();
         *n -= 1;
@@ -175,7 +174,7 @@ pub fn config_space(size: u64, num_queues: u16, writeback: bool) -> [u8; 60] {
     c[0..8].copy_from_slice(&sectors.to_le_bytes()); // capacity
     c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes()); // size_max
     c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
-    // geometry (16..20) unused.
+                                                       // geometry (16..20) unused.
     c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes()); // blk_size
     c[24] = 3; // physical_block_exp: 4 KiB physical blocks
     c[25] = 0; // alignment_offset
@@ -326,12 +325,27 @@ impl BlockDevice {
             return Err(io::Error::other("no guest memory table yet"));
         };
         let mem = atomic.memory();
-        let chains: Vec<_> = vring
-            .get_mut()
+        // Popping and counting in flight happen under the queue's in-flight
+        // lock, after checking the queue still runs: `stop_vring` takes the
+        // same lock, so once it has seen the count reach zero no request
+        // popped before the stop is still out, and none is popped after.
+        // (Otherwise `GET_VRING_BASE` could report a ring position past
+        // requests that never complete; the guest, migrated, would then
+        // read used entries that were never written.)
+        let in_flight = &self.0.in_flight[queue];
+        let mut n = in_flight.n.lock().unwrap();
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() {
+            return Ok(());
+        }
+        let chains: Vec<_> = state
             .get_queue_mut()
             .iter(mem.clone())
             .map_err(io::Error::other)?
             .collect();
+        drop(state);
+        *n += chains.len();
+        drop(n);
         for chain in chains {
             let head = chain.head_index();
             let descs: Vec<Desc> = chain
@@ -344,7 +358,6 @@ impl BlockDevice {
                 .collect();
             let parsed = request::parse(descs, &*mem);
             let status_at = parsed_status(&parsed);
-            self.0.in_flight[queue].enter();
             let dev = self.clone();
             let vring = vring.clone();
             let mem = mem.clone().into_inner();
@@ -589,12 +602,18 @@ mod tests {
     #[test]
     fn config_space_layout() {
         let c = config_space(1 << 30, 2, true);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), (1 << 30) / 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap()),
+            (1 << 30) / 512
+        );
         assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
         assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 512);
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 2);
-        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap()), MAX_RANGES);
+        assert_eq!(
+            u32::from_le_bytes(c[40..44].try_into().unwrap()),
+            MAX_RANGES
+        );
         assert_eq!(config_space(4096, 1, false)[32], 0);
     }
 }

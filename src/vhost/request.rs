@@ -95,7 +95,11 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     #[error("descriptor [{addr:#x}, +{len}) is outside guest memory")]
-    BadAddress { addr: u64, len: u32, status: Option<GuestAddress> },
+    BadAddress {
+        addr: u64,
+        len: u32,
+        status: Option<GuestAddress>,
+    },
     #[error("a device-readable descriptor follows a device-writable one")]
     ReadableAfterWritable { status: Option<GuestAddress> },
     #[error("no device-writable byte for the status")]
@@ -103,7 +107,11 @@ pub enum ParseError {
     #[error("request header is {0} bytes, needs {HEADER_LEN}")]
     ShortHeader(u64, GuestAddress),
     #[error("{what} payload of {len} bytes is not a whole number of {RANGE_LEN}-byte ranges (1 to {MAX_RANGES})")]
-    BadRanges { what: &'static str, len: u64, status: GuestAddress },
+    BadRanges {
+        what: &'static str,
+        len: u64,
+        status: GuestAddress,
+    },
 }
 
 impl ParseError {
@@ -111,9 +119,8 @@ impl ParseError {
     /// usable one (otherwise the chain is returned with no bytes written).
     pub fn status_at(&self) -> Option<GuestAddress> {
         match self {
-            ParseError::BadAddress { status, .. } | ParseError::ReadableAfterWritable { status } => {
-                *status
-            }
+            ParseError::BadAddress { status, .. }
+            | ParseError::ReadableAfterWritable { status } => *status,
             ParseError::NoStatus => None,
             ParseError::ShortHeader(_, s) | ParseError::BadRanges { status: s, .. } => Some(*s),
         }
@@ -170,7 +177,9 @@ pub fn parse<M: GuestMemoryBackend + ?Sized>(
     }
     let status = status.ok_or(ParseError::NoStatus)?;
     // Drop the status byte from the writable stream.
-    let last = writable.last_mut().expect("status found in a writable descriptor");
+    let last = writable
+        .last_mut()
+        .expect("status found in a writable descriptor");
     last.len -= 1;
     if last.len == 0 {
         writable.pop();
@@ -331,7 +340,13 @@ mod tests {
         assert_eq!(req.op, Op::Read);
         assert_eq!(req.sector, 8);
         assert_eq!(req.data_len, 4096);
-        assert_eq!(req.data, vec![Seg { addr: GuestAddress(0x2000), len: 4096 }]);
+        assert_eq!(
+            req.data,
+            vec![Seg {
+                addr: GuestAddress(0x2000),
+                len: 4096
+            }]
+        );
         assert_eq!(req.status, GuestAddress(0x3000));
     }
 
@@ -347,10 +362,22 @@ mod tests {
         let req = parse([r(0x1000, 10), r(0x5000, 6 + 512), w(0x9000, 1)], &m).unwrap();
         assert_eq!(req.op, Op::Write);
         assert_eq!(req.sector, 3);
-        assert_eq!(req.data, vec![Seg { addr: GuestAddress(0x5006), len: 512 }]);
+        assert_eq!(
+            req.data,
+            vec![Seg {
+                addr: GuestAddress(0x5006),
+                len: 512
+            }]
+        );
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
         let req = parse([r(0x1000, 16), w(0x2000, 513)], &m).unwrap();
-        assert_eq!(req.data, vec![Seg { addr: GuestAddress(0x2000), len: 512 }]);
+        assert_eq!(
+            req.data,
+            vec![Seg {
+                addr: GuestAddress(0x2000),
+                len: 512
+            }]
+        );
         assert_eq!(req.status, GuestAddress(0x2200));
     }
 
@@ -373,15 +400,25 @@ mod tests {
     fn malformed_chains() {
         let m = mem();
         header(&m, 0x1000, VIRTIO_BLK_T_IN, 0);
-        assert_eq!(parse([r(0x1000, 16)], &m).unwrap_err(), ParseError::NoStatus);
+        assert_eq!(
+            parse([r(0x1000, 16)], &m).unwrap_err(),
+            ParseError::NoStatus
+        );
         assert_eq!(parse([], &m).unwrap_err(), ParseError::NoStatus);
         let e = parse([r(0x1000, 8), w(0x3000, 1)], &m).unwrap_err();
         assert_eq!(e, ParseError::ShortHeader(8, GuestAddress(0x3000)));
-        let e = parse([r(0x1000, 16), w(0x2000, 8), r(0x4000, 8), w(0x3000, 1)], &m).unwrap_err();
+        let e = parse(
+            [r(0x1000, 16), w(0x2000, 8), r(0x4000, 8), w(0x3000, 1)],
+            &m,
+        )
+        .unwrap_err();
         assert!(matches!(e, ParseError::ReadableAfterWritable { .. }), "{e}");
         // A trailing readable descriptor: the status is not the chain's last byte.
         let e = parse([r(0x1000, 16), w(0x3000, 1), r(0x4000, 8)], &m).unwrap_err();
-        assert!(matches!(e, ParseError::ReadableAfterWritable { status: None }), "{e}");
+        assert!(
+            matches!(e, ParseError::ReadableAfterWritable { status: None }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -399,8 +436,16 @@ mod tests {
         assert_eq!(
             req.op,
             Op::Discard(vec![
-                Range { sector: 8, sectors: 16, flags: 0 },
-                Range { sector: 1024, sectors: 8, flags: 1 }
+                Range {
+                    sector: 8,
+                    sectors: 16,
+                    flags: 0
+                },
+                Range {
+                    sector: 1024,
+                    sectors: 8,
+                    flags: 1
+                }
             ])
         );
         let e = parse([r(0x1000, 16), r(0x2000, 20), w(0x3000, 1)], &m).unwrap_err();
