@@ -94,4 +94,27 @@ bodies = [(0, {"name": "fz", "size": 1048576}), (0, {"name": "../x", "size": 409
 for i, (sel, body) in enumerate(bodies):
     write("api_bodies", f"body-{i}", bytes([sel]) + (json.dumps(body).encode() if body is not None else b""))
 write("api_bodies", "not-json", b"\x00{\"name\": \"fz\", \"size\": ")
+# --- vhost_requests: guest memory (descriptor table at 0, avail at 0x100) --
+def vq(descs, heads, extra):
+    """Guest memory image: split-queue descriptors, an available ring
+    offering `heads`, and `extra` {address: bytes}."""
+    m = bytearray(0x4000)
+    for i, (addr, ln, flags, nxt) in enumerate(descs):
+        m[i * 16:(i + 1) * 16] = struct.pack("<QIHH", addr, ln, flags, nxt)
+    m[0x100:0x104] = struct.pack("<HH", 0, len(heads))
+    for i, h in enumerate(heads):
+        m[0x104 + 2 * i:0x106 + 2 * i] = struct.pack("<H", h)
+    for a, b in extra.items():
+        m[a:a + len(b)] = b
+    return bytes(m)
+NEXT, WR, IND = 1, 2, 4
+blkhdr = lambda t, s: struct.pack("<IIQ", t, 0, s)
+write("vhost_requests", "read", vq([(0x1000, 16, NEXT, 1), (0x2000, 512, NEXT | WR, 2), (0x3000, 1, WR, 0)], [0], {0x1000: blkhdr(0, 8)}))
+write("vhost_requests", "write-flush-discard", vq([(0x1000, 16, NEXT, 1), (0x2000, 4096, NEXT, 2), (0x3000, 1, WR, 0),
+    (0x1100, 16, NEXT, 4), (0x3001, 1, WR, 0), (0x1200, 16 + 32, NEXT, 6), (0x3002, 1, WR, 0)], [0, 3, 5],
+    {0x1000: blkhdr(1, 0), 0x1100: blkhdr(4, 0), 0x1200: blkhdr(11, 0) + struct.pack("<QII", 8, 16, 0) + struct.pack("<QII", 64, 8, 0)}))
+write("vhost_requests", "indirect", vq([(0x1800, 48, IND, 0)], [0], {0x1000: blkhdr(0, 0),
+    0x1800: struct.pack("<QIHH", 0x1000, 16, NEXT, 1) + struct.pack("<QIHH", 0x2000, 1024, NEXT | WR, 2) + struct.pack("<QIHH", 0x3000, 1, WR, 0)}))
+write("vhost_requests", "loop", vq([(0x1000, 16, NEXT, 1), (0x2000, 512, NEXT | WR, 0)], [0], {0x1000: blkhdr(0, 0)}))
+write("vhost_requests", "out-of-memory", vq([(0x1000, 16, NEXT, 1), (0xFFFF_FFFF_FFFF_F000, 4096, NEXT | WR, 2), (0x3000, 1, WR, 0)], [0], {0x1000: blkhdr(0, 0)}))
 print("seeds written under", os.path.join(HERE, "seeds"))

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}; shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(options requests server client_replies api_bodies)
+[ ${#targets[@]} -gt 0 ] || targets=(options requests server client_replies api_bodies vhost_requests)
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked --version 0.13.2
 cargo fuzz build -s none -a

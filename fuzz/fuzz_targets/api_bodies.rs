@@ -56,6 +56,7 @@ fn env() -> &'static Env {
             // which no route here opens, would end at once.
             dashboard: dlsm::node::dashboard::Dashboard::new(tokio::sync::watch::channel(false).1),
             metrics: Default::default(),
+            vhost: None,
         });
         Env {
             rt,

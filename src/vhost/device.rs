@@ -48,7 +48,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::request::{self, byte_range, Desc, Op, Request, ID_LEN, MAX_RANGES, SECTOR};
+use super::request::{self, byte_range, Op, Request, ID_LEN, MAX_RANGES, SECTOR};
 use crate::target::{BlockError, BlockTarget, ZeroFlags};
 
 /// Guest memory as this device maps it: every region carries the dirty
@@ -348,15 +348,7 @@ impl BlockDevice {
         drop(n);
         for chain in chains {
             let head = chain.head_index();
-            let descs: Vec<Desc> = chain
-                .clone()
-                .map(|d| Desc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write: d.is_write_only(),
-                })
-                .collect();
-            let parsed = request::parse(descs, &*mem);
+            let parsed = request::parse(request::descriptors(chain), &*mem);
             let status_at = parsed_status(&parsed);
             let dev = self.clone();
             let vring = vring.clone();

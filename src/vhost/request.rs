@@ -127,6 +127,22 @@ impl ParseError {
     }
 }
 
+/// The descriptors of a chain as the queue's iterator follows them
+/// (indirect tables entered, a looping chain cut at the queue size).
+pub fn descriptors<M>(chain: virtio_queue::DescriptorChain<M>) -> Vec<Desc>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemoryBackend,
+{
+    chain
+        .map(|d| Desc {
+            addr: d.addr().0,
+            len: d.len(),
+            write: d.is_write_only(),
+        })
+        .collect()
+}
+
 /// Parses the descriptors of one chain against guest memory `mem`.
 pub fn parse<M: GuestMemoryBackend + ?Sized>(
     descs: impl IntoIterator<Item = Desc>,
