@@ -213,6 +213,17 @@ fn vhost_disk(sock: &Path) -> Vec<String> {
     .to_vec()
 }
 
+/// `qemu-system-x86_64` on host `ns` (a network namespace; "" for the
+/// machine itself).
+fn qemu_command(ns: &str) -> Command {
+    if ns.is_empty() {
+        return Command::new("qemu-system-x86_64");
+    }
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+    cmd
+}
+
 /// A QEMU process with a QMP socket and a serial log.
 struct Qemu {
     child: Child,
@@ -287,12 +298,8 @@ impl Qemu {
     ) -> Qemu {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
-        let mut cmd = Command::new("ip");
+        let mut cmd = qemu_command(ns);
         cmd.args([
-            "netns",
-            "exec",
-            ns,
-            "qemu-system-x86_64",
             "-accel",
             "tcg",
             "-m",
@@ -616,6 +623,124 @@ fn guest_on_vhost_user_blk_live_migrates_with_its_disk_on_dlsm() {
     drop(qb);
     let blocks = check_image(&rig.db.join("volumes/vm/data.raw"), &serial_b);
     eprintln!("vhost-user: verified {blocks} blocks on B");
+}
+
+/// The vhost-user socket of a volume on one node, with real QEMUs as
+/// frontends: it appears with the volume; a connected guest counts as a
+/// client (`volume rm` refuses); a second QEMU on the same socket is turned
+/// away and the node says why; a new QEMU after the first has gone is
+/// served again; what the guests wrote reads back over NBD; the socket goes
+/// with the volume.
+#[test]
+fn vhost_user_socket_serves_one_frontend_at_a_time_then_the_next() {
+    tools();
+    let guest = guest();
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let vu = tmp.path().join("vu");
+    let log = tmp.path().join("node.log");
+    let node = NodeProc::start_logging_to(
+        &tmp.path().join("data"),
+        &["--vhost-user-dir", vu.to_str().unwrap()],
+        &log,
+    );
+    node.create("vm", "64M");
+    let sock = vu.join("vm");
+    let show: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "show", "vm", "--json"])).unwrap();
+    assert_eq!(show["vhost_user_socket"], sock.to_str().unwrap(), "{show}");
+    assert!(sock.exists(), "no socket at {}", sock.display());
+
+    let first = Qemu::start_disk(
+        "",
+        tmp.path(),
+        "first",
+        &guest,
+        vhost_disk(&sock),
+        "dlsm.secs=8",
+        None,
+        false,
+    );
+    first.wait_serial("STAT t=1", 120);
+    let show: serde_json::Value =
+        serde_json::from_str(&node.cli_ok(&["volume", "show", "vm", "--json"])).unwrap();
+    assert_eq!(show["connections"], 1, "the guest is not counted: {show}");
+    let rm = node.cli(&["volume", "rm", "vm"]);
+    assert!(
+        !rm.status.success(),
+        "volume rm succeeded under a running guest"
+    );
+
+    // A second frontend on the same socket: QEMU fails to start its device.
+    let mut second = qemu_command("");
+    second
+        .args(["-accel", "tcg", "-m", "256", "-nographic", "-net", "none"])
+        .args(["-display", "none", "-monitor", "none", "-serial", "none"])
+        .args(vhost_disk(&sock));
+    let out = second.output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a second QEMU attached to a busy socket"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vhost"), "QEMU's error: {err}");
+    let node_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        node_log.contains("refused a second frontend"),
+        "the node did not say why:\n{node_log}"
+    );
+
+    // The first guest finishes undisturbed and powers off.
+    let serial_first = first.wait_serial("DONE", 180);
+    assert!(serial_first.contains("FINAL OK"), "{serial_first}");
+    drop(first);
+
+    // A new QEMU on the same socket is served from scratch.
+    let third = Qemu::start_disk(
+        "",
+        tmp.path(),
+        "third",
+        &guest,
+        vhost_disk(&sock),
+        "dlsm.secs=4",
+        None,
+        false,
+    );
+    let serial = third.wait_serial("DONE", 180);
+    assert!(serial.contains("FINAL OK"), "{serial}");
+    assert!(!serial.contains("MISMATCH"), "{serial}");
+    drop(third);
+
+    // What the guest wrote through vhost-user reads back over NBD.
+    let copy = tmp.path().join("copy.raw");
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &format!("nbd://{}/vm", node.nbd),
+        copy.to_str().unwrap(),
+    ]));
+    // Both guests' records, the later one's last.
+    let blocks = check_image(&copy, &format!("{serial_first}\n{serial}"));
+    assert!(blocks > 0);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if node.cli(&["volume", "rm", "vm"]).status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "volume rm still refused after the guests left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sock.exists() {
+        assert!(Instant::now() < deadline, "socket outlived its volume");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

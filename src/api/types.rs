@@ -27,6 +27,9 @@ pub struct NodeInfo {
     /// Dashboard event streams open now (`GET /v1/events`).
     #[serde(default)]
     pub dashboard_subscribers: usize,
+    /// Where the vhost-user-blk sockets are (`--vhost-user-dir`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user_dir: Option<String>,
 }
 
 /// What the API says about a volume.
@@ -39,6 +42,9 @@ pub struct VolumeInfo {
     pub connections: usize,
     /// `nbd://HOST:PORT/NAME`, when the node listens on TCP.
     pub uri: Option<String>,
+    /// The volume's vhost-user-blk socket, when the node serves them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user_socket: Option<String>,
     /// Set when this node handed the volume off (writes refused).
     #[serde(default)]
     pub fenced_to: Option<String>,

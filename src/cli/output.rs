@@ -460,6 +460,9 @@ pub fn volume_text(v: &VolumeInfo) -> String {
     }
     let _ = writeln!(o, "connections: {}", v.connections);
     let _ = writeln!(o, "uri:         {}", v.uri.as_deref().unwrap_or("-"));
+    if let Some(p) = &v.vhost_user_socket {
+        let _ = writeln!(o, "vhost-user:  {p}");
+    }
     o
 }
 
@@ -471,6 +474,9 @@ pub fn node_text(api: &str, n: &NodeInfo) -> String {
     let _ = writeln!(o, "api:         {api}");
     let _ = writeln!(o, "nbd:         {}", n.nbd.as_deref().unwrap_or("-"));
     let _ = writeln!(o, "nbd unix:    {}", n.nbd_unix.as_deref().unwrap_or("-"));
+    if let Some(d) = &n.vhost_user_dir {
+        let _ = writeln!(o, "vhost-user:  {d}/NAME");
+    }
     o
 }
 

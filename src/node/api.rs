@@ -364,6 +364,10 @@ pub(super) fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
         uri: state
             .nbd_addr
             .map(|a| format!("{}://{a}/{}", state.nbd_scheme(), v.name)),
+        vhost_user_socket: state
+            .vhost
+            .as_ref()
+            .map(|x| x.path(&v.name).display().to_string()),
         fenced_to: t.fenced_to,
         fenced_for: t.fenced_for,
         outgoing: t.outgoing,
@@ -380,6 +384,7 @@ async fn node_info(State(s): State<Arc<NodeState>>) -> Json<NodeInfo> {
         nbd: s.nbd_addr.map(|a| a.to_string()),
         nbd_unix: s.nbd_unix.as_ref().map(|p| p.display().to_string()),
         dashboard_subscribers: s.dashboard.subscribers(),
+        vhost_user_dir: s.vhost.as_ref().map(|x| x.dir().display().to_string()),
     })
 }
 

@@ -71,6 +71,11 @@ impl VhostExports {
         })
     }
 
+    /// Where the sockets are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The socket path of volume `name`.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
