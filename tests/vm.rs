@@ -838,9 +838,20 @@ fn guest_ms(q: &Qemu) -> u64 {
     stats(&q.serial()).last().map_or(0, |s| s.0)
 }
 
-fn run_dlsm(size_gib: u64, image: &Path, secs: u32) -> Outcome {
+/// dlsm's migration of a guest whose disk is `nbd://` or, with `vhost`,
+/// each node's vhost-user-blk socket.
+fn run_dlsm(size_gib: u64, image: &Path, secs: u32, vhost: bool) -> Outcome {
     let guest = guest();
-    let rig = Rig::new("cd");
+    let rig = if vhost {
+        Rig::new_vhost("cv")
+    } else {
+        Rig::new("cd")
+    };
+    let method = if vhost {
+        "dlsm, vhost-user-blk"
+    } else {
+        "dlsm"
+    };
     let (a, b) = (&rig.a, &rig.b);
     a.cli_ok(&["volume", "create", "vm", "--from", image.to_str().unwrap()]);
     let params = format!("dlsm.secs={secs}");
@@ -870,9 +881,9 @@ fn run_dlsm(size_gib: u64, image: &Path, secs: u32) -> Outcome {
     assert!(serial.contains("FINAL OK"), "guest check failed on B");
     let mut all = qa.serial();
     all.push_str(&serial);
-    eprintln!("dlsm {size_gib} GiB: VM on B after {vm_on_b:.2}s, released after {release:.2}s");
+    eprintln!("{method} {size_gib} GiB: VM on B after {vm_on_b:.2}s, released after {release:.2}s");
     Outcome {
-        method: "dlsm",
+        method,
         vm_on_b_s: vm_on_b,
         downtime_ms: m["downtime"].as_u64().unwrap_or(0),
         release_s: release,
@@ -1046,7 +1057,7 @@ fn plot(size_gib: u64, runs: &[Outcome]) -> String {
     let ymax = series.iter().flatten().map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let x = |t: f64| pad + (t - tmin) / (tmax - tmin) * (w - 2.0 * pad);
     let y = |v: f64| h - pad - v / ymax * (h - 2.0 * pad);
-    let colors = ["#1f77b4", "#d62728"];
+    let colors = ["#1f77b4", "#d62728", "#2ca02c"];
     let mut svg = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\n\
          <rect width='100%' height='100%' fill='white'/>\n\
@@ -1079,7 +1090,7 @@ fn plot(size_gib: u64, runs: &[Outcome]) -> String {
             .iter()
             .map(|p| format!("{:.1},{:.1}", x(p.0), y(p.1)))
             .collect();
-        let c = colors[i % 2];
+        let c = colors[i % colors.len()];
         let sw = (o.switch_ms as f64 - o.start_ms as f64) / 1000.0;
         svg.push_str(&format!(
             "<polyline fill='none' stroke='{c}' stroke-width='1.5' points='{}'/>\n",
@@ -1105,7 +1116,7 @@ fn compare_with_qemu_drive_mirror() {
         .collect();
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/out");
     std::fs::create_dir_all(&out).unwrap();
-    let mut report = String::from("| disk | method | VM on B | downtime | source releasable | bytes over link | guest writes/s during | worst write latency during |\n|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut report = String::from("| disk | method | VM on B | downtime | source releasable | bytes over link | guest writes/s during | worst write latency during | guest writes/s after (20 s) |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for size in sizes {
         let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
         let image = tmp.path().join("disk.raw");
@@ -1118,17 +1129,19 @@ fn compare_with_qemu_drive_mirror() {
         let secs = 60 + 20 * size as u32;
         let runs = [
             run_drive_mirror(size, &image, secs),
-            run_dlsm(size, &image, secs),
+            run_dlsm(size, &image, secs, false),
+            run_dlsm(size, &image, secs, true),
         ];
         for o in &runs {
-            let end = if o.method == "dlsm" {
+            let end = if o.method.starts_with("dlsm") {
                 o.start_ms + (o.release_s * 1000.0) as u64
             } else {
                 o.switch_ms
             };
             let (rate, worst) = window(o, o.start_ms, end);
+            let (after, _) = window(o, end, end + 20_000);
             report.push_str(&format!(
-                "| {size} GiB | {} | {:.2} s | {} ms | {:.2} s | {:.1} MB | {:.0} | {:.1} ms |\n",
+                "| {size} GiB | {} | {:.2} s | {} ms | {:.2} s | {:.1} MB | {:.0} | {:.1} ms | {after:.0} |\n",
                 o.method,
                 o.vm_on_b_s,
                 o.downtime_ms,
@@ -1143,17 +1156,133 @@ fn compare_with_qemu_drive_mirror() {
             plot(size, &runs),
         )
         .unwrap();
-        let (base, _) = window(
-            &runs[1],
-            runs[1].start_ms.saturating_sub(8000),
-            runs[1].start_ms,
-        );
-        report.push_str(&format!(
-            "| {size} GiB | (guest before migration, dlsm run) | | | | | {base:.0} | |\n"
-        ));
+        for o in &runs[1..] {
+            let (base, _) = window(o, o.start_ms.saturating_sub(8000), o.start_ms);
+            report.push_str(&format!(
+                "| {size} GiB | (guest before migration, {} run) | | | | | {base:.0} | | |\n",
+                o.method
+            ));
+        }
     }
     std::fs::write(out.join("vm-compare.md"), &report).unwrap();
     println!("{report}");
+}
+
+/// The same O_DIRECT workload (`tests/vm/diskbench.c`) inside a TCG guest on
+/// three disks in one run: a local raw file through QEMU's block layer,
+/// `nbd://` to dlsm, and dlsm's vhost-user-blk socket, all holding the same
+/// 512 MiB of random bytes. The first row is the guest's CPU ceiling (the
+/// same loop on guest memory): under TCG the guest itself is the limit for
+/// small I/O, whatever the disk. Writes `bench/out/vm-disks.md`.
+#[test]
+#[ignore = "benchmark (minutes): cargo test --release --test vm -- --ignored --nocapture guest_disk_benchmark"]
+fn guest_disk_benchmark() {
+    tools();
+    let guest = guest();
+    let secs: u32 = std::env::var("DLSM_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
+    let image = tmp.path().join("image.raw");
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "head -c 512M /dev/urandom > {0} && cp {0} {1}",
+        image.display(),
+        tmp.path().join("local.raw").display()
+    )));
+    let vu = tmp.path().join("vu");
+    let node = NodeProc::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &[
+            "--vhost-user-dir",
+            vu.to_str().unwrap(),
+            "--vhost-user-queues",
+            "1",
+        ],
+    );
+    node.cli_ok(&["volume", "create", "vm", "--from", image.to_str().unwrap()]);
+    let params = format!("dlsm.bench={secs}");
+    let mut results: Vec<(&str, Vec<(String, f64, f64)>)> = Vec::new();
+    for disk in ["local file", "nbd://", "vhost-user-blk"] {
+        let q = match disk {
+            "local file" => Qemu::start(
+                "",
+                tmp.path(),
+                "local",
+                &guest,
+                tmp.path().join("local.raw").to_str().unwrap(),
+                &[],
+                &params,
+                None,
+            ),
+            "nbd://" => Qemu::start(
+                "",
+                tmp.path(),
+                "nbd",
+                &guest,
+                &format!("nbd://{}/vm", node.nbd),
+                &[],
+                &params,
+                None,
+            ),
+            _ => Qemu::start_disk(
+                "",
+                tmp.path(),
+                "vhost",
+                &guest,
+                vhost_disk(&vu.join("vm")),
+                &params,
+                None,
+                false,
+            ),
+        };
+        let serial = q.wait_serial("BENCH DONE", 60 + 10 * u64::from(secs) * 8);
+        assert!(!serial.contains("BENCH ERROR"), "{serial}");
+        let rows: Vec<(String, f64, f64)> = serial
+            .lines()
+            .filter_map(|l| l.strip_prefix("BENCH "))
+            .filter(|l| l.contains("iops="))
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                let name = it.next().unwrap().to_owned();
+                let field = |k: &str| -> f64 {
+                    l.split_whitespace()
+                        .find_map(|f| f.strip_prefix(k))
+                        .unwrap()
+                        .parse()
+                        .unwrap()
+                };
+                (name, field("iops="), field("lat_us="))
+            })
+            .collect();
+        assert_eq!(rows.len(), 7, "{serial}");
+        eprintln!("{disk}: {rows:?}");
+        results.push((disk, rows));
+    }
+    let mut md = String::from(
+        "| row (in the guest) | local file IOPS | nbd:// IOPS | vhost-user-blk IOPS | vhost / nbd | vhost / local | latency local / nbd / vhost (µs) |\n|---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for i in 0..7 {
+        let (l, n, v) = (&results[0].1[i], &results[1].1[i], &results[2].1[i]);
+        md.push_str(&format!(
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2}x | {:.2}x | {:.0} / {:.0} / {:.0} |\n",
+            l.0,
+            l.1,
+            n.1,
+            v.1,
+            v.1 / n.1,
+            v.1 / l.1,
+            l.2,
+            n.2,
+            v.2
+        ));
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("vm-disks.md"), &md).unwrap();
+    println!("{md}");
 }
 
 #[test]

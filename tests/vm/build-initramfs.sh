@@ -27,6 +27,7 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
   esac
 done
 gcc -static -O2 -o "$root/bin/workload" "$here/workload.c"
+gcc -static -O2 -pthread -o "$root/bin/diskbench" "$here/diskbench.c"
 install -m 0755 "$here/init" "$root/init"
 # Write then rename, so a reader never sees a half-written guest.
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
