@@ -1204,7 +1204,9 @@ fn guest_disk_benchmark() {
     );
     node.cli_ok(&["volume", "create", "vm", "--from", image.to_str().unwrap()]);
     let params = format!("dlsm.bench={secs}");
-    let mut results: Vec<(&str, Vec<(String, f64, f64)>)> = Vec::new();
+    // Per disk: (row, IOPS, mean latency µs) for each row.
+    type Rows = Vec<(String, f64, f64)>;
+    let mut results: Vec<(&str, Rows)> = Vec::new();
     for disk in ["local file", "nbd://", "vhost-user-blk"] {
         let q = match disk {
             "local file" => Qemu::start(
@@ -1240,7 +1242,7 @@ fn guest_disk_benchmark() {
         };
         let serial = q.wait_serial("BENCH DONE", 60 + 10 * u64::from(secs) * 8);
         assert!(!serial.contains("BENCH ERROR"), "{serial}");
-        let rows: Vec<(String, f64, f64)> = serial
+        let rows: Rows = serial
             .lines()
             .filter_map(|l| l.strip_prefix("BENCH "))
             .filter(|l| l.contains("iops="))

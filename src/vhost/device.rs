@@ -58,11 +58,16 @@ type AtomicMem = GuestMemoryAtomic<GuestMem>;
 
 /// Largest virtqueue the device accepts.
 pub const MAX_QUEUE_SIZE: u16 = 1024;
-/// Largest single data buffer (`size_max`).
-const SIZE_MAX: u32 = 1 << 20;
+/// Largest single data buffer (`size_max`): with [`SEG_MAX`] buffers a
+/// request stays under [`MAX_REQUEST`], so a guest never builds one the
+/// device refuses.
+const SIZE_MAX: u32 = 256 << 10;
 /// Most data buffers per request (`seg_max`): Linux wants at most
 /// queue size - 2, and QEMU's default queue has 128 entries.
 const SEG_MAX: u32 = 126;
+/// Most data one read or write may carry (as NBD's largest request): a
+/// guest's descriptors can name gigabytes, which must not become a buffer.
+pub const MAX_REQUEST: u64 = 32 << 20;
 /// How long `GET_VRING_BASE` waits for requests in flight before giving up
 /// on them (an origin that stopped answering mid-migration).
 const STOP_WAIT: Duration = Duration::from_secs(60);
@@ -414,6 +419,11 @@ impl BlockDevice {
         let t = &self.0.target;
         let size = self.0.size;
         let ro = self.0.cfg.read_only;
+        if req.data_len > MAX_REQUEST {
+            warn!(volume = %self.0.cfg.name, bytes = req.data_len,
+                  "vhost-user: request larger than {MAX_REQUEST} bytes refused");
+            return (VIRTIO_BLK_S_IOERR as u8, 0);
+        }
         let result: Result<u32, BlockError> = match &req.op {
             Op::Read => match byte_range(req.sector, req.data_len, size) {
                 None => Err(BlockError::OutOfRange {
@@ -590,6 +600,257 @@ async fn write_from_guest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::target::LocalTarget;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+    use vm_memory::GuestMemoryLoadGuard;
+
+    const QSIZE: u16 = 16;
+    const DESC: u64 = 0x0;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+
+    /// A device over a 1 MiB volume (byte i = i % 251) and one queue in a
+    /// guest memory of 64 MiB, driven the way a guest driver would.
+    struct Rig {
+        dev: BlockDevice,
+        vring: VringRwLock<AtomicMem>,
+        mem: AtomicMem,
+        next_desc: u16,
+        avail_idx: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Rig {
+        fn new(read_only: bool) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("v.raw");
+            let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+            std::fs::write(&path, bytes).unwrap();
+            let target: Arc<dyn BlockTarget> = Arc::new(LocalTarget::open(&path, false).unwrap());
+            let dev = BlockDevice::new(
+                DeviceConfig {
+                    name: "vol-under-test".into(),
+                    num_queues: 1,
+                    read_only,
+                },
+                target,
+                tokio::runtime::Handle::current(),
+            )
+            .unwrap();
+            let mem = GuestMemoryAtomic::new(
+                GuestMem::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap(),
+            );
+            dev.update_memory(mem.clone()).unwrap();
+            let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+            vring.set_queue_size(QSIZE);
+            vring.set_queue_info(DESC, AVAIL, USED).unwrap();
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            Rig {
+                dev,
+                vring,
+                mem,
+                next_desc: 0,
+                avail_idx: 0,
+                _dir: dir,
+            }
+        }
+
+        fn m(&self) -> GuestMemoryLoadGuard<GuestMem> {
+            self.mem.memory()
+        }
+
+        /// Offers a chain of `(addr, len, flags)` and processes the queue.
+        fn submit(&mut self, chain: &[(u64, u32, u16)]) -> u16 {
+            let m = self.m();
+            // Tests await each request, so the table's start is free again.
+            if usize::from(self.next_desc) + chain.len() > usize::from(QSIZE) {
+                self.next_desc = 0;
+            }
+            let head = self.next_desc;
+            for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+                let idx = self.next_desc + i as u16;
+                let last = i + 1 == chain.len();
+                let f = if last { flags } else { flags | NEXT };
+                let mut d = Vec::new();
+                d.extend_from_slice(&addr.to_le_bytes());
+                d.extend_from_slice(&len.to_le_bytes());
+                d.extend_from_slice(&f.to_le_bytes());
+                d.extend_from_slice(&(idx + 1).to_le_bytes());
+                m.write_slice(&d, GuestAddress(DESC + 16 * u64::from(idx)))
+                    .unwrap();
+            }
+            self.next_desc += chain.len() as u16;
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+            m.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx += 1;
+            m.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.dev.process_queue(0, &self.vring).unwrap();
+            head
+        }
+
+        fn header(&self, at: u64, kind: u32, sector: u64) {
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&kind.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            self.m().write_slice(&h, GuestAddress(at)).unwrap();
+        }
+
+        /// Waits for used entry `n` (0-based): `(head, len)`.
+        async fn used(&self, n: u16) -> (u32, u32) {
+            let m = self.m();
+            for _ in 0..500 {
+                let idx: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+                if idx > n {
+                    let at = USED + 4 + 8 * u64::from(n % QSIZE);
+                    return (
+                        m.read_obj(GuestAddress(at)).unwrap(),
+                        m.read_obj(GuestAddress(at + 4)).unwrap(),
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("request {n} never completed");
+        }
+
+        fn byte(&self, at: u64) -> u8 {
+            self.m().read_obj(GuestAddress(at)).unwrap()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_lands_in_guest_memory_in_place_and_multi_buffer() {
+        let mut r = Rig::new(false);
+        r.header(0x4000, VIRTIO_BLK_T_IN, 2);
+        let head = r.submit(&[(0x4000, 16, 0), (0x8000, 4096, WRITE), (0x5000, 1, WRITE)]);
+        assert_eq!(r.used(0).await, (u32::from(head), 4097));
+        assert_eq!(r.byte(0x5000), VIRTIO_BLK_S_OK as u8);
+        let mut got = vec![0u8; 4096];
+        r.m().read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        let want: Vec<u8> = (1024..1024 + 4096u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(got, want);
+        // Three buffers, one of them odd-sized: one target read, scattered.
+        r.header(0x4100, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[
+            (0x4100, 16, 0),
+            (0x10000, 512, WRITE),
+            (0x20000, 1024, WRITE),
+            (0x30000, 512, WRITE),
+            (0x5001, 1, WRITE),
+        ]);
+        assert_eq!(r.used(1).await.1, 2049);
+        assert_eq!(r.byte(0x20000), (512 % 251) as u8);
+        assert_eq!(r.byte(0x30000 + 511), (2047 % 251) as u8);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_then_read_back() {
+        let mut r = Rig::new(false);
+        r.m()
+            .write_slice(&[0xAB; 512], GuestAddress(0x8000))
+            .unwrap();
+        r.header(0x4000, VIRTIO_BLK_T_OUT, 10);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, 0), (0x5000, 1, WRITE)]);
+        assert_eq!(r.used(0).await.1, 1, "a write returns only the status byte");
+        assert_eq!(r.byte(0x5000), VIRTIO_BLK_S_OK as u8);
+        r.header(0x4100, VIRTIO_BLK_T_IN, 10);
+        r.submit(&[(0x4100, 16, 0), (0x9000, 512, WRITE), (0x5001, 1, WRITE)]);
+        r.used(1).await;
+        assert_eq!(r.byte(0x9000), 0xAB);
+        assert_eq!(r.byte(0x9000 + 511), 0xAB);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_requests_get_an_error_status_and_touch_nothing() {
+        let mut r = Rig::new(false);
+        // Past the end of the volume.
+        r.header(0x4000, VIRTIO_BLK_T_IN, (1 << 20) / 512);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, WRITE), (0x5000, 1, WRITE)]);
+        assert_eq!(r.used(0).await.1, 1);
+        assert_eq!(r.byte(0x5000), VIRTIO_BLK_S_IOERR as u8);
+        // A buffer outside guest memory.
+        r.header(0x4100, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[
+            (0x4100, 16, 0),
+            (0xFFFF_0000, 4096, WRITE),
+            (0x5001, 1, WRITE),
+        ]);
+        assert_eq!(r.used(1).await.1, 1);
+        assert_eq!(r.byte(0x5001), VIRTIO_BLK_S_IOERR as u8);
+        // Not a whole number of sectors.
+        r.header(0x4200, VIRTIO_BLK_T_OUT, 0);
+        r.submit(&[(0x4200, 16, 0), (0x8000, 100, 0), (0x5002, 1, WRITE)]);
+        r.used(2).await;
+        assert_eq!(r.byte(0x5002), VIRTIO_BLK_S_IOERR as u8);
+        // An unknown request type.
+        r.header(0x4300, 0x55, 0);
+        r.submit(&[(0x4300, 16, 0), (0x5003, 1, WRITE)]);
+        r.used(3).await;
+        assert_eq!(r.byte(0x5003), VIRTIO_BLK_S_UNSUPP as u8);
+        // No status byte at all: returned with nothing written.
+        r.header(0x4400, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[(0x4400, 16, 0)]);
+        assert_eq!(r.used(4).await.1, 0);
+        // Larger than the device allows.
+        r.header(0x4500, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[
+            (0x4500, 16, 0),
+            (0x10_0000, (MAX_REQUEST + 512) as u32, WRITE),
+            (0x5005, 1, WRITE),
+        ]);
+        r.used(5).await;
+        assert_eq!(r.byte(0x5005), VIRTIO_BLK_S_IOERR as u8);
+        // The volume is untouched: its first sectors still hold the pattern.
+        r.header(0x4600, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[(0x4600, 16, 0), (0x9000, 512, WRITE), (0x5006, 1, WRITE)]);
+        r.used(6).await;
+        assert_eq!(r.byte(0x9000 + 300), (300 % 251) as u8);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_only_device_refuses_writes_and_says_so() {
+        let mut r = Rig::new(true);
+        assert!(r.dev.features() & (1 << VIRTIO_BLK_F_RO) != 0);
+        assert!(r.dev.features() & (1 << VIRTIO_BLK_F_DISCARD) == 0);
+        r.header(0x4000, VIRTIO_BLK_T_OUT, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, 0), (0x5000, 1, WRITE)]);
+        r.used(0).await;
+        assert_eq!(r.byte(0x5000), VIRTIO_BLK_S_IOERR as u8);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn get_id_is_the_volume_name() {
+        let mut r = Rig::new(false);
+        r.header(0x4000, VIRTIO_BLK_T_GET_ID, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 20, WRITE), (0x5000, 1, WRITE)]);
+        assert_eq!(r.used(0).await.1, 21);
+        let mut id = [0u8; 14];
+        r.m().read_slice(&mut id, GuestAddress(0x8000)).unwrap();
+        assert_eq!(&id, b"vol-under-test");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_queue_pops_nothing() {
+        let mut r = Rig::new(false);
+        r.vring.set_queue_ready(false);
+        assert!(r.dev.stop_vring(0).is_ok());
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, WRITE), (0x5000, 1, WRITE)]);
+        assert_eq!(
+            r.vring.queue_next_avail(),
+            0,
+            "a request was popped after the stop"
+        );
+    }
+
+    #[test]
+    fn the_largest_request_a_guest_can_build_is_accepted() {
+        assert!(u64::from(SIZE_MAX) * u64::from(SEG_MAX) <= MAX_REQUEST);
+    }
 
     #[test]
     fn config_space_layout() {

@@ -157,6 +157,9 @@ impl Socket {
         if let Some(h) = self.state.active.lock().unwrap().take() {
             h.shutdown();
         }
+        // A connection seen waiting and then withdrawn leaves the thread
+        // blocked in accept: one more, closed at once, frees it.
+        drop(std::os::unix::net::UnixStream::connect(path));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
