@@ -623,13 +623,59 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    /// A target whose reads and writes wait for a permit each: requests
+    /// stay in flight until the test lets them through.
+    struct Gated {
+        inner: LocalTarget,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    #[async_trait::async_trait]
+    impl BlockTarget for Gated {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn capabilities(&self) -> crate::target::Capabilities {
+            self.inner.capabilities()
+        }
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> crate::target::BlockResult<()> {
+            self.gate.acquire().await.unwrap().forget();
+            self.inner.read(offset, buf).await
+        }
+        async fn write(
+            &self,
+            offset: u64,
+            data: &[u8],
+            fua: bool,
+        ) -> crate::target::BlockResult<()> {
+            self.gate.acquire().await.unwrap().forget();
+            self.inner.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> crate::target::BlockResult<()> {
+            self.inner.flush().await
+        }
+    }
+
     impl Rig {
         fn new(read_only: bool) -> Rig {
+            Rig::build(read_only, None)
+        }
+
+        /// A rig whose reads and writes wait for permits of `gate`.
+        fn gated(gate: Arc<tokio::sync::Semaphore>) -> Rig {
+            Rig::build(false, Some(gate))
+        }
+
+        fn build(read_only: bool, gate: Option<Arc<tokio::sync::Semaphore>>) -> Rig {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("v.raw");
             let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
             std::fs::write(&path, bytes).unwrap();
-            let target: Arc<dyn BlockTarget> = Arc::new(LocalTarget::open(&path, false).unwrap());
+            let local = LocalTarget::open(&path, false).unwrap();
+            let target: Arc<dyn BlockTarget> = match gate {
+                None => Arc::new(local),
+                Some(gate) => Arc::new(Gated { inner: local, gate }),
+            };
             let dev = BlockDevice::new(
                 DeviceConfig {
                     name: "vol-under-test".into(),
@@ -691,6 +737,27 @@ mod tests {
                 .unwrap();
             self.dev.process_queue(0, &self.vring).unwrap();
             head
+        }
+
+        /// Offers chain `head` (already in the descriptor table) once
+        /// more, without waiting for its earlier offers to complete, as a
+        /// hostile driver may; returns what processing the queue said.
+        fn publish(&mut self, head: u16) -> io::Result<bool> {
+            let m = self.m();
+            let slot = AVAIL + 4 + 2 * u64::from(self.avail_idx % QSIZE);
+            m.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            m.write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            self.dev.process_queue(0, &self.vring).map(|_| true)
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.m().read_obj(GuestAddress(USED + 2)).unwrap()
+        }
+
+        fn in_flight(&self) -> usize {
+            *self.dev.0.in_flight[0].n.lock().unwrap()
         }
 
         fn header(&self, at: u64, kind: u32, sector: u64) {
@@ -844,6 +911,106 @@ mod tests {
             r.vring.queue_next_avail(),
             0,
             "a request was popped after the stop"
+        );
+    }
+
+    /// GET_VRING_BASE stops a queue (`ready` false) while the guest has
+    /// offered requests the worker has not popped yet (a VM paused for
+    /// migration under load). With EVENT_IDX, the worker's loop must not
+    /// keep re-checking a ring it may no longer pop: it would spin a core
+    /// forever and never see its exit event, so the connection's end
+    /// would hang joining it (and with it the socket's stop, `volume rm`,
+    /// the migration's release of the source copy and node shutdown).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_queue_stopped_with_requests_waiting_does_not_spin_its_worker() {
+        let mut r = Rig::new(false);
+        r.vring.set_queue_event_idx(true);
+        r.dev.set_event_idx(true);
+        r.vring.set_queue_ready(false);
+        r.dev.stop_vring(0).unwrap();
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, WRITE), (0x5000, 1, WRITE)]);
+        assert_eq!(r.vring.queue_next_avail(), 0);
+        let (dev, vring) = (r.dev.clone(), r.vring.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(dev.handle_event(0, EventSet::IN, &[vring], 0).is_ok());
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "the queue worker spins on a stopped queue with requests waiting"
+        );
+    }
+
+    /// A guest may offer a chain again before the device has answered it
+    /// (the avail ring only bounds what is offered and not yet popped).
+    /// Each pop is a task and, for a request of several buffers, a pooled
+    /// buffer of up to 32 MiB: in flight must stay bounded by the queue
+    /// size (as QEMU's and libvhost-user's `inuse` check does), or one
+    /// guest grows the node's memory without limit and takes every other
+    /// volume down with it. Offers past the bound wait in the ring and are
+    /// served as requests complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_guest_cannot_have_more_requests_in_flight_than_the_queue_size() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut r = Rig::gated(gate.clone());
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        let head = r.submit(&[(0x4000, 16, 0), (0x8000, 4096, WRITE), (0x5000, 1, WRITE)]);
+        for _ in 1..2 * QSIZE {
+            r.publish(head).unwrap();
+        }
+        assert!(
+            r.in_flight() <= usize::from(QSIZE),
+            "{} requests in flight on a queue of {QSIZE}",
+            r.in_flight()
+        );
+        gate.add_permits(4 * usize::from(QSIZE));
+        for _ in 0..500 {
+            if r.used_idx() == 2 * QSIZE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            r.used_idx(),
+            2 * QSIZE,
+            "offers held back were never served"
+        );
+        assert_eq!(r.in_flight(), 0);
+    }
+
+    /// The frontend went (its connection ended; `serve_socket` stops the
+    /// workers) while a request was still in flight. QEMU then takes the
+    /// used index it finds as the ring position and, reconnected, offers
+    /// again every request not answered: a late answer from the old
+    /// connection would complete a request twice, the second time in a
+    /// used ring the new connection is filling. It must write nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_in_flight_when_the_frontend_goes_writes_nothing_into_guest_memory() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut r = Rig::gated(gate.clone());
+        r.m().write_obj(0xEEu8, GuestAddress(0x5000)).unwrap();
+        r.header(0x4000, VIRTIO_BLK_T_OUT, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, 0), (0x5000, 1, WRITE)]);
+        assert_eq!(r.in_flight(), 1);
+        r.dev.stop_workers();
+        gate.add_permits(1);
+        for _ in 0..100 {
+            if r.in_flight() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(r.in_flight(), 0, "the request never finished");
+        assert_eq!(
+            r.used_idx(),
+            0,
+            "a request of a gone frontend was returned to the ring"
+        );
+        assert_eq!(
+            r.byte(0x5000),
+            0xEE,
+            "a request of a gone frontend wrote its status"
         );
     }
 
