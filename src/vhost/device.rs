@@ -102,12 +102,31 @@ struct Inner {
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// Per queue: requests popped and not yet completed.
     in_flight: Vec<InFlight>,
+    /// The frontend's connection ended: requests still in flight finish
+    /// their I/O but write nothing more into guest memory (QEMU takes the
+    /// used index it finds as the ring position and offers again every
+    /// request not answered, possibly to the next connection).
+    gone: AtomicBool,
 }
 
 #[derive(Default)]
 struct InFlight {
     n: Mutex<usize>,
     zero: Condvar,
+    /// Offers were left in the ring because the queue had as many
+    /// requests in flight as it has entries: the next completion pops them.
+    held_back: AtomicBool,
+}
+
+/// What one pass over a queue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Popped everything offered.
+    Drained,
+    /// Stopped at the in-flight bound; a completion resumes the queue.
+    Full,
+    /// The queue is stopped (GET_VRING_BASE): nothing may be popped.
+    Stopped,
 }
 
 impl InFlight {
@@ -152,14 +171,28 @@ impl BlockDevice {
             acked: AtomicU64::new(0),
             exits,
             in_flight: (0..queues).map(|_| InFlight::default()).collect(),
+            gone: AtomicBool::new(false),
         })))
     }
 
-    /// Stops every worker thread (the connection is gone).
+    /// Stops every worker thread (the connection is gone): requests still
+    /// in flight finish their I/O but write nothing into guest memory.
     pub fn stop_workers(&self) {
+        self.0.gone.store(true, Ordering::SeqCst);
         for (_, notify) in &self.0.exits {
             let _ = notify.notify();
         }
+    }
+
+    /// Waits up to `limit` for every request in flight to finish: whether
+    /// none is left. (A gone frontend's writes must not land after those
+    /// of the next frontend, which may write the same blocks.)
+    pub fn wait_idle(&self, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        self.0
+            .in_flight
+            .iter()
+            .all(|f| f.wait_idle(until.saturating_duration_since(std::time::Instant::now())))
     }
 
     /// The config space (`struct virtio_blk_config`), as this device fills it.
@@ -308,24 +341,35 @@ impl VhostUserBackend for BlockDevice {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
-        let queue = thread_id;
+        self.run_queue(thread_id, vring)
+    }
+}
+
+impl BlockDevice {
+    /// Serves `vring` until nothing more is offered, the queue is stopped
+    /// or its in-flight bound is reached.
+    fn run_queue(&self, queue: usize, vring: &VringRwLock<AtomicMem>) -> io::Result<()> {
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
-            self.process_queue(queue, vring)?;
+            // A stopped queue must not be looked at again (offers still in
+            // its ring would make `enable_notification` say "more" forever);
+            // a full one is resumed by its next completion.
+            if self.process_queue(queue, vring)? != Pass::Drained {
+                break;
+            }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
         Ok(())
     }
-}
 
-impl BlockDevice {
-    /// Pops every available chain of `vring` and starts its I/O.
-    fn process_queue(&self, queue: usize, vring: &VringRwLock<AtomicMem>) -> io::Result<()> {
+    /// Pops the available chains of `vring`, up to as many in flight as
+    /// the queue has entries, and starts their I/O.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock<AtomicMem>) -> io::Result<Pass> {
         let Some(atomic) = self.0.mem.read().unwrap().clone() else {
             return Err(io::Error::other("no guest memory table yet"));
         };
@@ -337,19 +381,35 @@ impl BlockDevice {
         // (Otherwise `GET_VRING_BASE` could report a ring position past
         // requests that never complete; the guest, migrated, would then
         // read used entries that were never written.)
+        //
+        // A guest may offer a chain again before it is answered, so the
+        // ring alone does not bound what is in flight: at most the queue
+        // size is popped (a driver within the spec never has more), the
+        // rest waits in the ring for a completion to resume the queue.
         let in_flight = &self.0.in_flight[queue];
         let mut n = in_flight.n.lock().unwrap();
+        if self.0.gone.load(Ordering::SeqCst) {
+            return Ok(Pass::Stopped);
+        }
         let mut state = vring.get_mut();
         if !state.get_queue().ready() {
-            return Ok(());
+            return Ok(Pass::Stopped);
         }
+        let room = usize::from(state.get_queue().size()).saturating_sub(*n);
         let chains: Vec<_> = state
             .get_queue_mut()
             .iter(mem.clone())
             .map_err(io::Error::other)?
+            .take(room)
             .collect();
         drop(state);
         *n += chains.len();
+        let pass = if chains.len() == room {
+            in_flight.held_back.store(true, Ordering::SeqCst);
+            Pass::Full
+        } else {
+            Pass::Drained
+        };
         drop(n);
         for chain in chains {
             let head = chain.head_index();
@@ -369,7 +429,7 @@ impl BlockDevice {
                 dev.complete(queue, &vring, &mem, head, status, used, status_at);
             });
         }
-        Ok(())
+        Ok(pass)
     }
 }
 
@@ -394,6 +454,10 @@ impl BlockDevice {
         data_written: u32,
         status_at: Option<GuestAddress>,
     ) {
+        if self.0.gone.load(Ordering::SeqCst) {
+            self.0.in_flight[queue].leave();
+            return;
+        }
         let mut used = data_written;
         if let Some(at) = status_at {
             if mem.write_obj(status, at).is_ok() {
@@ -411,7 +475,13 @@ impl BlockDevice {
                 }
             }
         }
-        self.0.in_flight[queue].leave();
+        let f = &self.0.in_flight[queue];
+        f.leave();
+        if f.held_back.swap(false, Ordering::SeqCst) {
+            if let Err(e) = self.run_queue(queue, vring) {
+                warn!(volume = %self.0.cfg.name, error = %e, "vhost-user: cannot resume the queue");
+            }
+        }
     }
 
     /// Carries out one request: `(status, bytes written to guest buffers)`.
@@ -994,14 +1064,14 @@ mod tests {
         r.submit(&[(0x4000, 16, 0), (0x8000, 512, 0), (0x5000, 1, WRITE)]);
         assert_eq!(r.in_flight(), 1);
         r.dev.stop_workers();
+        let dev = r.dev.clone();
+        let busy = tokio::task::spawn_blocking(move || dev.wait_idle(Duration::from_millis(50)));
+        assert!(!busy.await.unwrap(), "idle with a request in flight");
         gate.add_permits(1);
-        for _ in 0..100 {
-            if r.in_flight() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(r.in_flight(), 0, "the request never finished");
+        let dev = r.dev.clone();
+        let idle = tokio::task::spawn_blocking(move || dev.wait_idle(Duration::from_secs(5)));
+        assert!(idle.await.unwrap(), "the request never finished");
+        assert_eq!(r.in_flight(), 0);
         assert_eq!(
             r.used_idx(),
             0,

@@ -222,6 +222,12 @@ fn serve_socket(
         let guard = vol.connection_guard();
         info!(volume = %name, "vhost-user: frontend connected");
         *state.active.lock().unwrap() = daemon.shutdown_handle();
+        // A stop that came between the accept and the line above found no
+        // connection to cut: cut it here, or `wait` (and the stop joining
+        // this thread) lasts as long as the frontend stays.
+        if state.stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
         // Refuse further frontends while this one is served.
         let busy = Arc::new(AtomicBool::new(true));
         let refuser = {
@@ -253,9 +259,21 @@ fn serve_socket(
             let _ = r.join();
         }
         state.active.lock().unwrap().take();
-        // Dropping the daemon stops and joins the queue workers.
+        // Dropping the daemon stops and joins the queue workers; requests
+        // still in flight write nothing more into guest memory.
         device.stop_workers();
         drop(daemon);
+        // The next frontend (QEMU reconnecting offers again what was not
+        // answered) is served only once the gone one's requests are done,
+        // so none of its writes lands after one of the next frontend's;
+        // until then the volume still has this client.
+        let mut warned = false;
+        while !device.wait_idle(TICK) && !state.stop.load(Ordering::SeqCst) {
+            if !warned {
+                warn!(volume = %name, "vhost-user: waiting for the requests of a gone frontend");
+                warned = true;
+            }
+        }
         drop(guard);
     }
 }
