@@ -418,6 +418,11 @@ impl BlockDevice {
             let dev = self.clone();
             let vring = vring.clone();
             let mem = mem.clone().into_inner();
+            let counted = Counted {
+                dev: self.clone(),
+                queue,
+                answered: false,
+            };
             self.0.rt.spawn(async move {
                 let (status, used) = match parsed {
                     Ok(req) => dev.execute(&req, &mem).await,
@@ -426,10 +431,28 @@ impl BlockDevice {
                         (VIRTIO_BLK_S_IOERR as u8, 0)
                     }
                 };
-                dev.complete(queue, &vring, &mem, head, status, used, status_at);
+                dev.complete(counted, &vring, &mem, head, status, used, status_at);
             });
         }
         Ok(pass)
+    }
+}
+
+/// One request counted in flight. Answering it ([`BlockDevice::complete`])
+/// leaves the count; a request whose task is dropped unanswered (a panic,
+/// the runtime shutting down) leaves it here, so neither `GET_VRING_BASE`
+/// nor the socket's wait for a gone frontend's requests waits for it.
+struct Counted {
+    dev: BlockDevice,
+    queue: usize,
+    answered: bool,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.dev.0.in_flight[self.queue].leave();
+        }
     }
 }
 
@@ -446,7 +469,7 @@ impl BlockDevice {
     #[allow(clippy::too_many_arguments)]
     fn complete(
         &self,
-        queue: usize,
+        mut counted: Counted,
         vring: &VringRwLock<AtomicMem>,
         mem: &GuestMem,
         head: u16,
@@ -454,6 +477,8 @@ impl BlockDevice {
         data_written: u32,
         status_at: Option<GuestAddress>,
     ) {
+        counted.answered = true;
+        let queue = counted.queue;
         if self.0.gone.load(Ordering::SeqCst) {
             self.0.in_flight[queue].leave();
             return;
@@ -1081,6 +1106,25 @@ mod tests {
             r.byte(0x5000),
             0xEE,
             "a request of a gone frontend wrote its status"
+        );
+    }
+
+    /// A request whose task dies unanswered (here the target panics; at
+    /// node shutdown the runtime drops it) must not stay counted in
+    /// flight: `GET_VRING_BASE` would wait a minute for it, the socket
+    /// forever before serving the next frontend.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_task_dies_does_not_stay_in_flight() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        gate.close(); // `acquire` fails: the gated read panics
+        let mut r = Rig::gated(gate);
+        r.header(0x4000, VIRTIO_BLK_T_IN, 0);
+        r.submit(&[(0x4000, 16, 0), (0x8000, 512, WRITE), (0x5000, 1, WRITE)]);
+        let dev = r.dev.clone();
+        let idle = tokio::task::spawn_blocking(move || dev.wait_idle(Duration::from_secs(5)));
+        assert!(
+            idle.await.unwrap(),
+            "a dead request is still counted in flight"
         );
     }
 
