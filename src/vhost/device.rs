@@ -81,6 +81,22 @@ pub struct DeviceConfig {
     pub num_queues: usize,
     /// The export refuses writes.
     pub read_only: bool,
+    /// The guest's write-cache setting (CONFIG_WCE), shared by every
+    /// connection to the socket: QEMU does not send it again when it
+    /// reconnects, so it must outlive the device of one connection.
+    pub writeback: Arc<AtomicBool>,
+}
+
+impl DeviceConfig {
+    /// A configuration with the write cache on (the virtio default).
+    pub fn new(name: &str, num_queues: usize, read_only: bool) -> Self {
+        DeviceConfig {
+            name: name.to_owned(),
+            num_queues,
+            read_only,
+            writeback: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 /// A volume as a vhost-user-blk device (cheap to clone: one shared state).
@@ -94,9 +110,6 @@ struct Inner {
     rt: tokio::runtime::Handle,
     mem: RwLock<Option<AtomicMem>>,
     event_idx: AtomicBool,
-    /// Write cache on (`writeback` in config space, CONFIG_WCE): off makes
-    /// every write durable before it completes.
-    writeback: AtomicBool,
     acked: AtomicU64,
     /// Per worker thread: the event that stops it.
     exits: Vec<(EventConsumer, EventNotifier)>,
@@ -167,7 +180,6 @@ impl BlockDevice {
             rt,
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
-            writeback: AtomicBool::new(true),
             acked: AtomicU64::new(0),
             exits,
             in_flight: (0..queues).map(|_| InFlight::default()).collect(),
@@ -200,7 +212,7 @@ impl BlockDevice {
         config_space(
             self.0.size,
             self.0.cfg.num_queues as u16,
-            self.0.writeback.load(Ordering::Relaxed),
+            self.0.cfg.writeback.load(Ordering::Relaxed),
         )
     }
 }
@@ -292,7 +304,7 @@ impl VhostUserBackend for BlockDevice {
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
         // Only the write-cache byte is writable (CONFIG_WCE).
         if offset == 32 && buf.len() == 1 {
-            self.0.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            self.0.cfg.writeback.store(buf[0] != 0, Ordering::Relaxed);
             debug!(volume = %self.0.cfg.name, writeback = buf[0] != 0, "vhost-user: write cache");
             return Ok(());
         }
@@ -538,7 +550,7 @@ impl BlockDevice {
                     size,
                 }),
                 Some((offset, _)) => {
-                    let fua = !self.0.writeback.load(Ordering::Relaxed);
+                    let fua = !self.0.cfg.writeback.load(Ordering::Relaxed);
                     write_from_guest(t.as_ref(), offset, &req.data, mem, fua)
                         .await
                         .map(|()| 0)
@@ -564,7 +576,7 @@ impl BlockDevice {
             Op::Discard(_) | Op::WriteZeroes(_) if ro => Err(BlockError::ReadOnly),
             Op::Discard(ranges) | Op::WriteZeroes(ranges) => {
                 let zero = matches!(req.op, Op::WriteZeroes(_));
-                let fua = !self.0.writeback.load(Ordering::Relaxed);
+                let fua = !self.0.cfg.writeback.load(Ordering::Relaxed);
                 let mut r = Ok(0);
                 for range in ranges {
                     let len = u64::from(range.sectors) * SECTOR;
@@ -772,11 +784,7 @@ mod tests {
                 Some(gate) => Arc::new(Gated { inner: local, gate }),
             };
             let dev = BlockDevice::new(
-                DeviceConfig {
-                    name: "vol-under-test".into(),
-                    num_queues: 1,
-                    read_only,
-                },
+                DeviceConfig::new("vol-under-test", 1, read_only),
                 target,
                 tokio::runtime::Handle::current(),
             )
@@ -1125,6 +1133,29 @@ mod tests {
         assert!(
             idle.await.unwrap(),
             "a dead request is still counted in flight"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_cache_setting_outlives_the_connection() {
+        let r = Rig::new(false);
+        r.dev.set_config(32, &[0]).unwrap();
+        assert_eq!(r.dev.get_config(32, 1), vec![0]);
+        // The next connection's device, made from the same configuration.
+        let next = BlockDevice::new(
+            r.dev.0.cfg.clone(),
+            r.dev.0.target.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        assert_eq!(
+            next.get_config(32, 1),
+            vec![0],
+            "write-through forgotten on reconnect"
+        );
+        assert!(
+            r.dev.set_config(0, &[1; 8]).is_err(),
+            "capacity is read-only"
         );
     }
 

@@ -134,11 +134,7 @@ impl VhostExports {
         let state = Arc::new(SocketState::default());
         let thread = {
             let (state, vol, rt) = (state.clone(), vol.clone(), self.rt.clone());
-            let cfg = DeviceConfig {
-                name: vol.name.clone(),
-                num_queues: self.num_queues,
-                read_only: false,
-            };
+            let cfg = DeviceConfig::new(&vol.name, self.num_queues, false);
             std::thread::Builder::new()
                 .name(format!("vhost-{}", vol.name))
                 .spawn(move || serve_socket(listener, &state, &vol, cfg, rt))?
