@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -115,6 +115,8 @@ struct Inner {
     exits: Vec<(EventConsumer, EventNotifier)>,
     /// Per queue: requests popped and not yet completed.
     in_flight: Vec<InFlight>,
+    /// Per queue: its ring as last served, to report where it stopped.
+    rings: Vec<Mutex<Option<VringRwLock<AtomicMem>>>>,
     /// The frontend's connection ended: requests still in flight finish
     /// their I/O but write nothing more into guest memory (QEMU takes the
     /// used index it finds as the ring position and offers again every
@@ -183,6 +185,7 @@ impl BlockDevice {
             acked: AtomicU64::new(0),
             exits,
             in_flight: (0..queues).map(|_| InFlight::default()).collect(),
+            rings: (0..queues).map(|_| Mutex::new(None)).collect(),
             gone: AtomicBool::new(false),
         })))
     }
@@ -336,6 +339,14 @@ impl VhostUserBackend for BlockDevice {
                       "vhost-user: requests still in flight when the frontend stopped the queue");
             }
         }
+        // Where the ring stopped: what a live migration carries over (the
+        // next available index) and what the guest's memory says (the used
+        // index), which must agree once nothing is in flight.
+        if let Some(v) = self.0.rings.get(queue_index as usize).and_then(|r| r.lock().unwrap().clone()) {
+            info!(volume = %self.0.cfg.name, queue = queue_index,
+                  next_avail = v.queue_next_avail(), used = ?v.queue_used_idx().ok(),
+                  "vhost-user: queue stopped");
+        }
         Ok(())
     }
 
@@ -361,6 +372,15 @@ impl BlockDevice {
     /// Serves `vring` until nothing more is offered, the queue is stopped
     /// or its in-flight bound is reached.
     fn run_queue(&self, queue: usize, vring: &VringRwLock<AtomicMem>) -> io::Result<()> {
+        if let Some(slot) = self.0.rings.get(queue) {
+            let mut slot = slot.lock().unwrap();
+            if slot.is_none() {
+                info!(volume = %self.0.cfg.name, queue,
+                      next_avail = vring.queue_next_avail(), used = ?vring.queue_used_idx().ok(),
+                      "vhost-user: queue started");
+                *slot = Some(vring.clone());
+            }
+        }
         let event_idx = self.0.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
