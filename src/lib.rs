@@ -18,3 +18,4 @@ pub mod retry;
 pub mod size;
 pub mod target;
 pub mod tls;
+pub mod vhost;
