@@ -16,6 +16,8 @@
 //! - [`request`]: pure parsing and checking of a descriptor chain (fuzzed).
 //! - [`device`]: the virtio-blk device: features, config space, queues.
 //! - [`export`]: one UNIX socket per volume, one frontend at a time.
+//! - [`frontend`]: a small vhost-user-blk *driver* (the hypervisor's side),
+//!   for benchmarks and tests; not used by the node.
 //!
 //! Live migration: the device supports QEMU's dirty log (`VHOST_F_LOG_ALL`,
 //! `LOG_SHMFD`), so QEMU can migrate a VM whose disk is served here; the
@@ -23,6 +25,7 @@
 
 pub mod device;
 pub mod export;
+pub mod frontend;
 pub mod request;
 
 pub use device::{BlockDevice, DeviceConfig};
