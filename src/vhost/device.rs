@@ -318,6 +318,11 @@ impl VhostUserBackend for BlockDevice {
     }
 
     fn update_memory(&self, mem: AtomicMem) -> io::Result<()> {
+        {
+            let m = mem.memory();
+            info!(volume = %self.0.cfg.name, regions = m.num_regions(),
+                  bytes = m.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>(), "vhost-user: guest memory table");
+        }
         *self.0.mem.write().unwrap() = Some(mem);
         Ok(())
     }
@@ -342,7 +347,12 @@ impl VhostUserBackend for BlockDevice {
         // Where the ring stopped: what a live migration carries over (the
         // next available index) and what the guest's memory says (the used
         // index), which must agree once nothing is in flight.
-        if let Some(v) = self.0.rings.get(queue_index as usize).and_then(|r| r.lock().unwrap().clone()) {
+        if let Some(v) = self
+            .0
+            .rings
+            .get(queue_index as usize)
+            .and_then(|r| r.lock().unwrap().clone())
+        {
             info!(volume = %self.0.cfg.name, queue = queue_index,
                   next_avail = v.queue_next_avail(), used = ?v.queue_used_idx().ok(),
                   "vhost-user: queue stopped");
