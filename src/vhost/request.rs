@@ -282,7 +282,7 @@ fn ranges<M: GuestMemoryBackend + ?Sized>(
 ) -> Result<Vec<Range>, ParseError> {
     let len: u64 = payload.iter().map(|s| u64::from(s.len)).sum();
     let bad = || ParseError::BadRanges { what, len, status };
-    if len == 0 || len % RANGE_LEN != 0 || len / RANGE_LEN > u64::from(MAX_RANGES) {
+    if len == 0 || !len.is_multiple_of(RANGE_LEN) || len / RANGE_LEN > u64::from(MAX_RANGES) {
         return Err(bad());
     }
     let mut bytes = vec![0u8; len as usize];
@@ -306,7 +306,7 @@ fn ranges<M: GuestMemoryBackend + ?Sized>(
 /// covers, checked against a device of `capacity` bytes: `None` if it is
 /// not whole sectors or runs past the end.
 pub fn byte_range(sector: u64, len: u64, capacity: u64) -> Option<(u64, u64)> {
-    if len % SECTOR != 0 {
+    if !len.is_multiple_of(SECTOR) {
         return None;
     }
     let offset = sector.checked_mul(SECTOR)?;
