@@ -652,18 +652,18 @@ async fn direct_io_copy_reads_back_during_after_and_across_kill() {
     const RS: u64 = 64 << 10;
     let a = NodeProc::start();
     let mut b = NodeProc::start();
-    let mut model = filled_vm1(&a, 64, 41).await;
+    let mut model = filled_vm1(&a, 128, 41).await;
     // Slow enough to be mid-copy when killed, fast enough to copy a lot.
     migrate(&a, &b, "vm1", &["--rate", "12M"]);
     let cb = client(&b, "vm1").await;
-    let deadline = Instant::now() + Duration::from_millis(2500);
     let mut i = 0u64;
-    while Instant::now() < deadline {
+    while i < 60 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
         // Whole regions (no fetch), partial ones (fetch first), spans.
         let (off, len) = match i % 3 {
-            0 => ((i * 13 % 1024) * RS, RS as usize),
-            1 => ((i * 29 % 1000) * RS + 5000, 9000),
-            _ => ((i * 37 % 990) * RS + RS / 2, 2 * RS as usize),
+            0 => ((i * 13 % 2048) * RS, RS as usize),
+            1 => ((i * 29 % 2000) * RS + 5000, 9000),
+            _ => ((i * 37 % 1990) * RS + RS / 2, 2 * RS as usize),
         };
         model.write(&cb, off, &pattern(len, 500 + i)).await;
         // What was just written, and somewhere the copier may be at.
@@ -672,7 +672,7 @@ async fn direct_io_copy_reads_back_during_after_and_across_kill() {
             got == model.0[off as usize..off as usize + len],
             "write {i} at {off}"
         );
-        let far = (i * 7919 % 1020) * RS;
+        let far = (i * 7919 % 2040) * RS;
         let got = cb.read(far, 3 * RS as u32).await.unwrap();
         assert!(
             got == model.0[far as usize..(far + 3 * RS) as usize],
