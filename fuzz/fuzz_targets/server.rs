@@ -29,6 +29,7 @@ impl ExportRegistry for OneExport {
             description: "fuzz".into(),
             target: self.0.clone(),
             read_only: false,
+            bulk_reads: false,
             guard: Box::new(()),
         })
     }

@@ -14,9 +14,12 @@
 //! 1. under the map lock, copy the bitmap pages changed since the last commit
 //!    (the *snapshot*); bits are set only after their region's data was
 //!    written to the data file, so every bit in the snapshot has its data
-//!    already in the page cache;
+//!    already in the page cache, or (a background copy's direct write)
+//!    already handed to the disk, though maybe only to its volatile cache;
 //! 2. `fdatasync` the data file — the caller does this, between snapshot and
-//!    write — so every region the snapshot calls present is durable;
+//!    write — so every region the snapshot calls present is durable (it
+//!    writes back cached pages, commits the allocation of directly written
+//!    blocks, and flushes the disk's cache, for both kinds alike);
 //! 3. `pwrite` the snapshot's pages, then `fdatasync` the map file.
 //!
 //! Commits are serialised by the caller, so an older snapshot never lands

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 use super::proto::{self, cmd_flags, opt, rep, tflags, Command, Extent, ReplyHeader, Request};
+use crate::bufpool::IoBuf;
 
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,8 +91,13 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 /// A request waiting for its reply.
 struct Pending {
     offset: u64,
-    /// For READ: the destination buffer (zero-filled, so holes need nothing).
-    buf: Option<Vec<u8>>,
+    /// For READ: the destination buffer. It comes from the pool unzeroed;
+    /// `covered` says which parts the reply filled, and the rest (holes,
+    /// and anything a faulty server left out) is zeroed at the end, so no
+    /// byte of an earlier use of the buffer is ever returned.
+    buf: Option<IoBuf>,
+    /// Byte ranges of `buf` (relative) filled by data chunks.
+    covered: Vec<(usize, usize)>,
     extents: Vec<Extent>,
     error: Option<ClientError>,
     tx: oneshot::Sender<Result<Done, ClientError>>,
@@ -99,7 +105,7 @@ struct Pending {
 
 /// A completed request's result.
 struct Done {
-    data: Option<Vec<u8>>,
+    data: Option<IoBuf>,
     extents: Vec<Extent>,
 }
 
@@ -301,17 +307,34 @@ impl NbdClient {
         len: u32,
         payload: Option<&[u8]>,
     ) -> Result<Done, ClientError> {
+        self.submit_with(command, flags, offset, len, payload, None)
+            .await
+    }
+
+    async fn submit_with(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<&[u8]>,
+        buf: Option<IoBuf>,
+    ) -> Result<Done, ClientError> {
         if let Some(e) = self.inner.dead.lock().unwrap().clone() {
             return Err(e);
         }
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let buf = (command == Command::Read).then(|| crate::bufpool::take(len as usize));
+        let buf = match buf {
+            Some(b) => Some(b),
+            None => (command == Command::Read).then(|| IoBuf::unaligned(len as usize)),
+        };
         self.inner.pending.lock().unwrap().insert(
             cookie,
             Pending {
                 offset,
                 buf,
+                covered: Vec::new(),
                 extents: Vec::new(),
                 error: None,
                 tx,
@@ -347,6 +370,19 @@ impl NbdClient {
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
         let d = self.submit(Command::Read, 0, offset, len, None).await?;
+        d.data
+            .map(IoBuf::into_vec)
+            .ok_or_else(|| ClientError::Protocol("read without data".into()))
+    }
+
+    /// Reads `len` bytes at `offset` into a buffer aligned for `O_DIRECT`
+    /// (see [`IoBuf::aligned`]), so the caller can write it to disk without
+    /// the page cache.
+    pub async fn read_aligned(&self, offset: u64, len: u32) -> Result<IoBuf, ClientError> {
+        let buf = IoBuf::aligned(len as usize, 0);
+        let d = self
+            .submit_with(Command::Read, 0, offset, len, None, Some(buf))
+            .await?;
         d.data
             .ok_or_else(|| ClientError::Protocol("read without data".into()))
     }
@@ -548,7 +584,10 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &Inner) -> Result<()
                 let done = flags & proto::chunk::FLAG_DONE != 0;
                 read_chunk(rd, inner, cookie, ty, len).await?;
                 if done {
-                    let p = take_pending(inner, cookie)?;
+                    let mut p = take_pending(inner, cookie)?;
+                    if let Some(b) = p.buf.as_mut() {
+                        zero_uncovered(b, &mut p.covered);
+                    }
                     let r = match p.error {
                         Some(e) => Err(e),
                         None => Ok(Done {
@@ -560,6 +599,40 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &Inner) -> Result<()
                 }
             }
         }
+    }
+}
+
+/// Most separate data pieces one read reply may arrive in (dlsm's server
+/// sends at most one per extent, 1024).
+const MAX_PIECES: usize = 4096;
+
+/// Sorts and merges overlapping or touching ranges.
+fn merge_ranges(r: &mut Vec<(usize, usize)>) {
+    r.sort_unstable();
+    let mut out: Vec<(usize, usize)> = Vec::with_capacity(r.len());
+    for &(a, b) in r.iter() {
+        match out.last_mut() {
+            Some(l) if a <= l.1 => l.1 = l.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    *r = out;
+}
+
+/// Zeroes every byte of `buf` outside the ranges in `covered` (sorted
+/// here): the holes of a structured read, in as few fills as there are
+/// gaps.
+fn zero_uncovered(buf: &mut [u8], covered: &mut [(usize, usize)]) {
+    covered.sort_unstable();
+    let mut pos = 0;
+    for &(a, b) in covered.iter() {
+        if a > pos {
+            buf[pos..a].fill(0);
+        }
+        pos = pos.max(b);
+    }
+    if pos < buf.len() {
+        buf[pos..].fill(0);
     }
 }
 
@@ -607,6 +680,15 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         rd.read_exact(&mut b[start..start + n]).await?;
         if let Some(p) = inner.pending.lock().unwrap().get_mut(&cookie) {
             p.buf = buf;
+            p.covered.push((start, start + n));
+            if p.covered.len() > MAX_PIECES {
+                merge_ranges(&mut p.covered);
+                if p.covered.len() > MAX_PIECES {
+                    return Err(ClientError::Protocol(
+                        "read reply in too many pieces".into(),
+                    ));
+                }
+            }
         }
         return Ok(());
     }
@@ -635,7 +717,7 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                     "hole chunk outside the request".into(),
                 ));
             }
-            // The buffer starts zeroed; a hole needs no copy.
+            // Left uncovered: zeroed when the reply is done.
         }
         proto::Chunk::BlockStatus { extents, .. } => p.extents = extents,
         proto::Chunk::Error { error, msg, .. } => {
@@ -651,6 +733,20 @@ async fn read_chunk<R: AsyncRead + Unpin>(
 #[cfg(test)]
 mod hostile_server_tests {
     use super::*;
+
+    #[test]
+    fn uncovered_bytes_are_zeroed() {
+        let mut b = vec![9u8; 100];
+        let mut cov = vec![(50, 60), (0, 10), (5, 20), (90, 95)];
+        zero_uncovered(&mut b, &mut cov);
+        for (i, x) in b.iter().enumerate() {
+            let kept = i < 20 || (50..60).contains(&i) || (90..95).contains(&i);
+            assert_eq!(*x, if kept { 9 } else { 0 }, "byte {i}");
+        }
+        let mut r = vec![(5, 9), (0, 3), (3, 4), (20, 30), (8, 12)];
+        merge_ranges(&mut r);
+        assert_eq!(r, vec![(0, 4), (5, 12), (20, 30)]);
+    }
 
     fn rep(out: &mut Vec<u8>, option: u32, ty: u32, data: &[u8]) {
         proto::encode_opt_reply(out, option, ty, data);

@@ -39,6 +39,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::proto::{self, cmd_flags, errno, opt, rep, tflags, ClientOption, Command, Request};
+use crate::bufpool::IoBuf;
 use crate::node::metrics::NbdMetrics;
 use crate::target::{BlockError, BlockTarget, Extent, ZeroFlags};
 
@@ -61,12 +62,22 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads at least this large are sent sparsely (holes as `OFFSET_HOLE`).
 const SPARSE_READ_MIN: u32 = 64 << 10;
 
+/// Reads this large, on an export with [`Export::bulk_reads`], are bulk
+/// copies (a destination's background batches are 4 MiB; its on-demand
+/// fetches of 64 KiB regions stay buffered and keep readahead).
+pub const BULK_READ_MIN: u32 = 1 << 20;
+
 /// An export handed to a connection.
 pub struct Export {
     pub name: String,
     pub description: String,
     pub target: Arc<dyn BlockTarget>,
     pub read_only: bool,
+    /// Large reads (at least [`BULK_READ_MIN`] bytes) go through
+    /// [`BlockTarget::read_bulk`], around the page cache where the target
+    /// can: for a migration's origin link, whose bulk reads are a one-time
+    /// sweep of cold data that caching would only churn.
+    pub bulk_reads: bool,
     /// Held for the connection's lifetime; dropping it tells the owner the
     /// connection ended (the node counts connections per volume with it).
     pub guard: Box<dyn Send + Sync>,
@@ -580,6 +591,7 @@ struct Conn {
     read_only: bool,
     structured: bool,
     base_allocation: bool,
+    bulk_reads: bool,
     metrics: Arc<NbdMetrics>,
 }
 
@@ -601,6 +613,7 @@ where
         read_only: n.export.read_only || caps.read_only,
         structured: n.structured,
         base_allocation: n.base_allocation,
+        bulk_reads: n.export.bulk_reads,
         metrics,
     });
     let _guard = n.export.guard;
@@ -677,7 +690,8 @@ where
         if let Err((code, msg)) = verdict {
             debug!(?req, code, msg, "request refused");
             conn.metrics.request_refused(req.command);
-            sink.send(error_reply(&conn, &req, code, msg), permit).await;
+            sink.send(error_reply(&conn, &req, code, msg).into(), permit)
+                .await;
             continue;
         }
         let task_conn = conn.clone();
@@ -721,7 +735,7 @@ where
 /// the reply is written (or dropped for a dead client): a client that stops
 /// reading replies stops being read from, instead of making the queue grow.
 struct ReplySink<W> {
-    queue: std::sync::Mutex<Vec<(Vec<u8>, OwnedSemaphorePermit)>>,
+    queue: std::sync::Mutex<Vec<(IoBuf, OwnedSemaphorePermit)>>,
     writer: tokio::sync::Mutex<BufWriter<W>>,
     broken: std::sync::atomic::AtomicBool,
 }
@@ -740,7 +754,7 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
         self.broken.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    async fn send(&self, reply: Vec<u8>, permit: OwnedSemaphorePermit) {
+    async fn send(&self, reply: IoBuf, permit: OwnedSemaphorePermit) {
         self.queue.lock().unwrap().push((reply, permit));
         loop {
             {
@@ -768,7 +782,7 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
                     // Only now, with the replies on the wire, do their
                     // buffers and budget permits go back.
                     for (b, _permit) in batch {
-                        crate::bufpool::give(b);
+                        b.give();
                     }
                     if let Err(e) = r {
                         debug!("cannot send replies: {e}");
@@ -888,7 +902,7 @@ fn ok_reply(cookie: u64) -> Vec<u8> {
 }
 
 /// Carries out one validated request and returns its complete reply.
-async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> IoBuf {
     let t = &*conn.target;
     let fua = req.has(cmd_flags::FUA);
     let (off, len) = (req.offset, req.len as u64);
@@ -912,11 +926,11 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> 
                     ext.truncate(1);
                 }
                 if ext.is_empty() {
-                    return error_reply(conn, &req, errno::EIO, "target gave no extents");
+                    return error_reply(conn, &req, errno::EIO, "target gave no extents").into();
                 }
                 let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * ext.len());
                 proto::encode_block_status(&mut b, req.cookie, proto::BASE_ALLOCATION_ID, &ext);
-                return b;
+                return b.into();
             }
             Err(e) => Err(e),
         },
@@ -926,30 +940,41 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) -> Vec<u8> 
         Ok(()) => ok_reply(req.cookie),
         Err(e) => block_error_reply(conn, &req, &e),
     }
+    .into()
 }
 
-async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
+/// A read reply's buffer: `lead` bytes of header, then `len` bytes the
+/// target fills. Every byte is overwritten (the header by the caller, the
+/// data by the target's read; on error the buffer is dropped unsent), so
+/// it comes from the pool unzeroed. A bulk read gets its data aligned for
+/// `O_DIRECT` and goes through [`BlockTarget::read_bulk`].
+async fn read_reply(conn: &Conn, req: &Request, lead: usize) -> Result<IoBuf, BlockError> {
+    let len = req.len as usize;
+    if conn.bulk_reads && req.len >= BULK_READ_MIN {
+        let b = IoBuf::aligned(lead + len, lead);
+        let (b, r) = conn.target.read_bulk(req.offset, b, lead).await;
+        return r.map(|()| b);
+    }
+    let mut b = IoBuf::unaligned(lead + len);
+    conn.target.read(req.offset, &mut b[lead..]).await?;
+    Ok(b)
+}
+
+async fn handle_read(conn: &Conn, req: Request) -> IoBuf {
     let len = req.len as usize;
     if !conn.structured {
-        // Every byte is overwritten: the header here, the data by the
-        // target's read (on error the buffer is dropped unsent).
-        let mut b = crate::bufpool::take_for_overwrite(proto::SIMPLE_REPLY_LEN + len);
-        return match conn
-            .target
-            .read(req.offset, &mut b[proto::SIMPLE_REPLY_LEN..])
-            .await
-        {
-            Ok(()) => {
+        return match read_reply(conn, &req, proto::SIMPLE_REPLY_LEN).await {
+            Ok(mut b) => {
                 proto::write_simple_reply(&mut b, req.cookie, 0);
                 b
             }
-            Err(e) => block_error_reply(conn, &req, &e),
+            Err(e) => block_error_reply(conn, &req, &e).into(),
         };
     }
     if len == 0 {
         let mut b = Vec::with_capacity(proto::CHUNK_HEADER_LEN);
         proto::encode_none_chunk(&mut b, req.cookie);
-        return b;
+        return b.into();
     }
     let sparse = req.len >= SPARSE_READ_MIN
         && !req.has(cmd_flags::DF)
@@ -961,23 +986,15 @@ async fn handle_read(conn: &Conn, req: Request) -> Vec<u8> {
     };
     match extents {
         Some(ext) if ext.iter().any(|e| e.flags & proto::alloc_flags::ZERO != 0) => {
-            sparse_read(conn, req, &ext).await
+            sparse_read(conn, req, &ext).await.into()
         }
-        _ => {
-            // Every byte is overwritten (see the simple reply above).
-            let mut b = crate::bufpool::take_for_overwrite(proto::OFFSET_DATA_PREFIX + len);
-            match conn
-                .target
-                .read(req.offset, &mut b[proto::OFFSET_DATA_PREFIX..])
-                .await
-            {
-                Ok(()) => {
-                    proto::write_offset_data_prefix(&mut b, true, req.cookie, req.offset, req.len);
-                    b
-                }
-                Err(e) => block_error_reply(conn, &req, &e),
+        _ => match read_reply(conn, &req, proto::OFFSET_DATA_PREFIX).await {
+            Ok(mut b) => {
+                proto::write_offset_data_prefix(&mut b, true, req.cookie, req.offset, req.len);
+                b
             }
-        }
+            Err(e) => block_error_reply(conn, &req, &e).into(),
+        },
     }
 }
 

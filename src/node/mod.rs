@@ -157,6 +157,7 @@ impl ExportRegistry for Registry {
                         description: format!("dlsm volume {vol}, origin link (rollback base)"),
                         target: c.local(),
                         read_only: true,
+                        bulk_reads: true,
                         guard: Box::new(()),
                     });
                 }
@@ -173,6 +174,8 @@ impl ExportRegistry for Registry {
                 description: format!("dlsm volume {vol}, origin link"),
                 target: v.target(),
                 read_only: true,
+                // Only the origin link: a guest's own reads keep the cache.
+                bulk_reads: true,
                 guard: Box::new(()),
             });
         }
@@ -182,6 +185,7 @@ impl ExportRegistry for Registry {
             description: format!("dlsm volume, {} bytes", v.size),
             target: v.gated_target(),
             read_only: false,
+            bulk_reads: false,
             guard: Box::new(v.connection_guard()),
         })
     }

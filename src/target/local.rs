@@ -10,18 +10,33 @@
 //!
 //! The file length always equals the volume size; the file is never
 //! truncated or extended after creation.
+//!
+//! Bulk data read or written once (a migration's background copy, and the
+//! source's reads for it) can go around the page cache instead:
+//! [`LocalTarget::write_bulk`] and [`BlockTarget::read_bulk`] use a second
+//! descriptor of the same file opened with `O_DIRECT` when the range and
+//! the buffer are 4 KiB-aligned, on a blocking thread (a direct transfer
+//! waits for the disk). Linux keeps the two views coherent: a direct read
+//! first writes back dirty cached pages of its range, and a direct write
+//! drops the cached pages of its range, so buffered reads afterwards see
+//! the new data. A direct write is durable only after a sync, like any
+//! other ([`BlockTarget::flush`] covers both). Set `DLSM_NO_DIRECT_IO=1`
+//! to turn this off (all I/O buffered, as before).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use nix::fcntl::{fallocate, posix_fadvise, FallocateFlags, PosixFadviseAdvice};
 use nix::unistd::{lseek, Whence};
 
 use super::{check_range, BlockError, BlockResult, BlockTarget, Capabilities, Extent, ZeroFlags};
+use crate::bufpool::{IoBuf, IO_ALIGN};
 use crate::nbd::proto::alloc_flags;
 
 /// Most extents one `block_status` call returns; clients ask again for more.
@@ -34,6 +49,46 @@ pub struct LocalTarget {
     size: u64,
     read_only: bool,
     faults: Arc<SyncFaults>,
+    /// The same file opened `O_DIRECT`, made on first bulk use; `None` if
+    /// the filesystem refuses it.
+    direct: OnceLock<Option<Arc<File>>>,
+    /// Direct I/O failed with EINVAL (alignment the disk does not take):
+    /// bulk I/O is buffered from then on.
+    direct_broken: AtomicBool,
+    /// Direct bulk reads take turns, two at a time, in the order they come
+    /// (a copier's batches, by offset): the disk sees a near-sequential
+    /// stream, which it reads faster than many interleaved ones (test VM:
+    /// 1.4-1.6 GiB/s at depth 1, 1.1-1.3 at 4), and the second read keeps
+    /// the disk busy while the first one's reply is sent (at depth 1,
+    /// hydration was ~15% slower than buffered reads with readahead; at
+    /// 2, ahead of them). Buffered reads got both from readahead.
+    read_turn: tokio::sync::Semaphore,
+}
+
+/// Direct bulk reads in flight per file (`DLSM_DIRECT_READ_DEPTH`, default 2).
+fn direct_read_depth() -> usize {
+    static D: OnceLock<usize> = OnceLock::new();
+    *D.get_or_init(|| {
+        std::env::var("DLSM_DIRECT_READ_DEPTH")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|d| *d > 0)
+            .unwrap_or(2)
+    })
+}
+
+/// Whether direct I/O is allowed for reads (`write = false`) or writes:
+/// `DLSM_NO_DIRECT_IO` unset or `0`; `read` or `write` turns off one
+/// kind, anything else both.
+fn direct_io_enabled(write: bool) -> bool {
+    static OFF: OnceLock<(bool, bool)> = OnceLock::new();
+    let (r, w) = *OFF.get_or_init(|| match std::env::var("DLSM_NO_DIRECT_IO").as_deref() {
+        Err(_) | Ok("") | Ok("0") => (false, false),
+        Ok("read") => (true, false),
+        Ok("write") => (false, true),
+        Ok(_) => (true, true),
+    });
+    !(if write { w } else { r })
 }
 
 /// Test seam: failures and delays injected into a [`LocalTarget`]'s data
@@ -65,6 +120,9 @@ impl LocalTarget {
             size,
             read_only: false,
             faults: Default::default(),
+            direct: OnceLock::new(),
+            direct_broken: AtomicBool::new(false),
+            read_turn: tokio::sync::Semaphore::new(direct_read_depth()),
         })
     }
 
@@ -82,6 +140,9 @@ impl LocalTarget {
             size,
             read_only,
             faults: Default::default(),
+            direct: OnceLock::new(),
+            direct_broken: AtomicBool::new(false),
+            read_turn: tokio::sync::Semaphore::new(direct_read_depth()),
         })
     }
 
@@ -162,6 +223,96 @@ impl LocalTarget {
         }
     }
 
+    /// The `O_DIRECT` descriptor, if direct I/O of `len` bytes at `offset`
+    /// from memory at `ptr` can use it (all 4 KiB-aligned).
+    fn direct_for(
+        &self,
+        offset: u64,
+        len: usize,
+        ptr: *const u8,
+        write: bool,
+    ) -> Option<Arc<File>> {
+        let aligned = offset.is_multiple_of(IO_ALIGN as u64)
+            && len.is_multiple_of(IO_ALIGN)
+            && (ptr as usize).is_multiple_of(IO_ALIGN);
+        if !aligned
+            || len == 0
+            || !direct_io_enabled(write)
+            || self.direct_broken.load(Ordering::Relaxed)
+        {
+            return None;
+        }
+        self.direct
+            .get_or_init(|| {
+                // Reopened through /proc so it is this very inode, even if
+                // the volume's directory was renamed since it was opened.
+                let p = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+                match OpenOptions::new()
+                    .read(true)
+                    .write(!self.read_only)
+                    .custom_flags(nix::libc::O_DIRECT)
+                    .open(&p)
+                {
+                    Ok(f) => Some(Arc::new(f)),
+                    Err(e) => {
+                        tracing::info!(path = %self.path.display(), "no direct I/O for this file ({e}): bulk I/O stays buffered");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    /// A direct transfer failed: EINVAL means the disk wants another
+    /// alignment, so stop trying (the caller redoes it buffered).
+    fn direct_failed(&self, e: &std::io::Error) -> bool {
+        if e.raw_os_error() == Some(nix::libc::EINVAL) {
+            if !self.direct_broken.swap(true, Ordering::Relaxed) {
+                tracing::warn!(path = %self.path.display(), "direct I/O refused ({e}): bulk I/O buffered from now on");
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Whether a bulk write of `len` bytes at `offset` from memory at `ptr`
+    /// would go direct (see [`Self::write_bulk`]).
+    pub fn writes_direct(&self, offset: u64, len: usize, ptr: *const u8) -> bool {
+        !self.read_only && self.direct_for(offset, len, ptr, true).is_some()
+    }
+
+    /// Writes `data` at `offset`, for bulk data no one is about to read (a
+    /// migration's background copy): around the page cache when the range
+    /// and memory are aligned (see the module docs), else buffered.
+    /// Returns whether the write went direct (a buffered one may want
+    /// [`Self::start_writeback`]). Like any write, durable only after a
+    /// flush.
+    ///
+    /// The transfer waits for the disk, so it runs in `block_in_place`,
+    /// not on a separate blocking task: a dropped future must never leave
+    /// a write still landing after its caller let go of the range (a
+    /// region lock), where it could overwrite a newer client write.
+    pub fn write_bulk(&self, offset: u64, data: &[u8]) -> BlockResult<bool> {
+        self.writable()?;
+        check_range(offset, data.len() as u64, self.size)?;
+        let Some(direct) = self.direct_for(offset, data.len(), data.as_ptr(), true) else {
+            self.file
+                .write_all_at(data, offset)
+                .map_err(BlockError::from_io)?;
+            return Ok(false);
+        };
+        match blocking(|| direct.write_all_at(data, offset)) {
+            Ok(()) => Ok(true),
+            Err(e) if self.direct_failed(&e) => {
+                self.file
+                    .write_all_at(data, offset)
+                    .map_err(BlockError::from_io)?;
+                Ok(false)
+            }
+            Err(e) => Err(BlockError::from_io(e)),
+        }
+    }
+
     /// Starts writeback of a range without waiting (write-behind).
     pub fn start_writeback(&self, offset: u64, len: u64) -> BlockResult<()> {
         sync_file_range(&self.file, offset, len, nix::libc::SYNC_FILE_RANGE_WRITE)
@@ -209,6 +360,18 @@ impl LocalTarget {
             pos = hole;
         }
         Ok(out)
+    }
+}
+
+/// Runs `f`, which waits for the disk, without stalling the other tasks of
+/// this runtime worker: through `block_in_place` on a multi-threaded
+/// runtime, inline otherwise (a current-thread runtime cannot hand its
+/// tasks over).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
@@ -262,6 +425,37 @@ impl BlockTarget for LocalTarget {
         self.file
             .read_exact_at(buf, offset)
             .map_err(BlockError::from_io)
+    }
+
+    async fn read_bulk(&self, offset: u64, mut buf: IoBuf, at: usize) -> (IoBuf, BlockResult<()>) {
+        if let Err(e) = check_range(offset, (buf.len() - at) as u64, self.size) {
+            return (buf, Err(e));
+        }
+        let Some(direct) = self.direct_for(offset, buf.len() - at, buf[at..].as_ptr(), false)
+        else {
+            let r = self.file.read_exact_at(&mut buf[at..], offset);
+            return (buf, r.map_err(BlockError::from_io));
+        };
+        let Ok(_turn) = self.read_turn.acquire().await else {
+            unreachable!("the semaphore is never closed");
+        };
+        let done = tokio::task::spawn_blocking(move || {
+            let r = direct.read_exact_at(&mut buf[at..], offset);
+            (buf, r)
+        })
+        .await;
+        match done {
+            Ok((buf, Ok(()))) => (buf, Ok(())),
+            Ok((mut buf, Err(e))) if self.direct_failed(&e) => {
+                let r = self.file.read_exact_at(&mut buf[at..], offset);
+                (buf, r.map_err(BlockError::from_io))
+            }
+            Ok((buf, Err(e))) => (buf, Err(BlockError::from_io(e))),
+            Err(e) => (
+                IoBuf::unaligned(0),
+                Err(BlockError::Io(std::io::Error::other(e))),
+            ),
+        }
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
@@ -472,6 +666,66 @@ mod tests {
         let mut b = vec![1u8; 4096];
         t.read(1 << 20, &mut b).await.unwrap();
         assert!(b.iter().all(|x| *x == 0));
+    }
+
+    /// Bulk writes go around the page cache (on a filesystem that allows
+    /// it), and what they write is what every later read sees, buffered or
+    /// direct, even over pages cached before; a direct read sees buffered
+    /// writes not yet written back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_io_is_coherent_with_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = LocalTarget::create(&dir.path().join("d.raw"), 8 << 20).unwrap();
+        let len = 1 << 20;
+        // Old data, cached by a buffered read.
+        t.write(0, &vec![1u8; len], false).await.unwrap();
+        let mut b = vec![0u8; len];
+        t.read(0, &mut b).await.unwrap();
+        // New data, direct.
+        let mut new = IoBuf::aligned(len, 0);
+        new.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 251) as u8);
+        let direct = t.write_bulk(0, &new).unwrap();
+        if t.direct_for(0, len, new.as_ptr(), true).is_none() {
+            eprintln!("no O_DIRECT on this filesystem: only the buffered path was checked");
+        } else {
+            assert!(direct, "an aligned bulk write went buffered");
+        }
+        t.read(0, &mut b).await.unwrap();
+        assert!(
+            b[..] == new[..],
+            "buffered read after a direct write saw old data"
+        );
+        let (got, r) = t.read_bulk(0, IoBuf::aligned(len + 28, 28), 28).await;
+        r.unwrap();
+        assert!(got[28..] == new[..]);
+        // A buffered write, still dirty in the cache, read direct.
+        t.write(4 << 20, &vec![7u8; len], false).await.unwrap();
+        let (got, r) = t.read_bulk(4 << 20, IoBuf::aligned(len, 0), 0).await;
+        r.unwrap();
+        assert!(
+            got.iter().all(|x| *x == 7),
+            "direct read missed a dirty page"
+        );
+        // Unaligned ranges are written buffered, and correctly.
+        assert!(!t.write_bulk(4096 + 512, &new[..8192]).unwrap());
+        t.read(4096 + 512, &mut b[..8192]).await.unwrap();
+        assert!(b[..8192] == new[..8192]);
+        // And a current-thread runtime (no block_in_place) works too.
+        let t2 = Arc::new(t);
+        std::thread::spawn(move || {
+            rt().block_on(async {
+                let mut v = IoBuf::aligned(65536, 0);
+                v.fill(9);
+                t2.write_bulk(65536, &v).unwrap();
+                let mut b = vec![0u8; 65536];
+                t2.read(65536, &mut b).await.unwrap();
+                assert!(b.iter().all(|x| *x == 9));
+            })
+        })
+        .join()
+        .unwrap();
     }
 
     #[tokio::test]

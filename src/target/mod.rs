@@ -27,6 +27,8 @@ pub mod remote;
 use async_trait::async_trait;
 use thiserror::Error;
 
+use crate::bufpool::IoBuf;
+
 pub use crate::nbd::proto::Extent;
 pub use local::LocalTarget;
 pub use remote::RemoteTarget;
@@ -40,10 +42,11 @@ pub use remote::RemoteTarget;
 pub trait Origin: Send + Sync {
     /// Reads `buf.len()` bytes at `offset`.
     async fn read_into(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
-    /// Reads `len` bytes at `offset` into a new buffer; `bulk` marks
-    /// background copying (it may use other connections than on-demand
-    /// reads, so a guest's fetch never queues behind megabytes of copy).
-    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>>;
+    /// Reads `len` bytes at `offset` into a new buffer aligned for
+    /// `O_DIRECT` (see [`IoBuf::aligned`]); `bulk` marks background
+    /// copying (it may use other connections than on-demand reads, so a
+    /// guest's fetch never queues behind megabytes of copy).
+    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<IoBuf>;
     /// Extents of `[offset, offset + len)`, as NBD block status reports
     /// them (at least one, none of length 0).
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>>;
@@ -146,6 +149,15 @@ pub trait BlockTarget: Send + Sync + 'static {
     fn capabilities(&self) -> Capabilities;
     /// Fills `buf` with the bytes at `offset`.
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
+    /// Fills `buf[at..]` with the bytes at `offset`, for bulk data read
+    /// once (a migration's copy): a target may read it around the page
+    /// cache (`O_DIRECT`; `buf[at..]` is aligned for it when it comes from
+    /// [`IoBuf::aligned`]). Same result as [`BlockTarget::read`], which
+    /// is what it does unless a target says otherwise.
+    async fn read_bulk(&self, offset: u64, mut buf: IoBuf, at: usize) -> (IoBuf, BlockResult<()>) {
+        let r = self.read(offset, &mut buf[at..]).await;
+        (buf, r)
+    }
     /// Writes `data` at `offset`; durable before returning if `fua`.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()>;
     /// Makes every completed write durable.

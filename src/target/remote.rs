@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::{BlockError, BlockResult, BlockTarget, Capabilities, Extent};
+use crate::bufpool::IoBuf;
 use crate::nbd::client::{ClientError, NbdAddr, NbdClient};
 use crate::nbd::server::MAX_PAYLOAD;
 
@@ -179,10 +180,10 @@ impl RemoteTarget {
         }
     }
 
-    /// Reads `len` bytes (at most the NBD maximum) into a fresh buffer,
-    /// without the copy [`RemoteTarget::read_into`] makes. `bulk` requests
+    /// Reads `len` bytes (at most the NBD maximum) into a fresh buffer
+    /// aligned for `O_DIRECT`, without the copy [`RemoteTarget::read_into`] makes. `bulk` requests
     /// (background copies) stay off the connection kept for urgent ones.
-    pub async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>> {
+    pub async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<IoBuf> {
         super::check_range(offset, len as u64, self.size)?;
         if len > MAX_PAYLOAD {
             return Err(BlockError::Invalid(format!("origin read of {len} bytes")));
@@ -190,8 +191,10 @@ impl RemoteTarget {
         if !self.read_delay.is_zero() {
             tokio::time::sleep(self.read_delay).await;
         }
-        self.retry_on(bulk, "read", |c| async move { c.read(offset, len).await })
-            .await
+        self.retry_on(bulk, "read", |c| async move {
+            c.read_aligned(offset, len).await
+        })
+        .await
     }
 
     /// Reads into `buf`, splitting requests at the NBD maximum.
@@ -265,7 +268,7 @@ impl super::Origin for RemoteTarget {
     async fn read_into(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         RemoteTarget::read_into(self, offset, buf).await
     }
-    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<Vec<u8>> {
+    async fn read_vec(&self, offset: u64, len: u32, bulk: bool) -> BlockResult<IoBuf> {
         RemoteTarget::read_vec(self, offset, len, bulk).await
     }
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {

@@ -4,6 +4,12 @@
 
 use super::*;
 
+/// Background runs of data at least this long are written around the page
+/// cache; shorter ones (data between zero regions) are written buffered
+/// with write-behind, where many small writes cost a memory copy each
+/// instead of a disk round trip each.
+const DIRECT_WRITE_MIN: usize = 256 << 10;
+
 impl CloneTarget {
     /// Fetches regions `first..first+count`, which the caller holds locked,
     /// skipping any already present. Data is written (or, if all zero,
@@ -37,7 +43,7 @@ impl CloneTarget {
                 let read = self.origin.read_vec(off, (stop - off) as u32, bulk);
                 self.timed_read(timed, read).await?
             } else {
-                let mut b = vec![0u8; (stop - off) as usize];
+                let mut b = crate::bufpool::IoBuf::aligned((stop - off) as usize, 0);
                 self.timed_read(timed, self.origin.read_into(off, &mut b))
                     .await?;
                 b
@@ -59,9 +65,23 @@ impl CloneTarget {
                     self.local
                         .trim(off + a as u64, (b - a) as u64, false)
                         .await?;
+                } else if kind == FetchKind::Background
+                    && b - a >= DIRECT_WRITE_MIN
+                    && self
+                        .local
+                        .writes_direct(off + a as u64, b - a, buf[a..b].as_ptr())
+                {
+                    // Around the page cache (O_DIRECT): no copy into it, no
+                    // writeback to chase, nothing to drop. Durable, like a
+                    // buffered write, at the next commit's data sync, which
+                    // comes before the map marks these regions present on
+                    // disk. Direct writes need no turns: the kernel
+                    // serialises what it must without spinning.
+                    self.local.write_bulk(off + a as u64, &buf[a..b])?;
                 } else {
-                    // Background copies take turns at the file: concurrent
-                    // buffered writes to one inode only spin on its lock.
+                    // Buffered background copies take turns at the file:
+                    // concurrent buffered writes to one inode only spin on
+                    // its lock.
                     let _turn = self.write_turn.lock().await;
                     self.local.write(off + a as u64, &buf[a..b], false).await?;
                     if kind == FetchKind::Background {
@@ -70,7 +90,7 @@ impl CloneTarget {
                 }
                 i = j;
             }
-            crate::bufpool::give(buf);
+            buf.give();
             {
                 let mut map = self.map.lock().unwrap();
                 for reg in run_start..run_start + run_len {

@@ -67,8 +67,13 @@ impl Origin for MemOrigin {
         buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
         Ok(())
     }
-    async fn read_vec(&self, offset: u64, len: u32, _bulk: bool) -> BlockResult<Vec<u8>> {
-        let mut b = vec![0; len as usize];
+    async fn read_vec(
+        &self,
+        offset: u64,
+        len: u32,
+        _bulk: bool,
+    ) -> BlockResult<crate::bufpool::IoBuf> {
+        let mut b = crate::bufpool::IoBuf::aligned(len as usize, 0);
         self.read_into(offset, &mut b).await?;
         Ok(b)
     }
