@@ -321,7 +321,7 @@ impl VhostUserBackend for BlockDevice {
         {
             let m = mem.memory();
             info!(volume = %self.0.cfg.name, regions = m.num_regions(),
-                  bytes = m.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum::<u64>(), "vhost-user: guest memory table");
+                  bytes = m.iter().map(vm_memory::GuestMemoryRegion::len).sum::<u64>(), "vhost-user: guest memory table");
         }
         *self.0.mem.write().unwrap() = Some(mem);
         Ok(())
