@@ -444,6 +444,44 @@ fn check_image(image: &Path, serial: &str) -> usize {
     recorded.len()
 }
 
+/// QEMU's own live migration of the guest in `qa` to a new QEMU on B:
+/// returns that QEMU, QEMU's migration info, and when the VM ran on B
+/// (since `t0`). The QEMU on A is told to quit.
+fn switch_vm(
+    rig: &Rig,
+    guest: &Path,
+    params: &str,
+    qa: &mut Qemu,
+    t0: Instant,
+) -> (Qemu, serde_json::Value, Duration) {
+    let mut qb = rig.qemu_b(guest, params);
+    qa.cmd(
+        "migrate",
+        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
+    );
+    let m = wait_query_migrate(qa);
+    wait_running(&mut qb);
+    let switched = t0.elapsed();
+    qa.cmd("quit", serde_json::json!({}));
+    (qb, m, switched)
+}
+
+/// Waits for the guest's run to end on B; every block it wrote checked
+/// out on both hosts. Returns B's serial log.
+fn guest_finished_on_b(qa: &Qemu, qb: &Qemu, secs: u64) -> String {
+    let serial_b = qb.wait_serial("DONE", secs);
+    let serial_a = qa.serial();
+    for log in [&serial_a, &serial_b] {
+        assert!(
+            !log.contains("MISMATCH") && !log.contains("ERROR"),
+            "guest saw bad data:\n{log}"
+        );
+    }
+    assert!(serial_b.contains("FINAL OK"), "{serial_b}");
+    assert!(serial_b.contains("STAT"), "the guest did not run on B");
+    serial_b
+}
+
 fn wait_query_migrate(q: &mut Qemu) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -495,31 +533,14 @@ fn guest_under_load_live_migrates_with_its_disk_on_dlsm() {
     let t0 = Instant::now();
     a.cli_ok(&["migrate", "vm", "--to", "10.77.0.2:7450"]);
     let prepared = t0.elapsed();
-    let mut qb = rig.qemu_b(&guest, &params);
-    qa.cmd(
-        "migrate",
-        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
-    );
-    let m = wait_query_migrate(&mut qa);
-    wait_running(&mut qb);
-    let switched = t0.elapsed();
-    qa.cmd("quit", serde_json::json!({}));
+    let (qb, m, switched) = switch_vm(&rig, &guest, &params, &mut qa, t0);
     eprintln!(
         "prepare {prepared:?}, VM on B after {switched:?}, QEMU downtime {} ms",
         m["downtime"]
     );
 
     // The guest finishes its run on B and checks every block it wrote.
-    let serial_b = qb.wait_serial("DONE", secs as u64 + 180);
-    let serial_a = qa.serial();
-    for log in [&serial_a, &serial_b] {
-        assert!(
-            !log.contains("MISMATCH") && !log.contains("ERROR"),
-            "guest saw bad data:\n{log}"
-        );
-    }
-    assert!(serial_b.contains("FINAL OK"), "{serial_b}");
-    assert!(serial_b.contains("STAT"), "the guest did not run on B");
+    let serial_b = guest_finished_on_b(&qa, &qb, secs as u64 + 180);
 
     let done = b.wait_phase("vm", "complete", 120);
     eprintln!("hydration: {done}");
@@ -579,30 +600,13 @@ fn guest_on_vhost_user_blk_live_migrates_with_its_disk_on_dlsm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let mut qb = rig.qemu_b(&guest, &params);
-    qa.cmd(
-        "migrate",
-        serde_json::json!({ "uri": "tcp:10.77.0.2:4444" }),
-    );
-    let m = wait_query_migrate(&mut qa);
-    wait_running(&mut qb);
-    let switched = t0.elapsed();
-    qa.cmd("quit", serde_json::json!({}));
+    let (qb, m, switched) = switch_vm(&rig, &guest, &params, &mut qa, t0);
     eprintln!(
         "vhost-user: prepare {prepared:?}, VM on B after {switched:?}, QEMU downtime {} ms",
         m["downtime"]
     );
 
-    let serial_b = qb.wait_serial("DONE", secs as u64 + 240);
-    let serial_a = qa.serial();
-    for log in [&serial_a, &serial_b] {
-        assert!(
-            !log.contains("MISMATCH") && !log.contains("ERROR"),
-            "guest saw bad data:\n{log}"
-        );
-    }
-    assert!(serial_b.contains("FINAL OK"), "{serial_b}");
-    assert!(serial_b.contains("STAT"), "the guest did not run on B");
+    let serial_b = guest_finished_on_b(&qa, &qb, secs as u64 + 240);
     let st = b.status("vm");
     assert!(
         st["bytes_on_demand"].as_u64().unwrap() > 0,
