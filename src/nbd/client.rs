@@ -767,6 +767,85 @@ mod hostile_server_tests {
         b
     }
 
+    /// Read buffers come from the pool unzeroed: every byte a structured
+    /// reply leaves out (a hole, a gap a faulty server never filled, a
+    /// chunk shorter than the request) must read as zero, never as what
+    /// the pooled buffer held before, for plain and aligned reads alike.
+    #[tokio::test]
+    async fn reused_read_buffers_never_leak_old_bytes() {
+        const LEN: usize = 1 << 20;
+        fn data(b: &mut Vec<u8>, cookie: u64, off: u64, bytes: &[u8], done: bool) {
+            let flags = if done { proto::chunk::FLAG_DONE } else { 0 };
+            proto::encode_chunk_header(b, flags, proto::chunk::OFFSET_DATA, cookie, 8 + bytes.len() as u32);
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(bytes);
+        }
+        fn hole(b: &mut Vec<u8>, cookie: u64, off: u64, len: u32) {
+            proto::encode_chunk_header(b, 0, proto::chunk::OFFSET_HOLE, cookie, 12);
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+        }
+        fn none_done(b: &mut Vec<u8>, cookie: u64) {
+            proto::encode_chunk_header(b, proto::chunk::FLAG_DONE, proto::chunk::NONE, cookie, 0);
+        }
+        for aligned in [false, true] {
+            // Poison the pool with buffers big enough for the reads below.
+            for _ in 0..8 {
+                crate::bufpool::give(vec![0xAA; LEN + 2 * crate::bufpool::IO_ALIGN]);
+            }
+            // One connection per reply (each request is cookie 1).
+            let conn = |reply: Vec<u8>| async move {
+                let (client_end, mut server_end) = tokio::io::duplex(4 << 20);
+                let mut b = handshake_bytes();
+                b.extend_from_slice(&reply);
+                server_end.write_all(&b).await.unwrap();
+                let c = NbdClient::handshake(client_end, "x", false).await.unwrap();
+                (c, server_end)
+            };
+            let get = |c: NbdClient| async move {
+                if aligned {
+                    c.read_aligned(0, LEN as u32).await.map(|v| v.to_vec())
+                } else {
+                    c.read(0, LEN as u32).await
+                }
+            };
+            // 1: data, hole, a gap nobody filled, data, then NONE+DONE.
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x11; 4096], false);
+            hole(&mut b, 1, 4096, 4096);
+            data(&mut b, 1, 12288, &[0x22; 4096], false);
+            none_done(&mut b, 1);
+            let (c, _s) = conn(b).await;
+            let r1 = get(c).await.unwrap();
+            assert_eq!(r1.len(), LEN);
+            for (i, x) in r1.iter().enumerate() {
+                let want = match i {
+                    0..4096 => 0x11,
+                    12288..16384 => 0x22,
+                    _ => 0,
+                };
+                assert_eq!(*x, want, "aligned {aligned}: byte {i} of read 1");
+            }
+            // 2: an error chunk after partial data (must be an error).
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x33; 100], false);
+            proto::encode_chunk_header(&mut b, proto::chunk::FLAG_DONE, proto::chunk::ERROR, 1, 6);
+            b.extend_from_slice(&5u32.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            let (c, _s) = conn(b).await;
+            assert!(get(c).await.is_err(), "error chunk ignored");
+            // 3: one short data chunk with DONE (a faulty server).
+            let mut b = Vec::new();
+            data(&mut b, 1, 10, &[0x44; 7], true);
+            let (c, _s) = conn(b).await;
+            let r3 = get(c).await.unwrap();
+            for (i, x) in r3.iter().enumerate() {
+                let want = if (10..17).contains(&i) { 0x44 } else { 0 };
+                assert_eq!(*x, want, "aligned {aligned}: byte {i} of read 3");
+            }
+        }
+    }
+
     /// Found by the `client_replies` fuzz target: chunk offsets near
     /// u64::MAX overflowed the bounds check. They must be protocol errors.
     #[tokio::test]
