@@ -767,10 +767,11 @@ mod hostile_server_tests {
         b
     }
 
-    /// Read buffers come from the pool unzeroed: every byte a structured
-    /// reply leaves out (a hole, a gap a faulty server never filled, a
-    /// chunk shorter than the request) must read as zero, never as what
-    /// the pooled buffer held before, for plain and aligned reads alike.
+    /// Read buffers come from the pool unzeroed: every byte of a hole must
+    /// read as zero, never as what the pooled buffer held before, and a
+    /// reply that claims success without covering the whole request (a
+    /// gap, a short chunk) is an error, not zeros; for plain and aligned
+    /// reads alike.
     #[tokio::test]
     async fn reused_read_buffers_never_leak_old_bytes() {
         const LEN: usize = 1 << 20;
@@ -809,11 +810,12 @@ mod hostile_server_tests {
                     c.read(0, LEN as u32).await
                 }
             };
-            // 1: data, hole, a gap nobody filled, data, then NONE+DONE.
+            // 1: data, hole, data, hole, then NONE+DONE.
             let mut b = Vec::new();
             data(&mut b, 1, 0, &[0x11; 4096], false);
-            hole(&mut b, 1, 4096, 4096);
+            hole(&mut b, 1, 4096, 8192);
             data(&mut b, 1, 12288, &[0x22; 4096], false);
+            hole(&mut b, 1, 16384, (LEN - 16384) as u32);
             none_done(&mut b, 1);
             let (c, _s) = conn(b).await;
             let r1 = get(c).await.unwrap();
@@ -834,14 +836,46 @@ mod hostile_server_tests {
             b.extend_from_slice(&0u16.to_be_bytes());
             let (c, _s) = conn(b).await;
             assert!(get(c).await.is_err(), "error chunk ignored");
-            // 3: one short data chunk with DONE (a faulty server).
+            // 3: a "successful" reply that leaves most of the read out (one
+            // short data chunk with DONE, or data and a hole with a gap
+            // between). The spec: the server MUST cover the whole request
+            // when it reports no error, and what no content chunk covers is
+            // not valid. Returning zeros for it would have the destination
+            // punch those regions and mark them present: silent data loss.
             let mut b = Vec::new();
             data(&mut b, 1, 10, &[0x44; 7], true);
             let (c, _s) = conn(b).await;
-            let r3 = get(c).await.unwrap();
-            for (i, x) in r3.iter().enumerate() {
-                let want = if (10..17).contains(&i) { 0x44 } else { 0 };
-                assert_eq!(*x, want, "aligned {aligned}: byte {i} of read 3");
+            let r = get(c).await;
+            assert!(
+                matches!(r, Err(ClientError::Protocol(_))),
+                "an incomplete read reply was accepted: {:?}",
+                r.map(|v| v.len())
+            );
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x55; 4096], false);
+            hole(&mut b, 1, 8192, (LEN - 8192) as u32);
+            none_done(&mut b, 1);
+            let (c, _s) = conn(b).await;
+            let r = get(c).await;
+            assert!(
+                matches!(r, Err(ClientError::Protocol(_))),
+                "a read reply with a gap was accepted: {:?}",
+                r.map(|v| v.len())
+            );
+            // Fully covered (data, hole, data): accepted.
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x66; 4096], false);
+            hole(&mut b, 1, 4096, (LEN - 8192) as u32);
+            data(&mut b, 1, (LEN - 4096) as u64, &[0x77; 4096], true);
+            let (c, _s) = conn(b).await;
+            let r = get(c).await.unwrap();
+            for (i, x) in r.iter().enumerate() {
+                let want = match i {
+                    0..4096 => 0x66,
+                    _ if i >= LEN - 4096 => 0x77,
+                    _ => 0,
+                };
+                assert_eq!(*x, want, "aligned {aligned}: byte {i} of the covered read");
             }
         }
     }
