@@ -92,12 +92,15 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 struct Pending {
     offset: u64,
     /// For READ: the destination buffer. It comes from the pool unzeroed;
-    /// `covered` says which parts the reply filled, and the rest (holes,
-    /// and anything a faulty server left out) is zeroed at the end, so no
-    /// byte of an earlier use of the buffer is ever returned.
+    /// `covered` says which parts the reply filled, and the rest is zeroed
+    /// at the end, so no byte of an earlier use of the buffer is ever
+    /// returned. A reply whose data and holes leave a gap is an error.
     buf: Option<IoBuf>,
     /// Byte ranges of `buf` (relative) filled by data chunks.
     covered: Vec<(usize, usize)>,
+    /// Byte ranges of `buf` (relative) the reply called holes. A reply
+    /// claiming success must cover the request with data and holes.
+    holes: Vec<(usize, usize)>,
     extents: Vec<Extent>,
     error: Option<ClientError>,
     tx: oneshot::Sender<Result<Done, ClientError>>,
@@ -335,6 +338,7 @@ impl NbdClient {
                 offset,
                 buf,
                 covered: Vec::new(),
+                holes: Vec::new(),
                 extents: Vec::new(),
                 error: None,
                 tx,
@@ -587,6 +591,20 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &Inner) -> Result<()
                     let mut p = take_pending(inner, cookie)?;
                     if let Some(b) = p.buf.as_mut() {
                         zero_uncovered(b, &mut p.covered);
+                        // The spec: a reply without an error chunk MUST
+                        // cover the whole request; what no content chunk
+                        // covers is not valid. Zeros there would be data
+                        // invented here (a destination would punch those
+                        // regions and mark them present).
+                        let mut all = std::mem::take(&mut p.covered);
+                        all.append(&mut p.holes);
+                        let got = covered_prefix(&mut all);
+                        if p.error.is_none() && got < b.len() {
+                            p.error = Some(ClientError::Protocol(format!(
+                                "read reply covers {got} of {} bytes",
+                                b.len()
+                            )));
+                        }
                     }
                     let r = match p.error {
                         Some(e) => Err(e),
@@ -617,6 +635,15 @@ fn merge_ranges(r: &mut Vec<(usize, usize)>) {
         }
     }
     *r = out;
+}
+
+/// How far from 0 the ranges cover without a gap (sorted here).
+fn covered_prefix(r: &mut Vec<(usize, usize)>) -> usize {
+    merge_ranges(r);
+    match r.first() {
+        Some(&(0, b)) => b,
+        _ => 0,
+    }
 }
 
 /// Zeroes every byte of `buf` outside the ranges in `covered` (sorted
@@ -717,7 +744,17 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                     "hole chunk outside the request".into(),
                 ));
             }
-            // Left uncovered: zeroed when the reply is done.
+            // Left out of `covered`: zeroed when the reply is done.
+            let start = (offset - p.offset) as usize;
+            p.holes.push((start, start + len as usize));
+            if p.holes.len() > MAX_PIECES {
+                merge_ranges(&mut p.holes);
+                if p.holes.len() > MAX_PIECES {
+                    return Err(ClientError::Protocol(
+                        "read reply in too many pieces".into(),
+                    ));
+                }
+            }
         }
         proto::Chunk::BlockStatus { extents, .. } => p.extents = extents,
         proto::Chunk::Error { error, msg, .. } => {
@@ -777,7 +814,13 @@ mod hostile_server_tests {
         const LEN: usize = 1 << 20;
         fn data(b: &mut Vec<u8>, cookie: u64, off: u64, bytes: &[u8], done: bool) {
             let flags = if done { proto::chunk::FLAG_DONE } else { 0 };
-            proto::encode_chunk_header(b, flags, proto::chunk::OFFSET_DATA, cookie, 8 + bytes.len() as u32);
+            proto::encode_chunk_header(
+                b,
+                flags,
+                proto::chunk::OFFSET_DATA,
+                cookie,
+                8 + bytes.len() as u32,
+            );
             b.extend_from_slice(&off.to_be_bytes());
             b.extend_from_slice(bytes);
         }

@@ -738,18 +738,25 @@ mod tests {
         let t = LocalTarget::create(&dir.path().join("d.raw"), size).unwrap();
         let len = 1 << 20;
         let mut a = IoBuf::aligned(len, 0);
-        a.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 253) as u8 | 1);
+        a.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 253) as u8 | 1);
         // The last whole MiB before the partial block: direct if possible.
         t.write_bulk(3 << 20, &a).unwrap();
         // The partial tail itself, and a range that ends in it.
         let mut tail = IoBuf::aligned(4096 + 512, 0);
         tail.fill(0x5a);
         assert!(!t.write_bulk(size - 4096 - 512, &tail).unwrap());
-        assert!(t.write_bulk(size - 512, &tail[..4096]).is_err(), "write past the end");
+        assert!(
+            t.write_bulk(size - 512, &tail[..4096]).is_err(),
+            "write past the end"
+        );
         let mut all = vec![0u8; size as usize];
         t.read(0, &mut all).await.unwrap();
         assert!(all[3 << 20..(4 << 20) - 4096] == a[..len - 4096]);
-        assert!(all[(size - 4096 - 512) as usize..].iter().all(|x| *x == 0x5a));
+        assert!(all[(size - 4096 - 512) as usize..]
+            .iter()
+            .all(|x| *x == 0x5a));
         // Bulk reads of the same ranges, aligned and not.
         let (got, r) = t.read_bulk(3 << 20, IoBuf::aligned(len, 0), 0).await;
         r.unwrap();
@@ -785,11 +792,17 @@ mod tests {
         t.write_bulk(1 << 20, &v).unwrap();
         let (got, r) = t.read_bulk(0, IoBuf::aligned(2 << 20, 0), 0).await;
         r.unwrap();
-        assert!(got[..1 << 20].iter().all(|x| *x == 1), "direct read saw another file");
+        assert!(
+            got[..1 << 20].iter().all(|x| *x == 1),
+            "direct read saw another file"
+        );
         assert!(got[1 << 20..].iter().all(|x| *x == 2));
         let mut b = vec![0u8; 1 << 20];
         t.read(1 << 20, &mut b).await.unwrap();
-        assert!(b.iter().all(|x| *x == 2), "direct write went to another file");
+        assert!(
+            b.iter().all(|x| *x == 2),
+            "direct write went to another file"
+        );
         let decoy = std::fs::read(d1.join("data.raw")).unwrap();
         assert!(decoy.iter().all(|x| *x == 9), "the decoy was written");
     }
@@ -824,7 +837,12 @@ mod tests {
                     // Read just behind and around where the writer is.
                     let c = cursor.load(Ordering::Relaxed);
                     let base = c.saturating_sub(RUN as u64);
-                    let _ = posix_fadvise(f.as_raw_fd(), c as i64, RUN as i64, PosixFadviseAdvice::POSIX_FADV_WILLNEED);
+                    let _ = posix_fadvise(
+                        f.as_raw_fd(),
+                        c as i64,
+                        RUN as i64,
+                        PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                    );
                     let mut o = base + k * (64 << 10);
                     while o + b.len() as u64 <= (c + 2 * RUN as u64).min(SIZE) {
                         let _ = f.read_exact_at(&mut b, o);
@@ -860,7 +878,11 @@ mod tests {
         for r in readers {
             r.join().unwrap();
         }
-        assert!(bad.is_empty(), "stale bytes after direct writes: {:?}", &bad[..bad.len().min(5)]);
+        assert!(
+            bad.is_empty(),
+            "stale bytes after direct writes: {:?}",
+            &bad[..bad.len().min(5)]
+        );
     }
 
     #[tokio::test]
