@@ -81,7 +81,7 @@ write("requests", "edge-values", req(READ, 2**64 - 1, 2**64 - 512, 0xFFFFFFFF, 0
 greet = struct.pack(">QQH", NBDMAGIC, IHAVEOPT, 3)
 hs = (greet + rep(SR, ACK) + rep(SETMETA, R_META, struct.pack(">I", 7) + b"base:allocation") + rep(SETMETA, ACK)
       + rep(GO, R_INFO, struct.pack(">HQH", 0, 1 << 20, 0x1ED)) + rep(GO, R_INFO, struct.pack(">HIII", 3, 1, 4096, 32 << 20)) + rep(GO, ACK))
-write("client_replies", "good", hs + chunk(0, 1, 1, struct.pack(">Q", 0) + b"\x11" * 2048) + chunk(0, 2, 1, struct.pack(">QI", 2048, 2048))
+write("client_replies", "good", hs + chunk(0, 1, 1, struct.pack(">Q", 0) + b"\x11" * 2048) + chunk(0, 2, 1, struct.pack(">QI", 2048, (128 << 10) - 2048))
       + chunk(1, 0, 1, b"") + chunk(1, 5, 2, struct.pack(">III", 7, 1 << 20, 3)) + struct.pack(">IIQ", SIMPLE, 0, 3))
 write("client_replies", "errors", hs + chunk(1, (1 << 15) + 1, 1, struct.pack(">IH", 5, 4) + b"oops") + chunk(1, (1 << 15) + 2, 2, struct.pack(">IHQ", 22, 0, 12)) + struct.pack(">IIQ", SIMPLE, 28, 3))
 write("client_replies", "no-structured", greet + rep(SR, (1 << 31) + 1, b"no") + rep(GO, R_INFO, struct.pack(">HQH", 0, 4096, 1)) + rep(GO, ACK) + struct.pack(">IIQ", SIMPLE, 0, 1) + b"\x22" * 4096)

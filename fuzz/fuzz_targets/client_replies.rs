@@ -1,6 +1,9 @@
 //! The NBD client against a hostile server: the input is everything the
 //! "server" sends (greeting, option replies, transmission replies). The
-//! client must fail cleanly, never panic, and never hang.
+//! client must fail cleanly, never panic, and never hang; and a read it
+//! returns never holds bytes of an earlier use of its (pooled, unzeroed)
+//! buffer: the pool is filled with a poison pattern first, and a run of it
+//! in the result that the input does not hold is a stale-byte leak.
 #![no_main]
 use std::time::Duration;
 
@@ -33,6 +36,15 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    // Reads of at least the pool's minimum come from it unzeroed.
+    const READ: usize = 128 << 10;
+    const POISON: u8 = 0xA5;
+    const RUN: usize = 32;
+    let input_has_run = data.windows(RUN).any(|w| w.iter().all(|b| *b == POISON));
+    for _ in 0..4 {
+        dlsm::bufpool::give(vec![POISON; READ + 2 * dlsm::bufpool::IO_ALIGN]);
+    }
+    let leaked = move |r: &[u8]| !input_has_run && r.windows(RUN).any(|w| w.iter().all(|b| *b == POISON));
     let data = data.to_vec();
     rt().block_on(async move {
         let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
@@ -51,7 +63,9 @@ fuzz_target!(|data: &[u8]| {
         });
         let run = async {
             let c = NbdClient::handshake(client_end, "fuzz", false).await?;
-            let _ = c.read(0, 4096).await;
+            if let Ok(r) = c.read(0, READ as u32).await {
+                assert!(!leaked(&r), "read returned bytes of an earlier buffer");
+            }
             let _ = c.block_status(0, 1 << 20).await;
             c.write(0, &[1u8; 512], false).await
         };

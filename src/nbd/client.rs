@@ -92,12 +92,15 @@ type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 struct Pending {
     offset: u64,
     /// For READ: the destination buffer. It comes from the pool unzeroed;
-    /// `covered` says which parts the reply filled, and the rest (holes,
-    /// and anything a faulty server left out) is zeroed at the end, so no
-    /// byte of an earlier use of the buffer is ever returned.
+    /// `covered` says which parts the reply filled, and the rest is zeroed
+    /// at the end, so no byte of an earlier use of the buffer is ever
+    /// returned. A reply whose data and holes leave a gap is an error.
     buf: Option<IoBuf>,
     /// Byte ranges of `buf` (relative) filled by data chunks.
     covered: Vec<(usize, usize)>,
+    /// Byte ranges of `buf` (relative) the reply called holes. A reply
+    /// claiming success must cover the request with data and holes.
+    holes: Vec<(usize, usize)>,
     extents: Vec<Extent>,
     error: Option<ClientError>,
     tx: oneshot::Sender<Result<Done, ClientError>>,
@@ -335,6 +338,7 @@ impl NbdClient {
                 offset,
                 buf,
                 covered: Vec::new(),
+                holes: Vec::new(),
                 extents: Vec::new(),
                 error: None,
                 tx,
@@ -587,6 +591,20 @@ async fn read_loop<R: AsyncRead + Unpin>(rd: &mut R, inner: &Inner) -> Result<()
                     let mut p = take_pending(inner, cookie)?;
                     if let Some(b) = p.buf.as_mut() {
                         zero_uncovered(b, &mut p.covered);
+                        // The spec: a reply without an error chunk MUST
+                        // cover the whole request; what no content chunk
+                        // covers is not valid. Zeros there would be data
+                        // invented here (a destination would punch those
+                        // regions and mark them present).
+                        let mut all = std::mem::take(&mut p.covered);
+                        all.append(&mut p.holes);
+                        let got = covered_prefix(&mut all);
+                        if p.error.is_none() && got < b.len() {
+                            p.error = Some(ClientError::Protocol(format!(
+                                "read reply covers {got} of {} bytes",
+                                b.len()
+                            )));
+                        }
                     }
                     let r = match p.error {
                         Some(e) => Err(e),
@@ -617,6 +635,15 @@ fn merge_ranges(r: &mut Vec<(usize, usize)>) {
         }
     }
     *r = out;
+}
+
+/// How far from 0 the ranges cover without a gap (sorted here).
+fn covered_prefix(r: &mut Vec<(usize, usize)>) -> usize {
+    merge_ranges(r);
+    match r.first() {
+        Some(&(0, b)) => b,
+        _ => 0,
+    }
 }
 
 /// Zeroes every byte of `buf` outside the ranges in `covered` (sorted
@@ -717,7 +744,17 @@ async fn read_chunk<R: AsyncRead + Unpin>(
                     "hole chunk outside the request".into(),
                 ));
             }
-            // Left uncovered: zeroed when the reply is done.
+            // Left out of `covered`: zeroed when the reply is done.
+            let start = (offset - p.offset) as usize;
+            p.holes.push((start, start + len as usize));
+            if p.holes.len() > MAX_PIECES {
+                merge_ranges(&mut p.holes);
+                if p.holes.len() > MAX_PIECES {
+                    return Err(ClientError::Protocol(
+                        "read reply in too many pieces".into(),
+                    ));
+                }
+            }
         }
         proto::Chunk::BlockStatus { extents, .. } => p.extents = extents,
         proto::Chunk::Error { error, msg, .. } => {
@@ -765,6 +802,125 @@ mod hostile_server_tests {
         rep(&mut b, opt::GO, rep::INFO, &info.encode());
         rep(&mut b, opt::GO, rep::ACK, &[]);
         b
+    }
+
+    /// Read buffers come from the pool unzeroed: every byte of a hole must
+    /// read as zero, never as what the pooled buffer held before, and a
+    /// reply that claims success without covering the whole request (a
+    /// gap, a short chunk) is an error, not zeros; for plain and aligned
+    /// reads alike.
+    #[tokio::test]
+    async fn reused_read_buffers_never_leak_old_bytes() {
+        const LEN: usize = 1 << 20;
+        fn data(b: &mut Vec<u8>, cookie: u64, off: u64, bytes: &[u8], done: bool) {
+            let flags = if done { proto::chunk::FLAG_DONE } else { 0 };
+            proto::encode_chunk_header(
+                b,
+                flags,
+                proto::chunk::OFFSET_DATA,
+                cookie,
+                8 + bytes.len() as u32,
+            );
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(bytes);
+        }
+        fn hole(b: &mut Vec<u8>, cookie: u64, off: u64, len: u32) {
+            proto::encode_chunk_header(b, 0, proto::chunk::OFFSET_HOLE, cookie, 12);
+            b.extend_from_slice(&off.to_be_bytes());
+            b.extend_from_slice(&len.to_be_bytes());
+        }
+        fn none_done(b: &mut Vec<u8>, cookie: u64) {
+            proto::encode_chunk_header(b, proto::chunk::FLAG_DONE, proto::chunk::NONE, cookie, 0);
+        }
+        for aligned in [false, true] {
+            // Poison the pool with buffers big enough for the reads below.
+            for _ in 0..8 {
+                crate::bufpool::give(vec![0xAA; LEN + 2 * crate::bufpool::IO_ALIGN]);
+            }
+            // One connection per reply (each request is cookie 1).
+            let conn = |reply: Vec<u8>| async move {
+                let (client_end, mut server_end) = tokio::io::duplex(4 << 20);
+                let mut b = handshake_bytes();
+                b.extend_from_slice(&reply);
+                server_end.write_all(&b).await.unwrap();
+                let c = NbdClient::handshake(client_end, "x", false).await.unwrap();
+                (c, server_end)
+            };
+            let get = |c: NbdClient| async move {
+                if aligned {
+                    c.read_aligned(0, LEN as u32).await.map(|v| v.to_vec())
+                } else {
+                    c.read(0, LEN as u32).await
+                }
+            };
+            // 1: data, hole, data, hole, then NONE+DONE.
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x11; 4096], false);
+            hole(&mut b, 1, 4096, 8192);
+            data(&mut b, 1, 12288, &[0x22; 4096], false);
+            hole(&mut b, 1, 16384, (LEN - 16384) as u32);
+            none_done(&mut b, 1);
+            let (c, _s) = conn(b).await;
+            let r1 = get(c).await.unwrap();
+            assert_eq!(r1.len(), LEN);
+            for (i, x) in r1.iter().enumerate() {
+                let want = match i {
+                    0..4096 => 0x11,
+                    12288..16384 => 0x22,
+                    _ => 0,
+                };
+                assert_eq!(*x, want, "aligned {aligned}: byte {i} of read 1");
+            }
+            // 2: an error chunk after partial data (must be an error).
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x33; 100], false);
+            proto::encode_chunk_header(&mut b, proto::chunk::FLAG_DONE, proto::chunk::ERROR, 1, 6);
+            b.extend_from_slice(&5u32.to_be_bytes());
+            b.extend_from_slice(&0u16.to_be_bytes());
+            let (c, _s) = conn(b).await;
+            assert!(get(c).await.is_err(), "error chunk ignored");
+            // 3: a "successful" reply that leaves most of the read out (one
+            // short data chunk with DONE, or data and a hole with a gap
+            // between). The spec: the server MUST cover the whole request
+            // when it reports no error, and what no content chunk covers is
+            // not valid. Returning zeros for it would have the destination
+            // punch those regions and mark them present: silent data loss.
+            let mut b = Vec::new();
+            data(&mut b, 1, 10, &[0x44; 7], true);
+            let (c, _s) = conn(b).await;
+            let r = get(c).await;
+            assert!(
+                matches!(r, Err(ClientError::Protocol(_))),
+                "an incomplete read reply was accepted: {:?}",
+                r.map(|v| v.len())
+            );
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x55; 4096], false);
+            hole(&mut b, 1, 8192, (LEN - 8192) as u32);
+            none_done(&mut b, 1);
+            let (c, _s) = conn(b).await;
+            let r = get(c).await;
+            assert!(
+                matches!(r, Err(ClientError::Protocol(_))),
+                "a read reply with a gap was accepted: {:?}",
+                r.map(|v| v.len())
+            );
+            // Fully covered (data, hole, data): accepted.
+            let mut b = Vec::new();
+            data(&mut b, 1, 0, &[0x66; 4096], false);
+            hole(&mut b, 1, 4096, (LEN - 8192) as u32);
+            data(&mut b, 1, (LEN - 4096) as u64, &[0x77; 4096], true);
+            let (c, _s) = conn(b).await;
+            let r = get(c).await.unwrap();
+            for (i, x) in r.iter().enumerate() {
+                let want = match i {
+                    0..4096 => 0x66,
+                    _ if i >= LEN - 4096 => 0x77,
+                    _ => 0,
+                };
+                assert_eq!(*x, want, "aligned {aligned}: byte {i} of the covered read");
+            }
+        }
     }
 
     /// Found by the `client_replies` fuzz target: chunk offsets near

@@ -1037,3 +1037,96 @@ async fn sparse_read(conn: &Conn, req: Request, ext: &[Extent]) -> Vec<u8> {
     }
     b
 }
+
+#[cfg(test)]
+mod bulk_read_tests {
+    use super::*;
+    use crate::nbd::client::NbdClient;
+    use crate::target::LocalTarget;
+
+    /// One file, two exports: `vm` as a guest sees it, `vm@origin` with
+    /// bulk reads (what a destination's origin link gets).
+    struct Two(Arc<dyn BlockTarget>);
+
+    impl ExportRegistry for Two {
+        fn list(&self) -> Vec<(String, String)> {
+            vec![]
+        }
+        fn open(&self, name: &str) -> Option<Export> {
+            let bulk = match name {
+                "vm" => false,
+                "vm@origin" => true,
+                _ => return None,
+            };
+            Some(Export {
+                name: name.into(),
+                description: String::new(),
+                target: self.0.clone(),
+                read_only: bulk,
+                bulk_reads: bulk,
+                guard: Box::new(()),
+            })
+        }
+    }
+
+    async fn connect(reg: Arc<dyn ExportRegistry>, name: &str) -> NbdClient {
+        let (server_end, client_end) = tokio::io::duplex(1 << 20);
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let _stop = stop;
+            let _ = serve_connection(
+                server_end,
+                reg,
+                HandshakePolicy::plain(),
+                stop_rx,
+                "test".into(),
+                Default::default(),
+            )
+            .await;
+        });
+        NbdClient::handshake(client_end, name, false).await.unwrap()
+    }
+
+    /// The source keeps taking guest writes (buffered, not flushed) while
+    /// the origin link serves large reads around the page cache: every
+    /// read, aligned or not, must return what the guest wrote last.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn origin_link_bulk_reads_see_unflushed_guest_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t: Arc<dyn BlockTarget> =
+            Arc::new(LocalTarget::create(&dir.path().join("d.raw"), 16 << 20).unwrap());
+        let reg: Arc<dyn ExportRegistry> = Arc::new(Two(t));
+        let guest = connect(reg.clone(), "vm").await;
+        let origin = connect(reg, "vm@origin").await;
+        let mut model = vec![0u8; 8 << 20];
+        for round in 1..=4u8 {
+            // The guest rewrites the first 8 MiB, in pieces of odd sizes.
+            let mut off = 0usize;
+            let mut k = 0usize;
+            while off < model.len() {
+                let n = [65536, 4096 + 512, 1 << 20, 12345][k % 4].min(model.len() - off);
+                let d: Vec<u8> = (0..n)
+                    .map(|i| (i as u8).wrapping_mul(round) ^ (k as u8) | 1)
+                    .collect();
+                guest.write(off as u64, &d, false).await.unwrap();
+                model[off..off + n].copy_from_slice(&d);
+                off += n;
+                k += 1;
+            }
+            for (o, l) in [
+                (0u64, 1u32 << 20),
+                (4096, 4 << 20),
+                (512, (1 << 20) + 512),
+                (3 << 20, 5 << 20),
+            ] {
+                let got = origin.read(o, l).await.unwrap();
+                assert!(
+                    got[..] == model[o as usize..o as usize + l as usize],
+                    "round {round}: bulk read of {l} at {o} is stale"
+                );
+                let got = origin.read_aligned(o, l).await.unwrap();
+                assert!(got[..] == model[o as usize..o as usize + l as usize]);
+            }
+        }
+    }
+}

@@ -728,6 +728,163 @@ mod tests {
         .unwrap();
     }
 
+    /// A volume whose size is a multiple of 512 but not of 4096: bulk I/O
+    /// up to and including the partial last block reads back exactly,
+    /// whichever way each piece went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bulk_io_at_the_tail_of_a_volume_not_a_multiple_of_4k() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = (4u64 << 20) + 512;
+        let t = LocalTarget::create(&dir.path().join("d.raw"), size).unwrap();
+        let len = 1 << 20;
+        let mut a = IoBuf::aligned(len, 0);
+        a.iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x = (i % 253) as u8 | 1);
+        // The last whole MiB before the partial block: direct if possible.
+        t.write_bulk(3 << 20, &a).unwrap();
+        // The partial tail itself, and a range that ends in it.
+        let mut tail = IoBuf::aligned(4096 + 512, 0);
+        tail.fill(0x5a);
+        assert!(!t.write_bulk(size - 4096 - 512, &tail).unwrap());
+        assert!(
+            t.write_bulk(size - 512, &tail[..4096]).is_err(),
+            "write past the end"
+        );
+        let mut all = vec![0u8; size as usize];
+        t.read(0, &mut all).await.unwrap();
+        assert!(all[3 << 20..(4 << 20) - 4096] == a[..len - 4096]);
+        assert!(all[(size - 4096 - 512) as usize..]
+            .iter()
+            .all(|x| *x == 0x5a));
+        // Bulk reads of the same ranges, aligned and not.
+        let (got, r) = t.read_bulk(3 << 20, IoBuf::aligned(len, 0), 0).await;
+        r.unwrap();
+        assert!(got[..] == all[3 << 20..4 << 20]);
+        let (got, r) = t
+            .read_bulk(size - 4096 - 512, IoBuf::aligned(4096 + 512 + 28, 28), 28)
+            .await;
+        r.unwrap();
+        assert!(got[28..].iter().all(|x| *x == 0x5a));
+        let (_, r) = t.read_bulk(size - 512, IoBuf::aligned(4096, 0), 0).await;
+        assert!(r.is_err(), "read past the end");
+    }
+
+    /// The direct descriptor is made on first bulk use, possibly long
+    /// after the volume's directory was renamed and the file unlinked
+    /// (volume rm, a rollback moving files): it must still be the very
+    /// inode the buffered descriptor uses, never a new file at the path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_handle_is_the_same_inode_after_rename_and_unlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let d1 = dir.path().join("vol");
+        std::fs::create_dir(&d1).unwrap();
+        let t = LocalTarget::create(&d1.join("data.raw"), 4 << 20).unwrap();
+        t.write(0, &vec![1u8; 1 << 20], false).await.unwrap();
+        // Move the directory away, put a decoy at the old path, unlink ours.
+        let d2 = dir.path().join("trash");
+        std::fs::rename(&d1, &d2).unwrap();
+        std::fs::create_dir(&d1).unwrap();
+        std::fs::write(d1.join("data.raw"), vec![9u8; 4 << 20]).unwrap();
+        std::fs::remove_file(d2.join("data.raw")).unwrap();
+        let mut v = IoBuf::aligned(1 << 20, 0);
+        v.fill(2);
+        t.write_bulk(1 << 20, &v).unwrap();
+        let (got, r) = t.read_bulk(0, IoBuf::aligned(2 << 20, 0), 0).await;
+        r.unwrap();
+        assert!(
+            got[..1 << 20].iter().all(|x| *x == 1),
+            "direct read saw another file"
+        );
+        assert!(got[1 << 20..].iter().all(|x| *x == 2));
+        let mut b = vec![0u8; 1 << 20];
+        t.read(1 << 20, &mut b).await.unwrap();
+        assert!(
+            b.iter().all(|x| *x == 2),
+            "direct write went to another file"
+        );
+        let decoy = std::fs::read(d1.join("data.raw")).unwrap();
+        assert!(decoy.iter().all(|x| *x == 9), "the decoy was written");
+    }
+
+    /// Direct writes land while another reader keeps the page cache busy
+    /// around them (sequential buffered reads with readahead, WILLNEED on
+    /// the very range being written): a buffered read right after each
+    /// direct write must see the new bytes, never a page cached from the
+    /// disk before the write.
+    #[test]
+    fn direct_writes_under_concurrent_readahead_leave_no_stale_pages() {
+        use std::sync::atomic::AtomicU64;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.raw");
+        const SIZE: u64 = 32 << 20;
+        const RUN: usize = 256 << 10;
+        let t = Arc::new(LocalTarget::create(&path, SIZE).unwrap());
+        let probe = IoBuf::aligned(RUN, 0);
+        if t.direct_for(0, RUN, probe.as_ptr(), true).is_none() {
+            eprintln!("no O_DIRECT here: nothing to check");
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let cursor = Arc::new(AtomicU64::new(0));
+        let mut readers = Vec::new();
+        for k in 0..2u64 {
+            let (path, stop, cursor) = (path.clone(), stop.clone(), cursor.clone());
+            readers.push(std::thread::spawn(move || {
+                let f = File::open(&path).unwrap();
+                let mut b = vec![0u8; 64 << 10];
+                while !stop.load(Ordering::Relaxed) {
+                    // Read just behind and around where the writer is.
+                    let c = cursor.load(Ordering::Relaxed);
+                    let base = c.saturating_sub(RUN as u64);
+                    let _ = posix_fadvise(
+                        f.as_raw_fd(),
+                        c as i64,
+                        RUN as i64,
+                        PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+                    );
+                    let mut o = base + k * (64 << 10);
+                    while o + b.len() as u64 <= (c + 2 * RUN as u64).min(SIZE) {
+                        let _ = f.read_exact_at(&mut b, o);
+                        o += 2 * (64 << 10);
+                    }
+                }
+            }));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let mut bad = Vec::new();
+        for pass in 1..=3u8 {
+            let mut off = 0u64;
+            while off < SIZE {
+                cursor.store(off, Ordering::Relaxed);
+                let mut v = IoBuf::aligned(RUN, 0);
+                let tag = pass.wrapping_mul(31).wrapping_add((off / RUN as u64) as u8) | 1;
+                v.fill(tag);
+                let t2 = t.clone();
+                let went = rt.block_on(async move { t2.write_bulk(off, &v).unwrap() });
+                assert!(went, "an aligned bulk write went buffered");
+                let mut b = vec![0u8; RUN];
+                rt.block_on(t.read(off, &mut b)).unwrap();
+                if let Some(i) = b.iter().position(|x| *x != tag) {
+                    bad.push((pass, off + i as u64, b[i], tag));
+                }
+                off += RUN as u64;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+        assert!(
+            bad.is_empty(),
+            "stale bytes after direct writes: {:?}",
+            &bad[..bad.len().min(5)]
+        );
+    }
+
     #[tokio::test]
     async fn read_only_refuses_writes() {
         let dir = tempfile::tempdir().unwrap();
