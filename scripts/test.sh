@@ -13,6 +13,7 @@ declare -A PKG=(
   [groff]=groff-base [man]=man-db [script]=bsdutils [systemd-analyze]=systemd [bash]=bash
   [chromium]=chromium [chromedriver]=chromium-driver
   [promtool]=prometheus [prometheus]=prometheus
+  [qemu-storage-daemon]=qemu-system-common
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive

@@ -44,7 +44,8 @@ fuzz_target!(|data: &[u8]| {
     for _ in 0..4 {
         dlsm::bufpool::give(vec![POISON; READ + 2 * dlsm::bufpool::IO_ALIGN]);
     }
-    let leaked = move |r: &[u8]| !input_has_run && r.windows(RUN).any(|w| w.iter().all(|b| *b == POISON));
+    let leaked =
+        move |r: &[u8]| !input_has_run && r.windows(RUN).any(|w| w.iter().all(|b| *b == POISON));
     let data = data.to_vec();
     rt().block_on(async move {
         let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
