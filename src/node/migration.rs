@@ -1323,13 +1323,20 @@ pub async fn status_in_role(
         return Ok(s);
     }
     let vol = state.store.get(name)?;
-    match role {
+    let live = match role {
         Some("source") => source_status(state, name).await,
         Some(_) => vol
             .clone_target()
             .map(|c| c.status())
             .ok_or_else(|| MigrationError::NotMigrating(name.to_owned())),
         None => status(state, name).await,
+    };
+    match live {
+        // It ended between the two looks (a clone collapsing as it
+        // completes): its history entry was recorded before the change.
+        Err(MigrationError::NotMigrating(_)) => ended_status(state, name, role)
+            .ok_or_else(|| MigrationError::NotMigrating(name.to_owned())),
+        other => other,
     }
 }
 
