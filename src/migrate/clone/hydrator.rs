@@ -225,16 +225,21 @@ impl CloneTarget {
     }
 
     /// Waits for the rate limit's turn for `bytes`, looking up every
-    /// quarter second: false if the copier was paused or stopped, or every
-    /// region became present (clients wrote them), meanwhile. A slow limit
+    /// quarter second: false if the copier was paused or stopped, its limit
+    /// changed, or every region became present (clients wrote them),
+    /// meanwhile. A slow limit
     /// must not hold back a pause, or a completion, by a whole batch.
     pub(super) async fn wait_turn(&self, bytes: u64) -> bool {
+        let rate = self.limiter.rate();
         let Some(start) = self.limiter.reserve(bytes) else {
             return true;
         };
         loop {
+            // A new limit (`set-rate`) applies now, not after a turn booked
+            // under the old one: give the turn up and book again.
             let give_up = self.paused.load(Ordering::SeqCst)
                 || self.stopped.load(Ordering::SeqCst)
+                || self.limiter.rate() != rate
                 || self.map.lock().unwrap().is_complete();
             if give_up {
                 return false;
