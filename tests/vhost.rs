@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::{run_ok, NodeProc};
 use dlsm::vhost::frontend::{
-    status, BlkQueue, Completion, QueueOpts, RawDesc, RawNext, Request, RequestType,
-    VhostBlkClient, DESC_F_NEXT, DESC_F_WRITE, SECTOR,
+    status, BlkQueue, Completion, QueueOpts, RawDesc, Request, RequestType, VhostBlkClient,
+    DESC_F_NEXT, DESC_F_WRITE, SECTOR,
 };
 use rand::{Rng, SeedableRng};
 
@@ -104,16 +104,7 @@ fn write(q: &mut BlkQueue, off: u64, data: &[u8]) {
 /// The volume's bytes as an NBD client sees them.
 fn over_nbd(n: &NodeProc, name: &str, dir: &Path) -> Vec<u8> {
     let out = dir.join(format!("{name}-copy.raw"));
-    let _ = std::fs::remove_file(&out);
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        &format!("nbd://{}/{name}", n.nbd),
-        out.to_str().unwrap(),
-    ]));
+    common::nbd_copy(&format!("nbd://{}/{name}", n.nbd), &out);
     std::fs::read(&out).unwrap()
 }
 
@@ -237,24 +228,9 @@ fn malformed_chains_get_an_error_and_harm_no_one() {
     // A data buffer outside guest memory: IOERR in the status byte.
     q.write_buf(0, 16, &[0xff]).unwrap();
     let chain = [
-        RawDesc {
-            addr: hdr,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: RawNext::Following,
-        },
-        RawDesc {
-            addr: beyond,
-            len: 4096,
-            flags: DESC_F_NEXT | DESC_F_WRITE,
-            next: RawNext::Following,
-        },
-        RawDesc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_WRITE,
-            next: RawNext::Following,
-        },
+        RawDesc::new(hdr, 16, DESC_F_NEXT),
+        RawDesc::new(beyond, 4096, DESC_F_NEXT | DESC_F_WRITE),
+        RawDesc::new(st, 1, DESC_F_WRITE),
     ];
     q.submit_raw(&chain, 1).unwrap();
     q.kick().unwrap();
@@ -267,24 +243,9 @@ fn malformed_chains_get_an_error_and_harm_no_one() {
     // A readable descriptor after the writable ones.
     q.write_buf(0, 16, &[0xff]).unwrap();
     let chain = [
-        RawDesc {
-            addr: hdr,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: RawNext::Following,
-        },
-        RawDesc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_NEXT | DESC_F_WRITE,
-            next: RawNext::Following,
-        },
-        RawDesc {
-            addr: q.buf_addr(1),
-            len: 512,
-            flags: 0,
-            next: RawNext::Following,
-        },
+        RawDesc::new(hdr, 16, DESC_F_NEXT),
+        RawDesc::new(st, 1, DESC_F_NEXT | DESC_F_WRITE),
+        RawDesc::new(q.buf_addr(1), 512, 0),
     ];
     q.submit_raw(&chain, 2).unwrap();
     q.kick().unwrap();

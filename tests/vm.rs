@@ -727,15 +727,7 @@ fn vhost_user_socket_serves_one_frontend_at_a_time_then_the_next() {
 
     // What the guest wrote through vhost-user reads back over NBD.
     let copy = tmp.path().join("copy.raw");
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        &format!("nbd://{}/vm", node.nbd),
-        copy.to_str().unwrap(),
-    ]));
+    common::nbd_copy(&format!("nbd://{}/vm", node.nbd), &copy);
     // Both guests' records, the later one's last.
     let blocks = check_image(&copy, &format!("{serial_first}\n{serial}"));
     assert!(blocks > 0);

@@ -425,6 +425,18 @@ pub struct RawDesc {
     pub next: RawNext,
 }
 
+impl RawDesc {
+    /// A descriptor followed by the next one in the list (`RawNext::Following`).
+    pub fn new(addr: u64, len: u32, flags: u16) -> Self {
+        RawDesc {
+            addr,
+            len,
+            flags,
+            next: RawNext::Following,
+        }
+    }
+}
+
 /// A completed request, from the used ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {

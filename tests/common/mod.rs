@@ -359,6 +359,21 @@ pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
 }
 
 /// Runs a command, asserting success; returns stdout.
+/// Copies the image at `uri` (an NBD URI) to the raw file `out` with
+/// qemu-img, replacing it.
+pub fn nbd_copy(uri: &str, out: &Path) {
+    let _ = std::fs::remove_file(out);
+    run_ok(Command::new("qemu-img").args([
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        uri,
+        out.to_str().unwrap(),
+    ]));
+}
+
 pub fn run_ok(cmd: &mut Command) -> String {
     let o = cmd
         .output()
