@@ -66,11 +66,7 @@ fn connect(sock: &Path, queues: u16) -> VhostBlkClient {
 
 /// Submits one request and waits for it.
 fn one(q: &mut BlkQueue, req: Request) -> Completion {
-    q.submit(&req, 0).unwrap();
-    q.kick().unwrap();
-    let mut out = Vec::new();
-    q.wait(&mut out, 1, WAIT).unwrap();
-    out[0]
+    q.submit_and_wait(&req, WAIT).unwrap()
 }
 
 fn read(q: &mut BlkQueue, off: u64, len: usize) -> Vec<u8> {

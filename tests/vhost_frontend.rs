@@ -92,11 +92,7 @@ fn opts(num_queues: u16, queue_size: u16, buf_count: usize, buf_size: usize) -> 
 
 /// Submits one request and waits for it.
 fn one(q: &mut BlkQueue, req: Request) -> Completion {
-    q.submit(&req, 0).unwrap();
-    q.kick().unwrap();
-    let mut out = Vec::new();
-    q.wait(&mut out, 1, WAIT).unwrap();
-    out[0]
+    q.submit_and_wait(&req, WAIT).unwrap()
 }
 
 #[derive(Clone, Debug)]

@@ -592,24 +592,16 @@ impl BlockDevice {
             return (VIRTIO_BLK_S_IOERR as u8, 0);
         }
         let result: Result<u32, BlockError> = match &req.op {
-            Op::Read => match byte_range(req.sector, req.data_len, size) {
-                None => Err(BlockError::OutOfRange {
-                    offset: req.sector.saturating_mul(SECTOR),
-                    len: req.data_len,
-                    size,
-                }),
-                Some((offset, len)) => read_into_guest(t.as_ref(), offset, &req.data, mem)
+            Op::Read => match in_volume(req.sector, req.data_len, size) {
+                Err(e) => Err(e),
+                Ok((offset, len)) => read_into_guest(t.as_ref(), offset, &req.data, mem)
                     .await
                     .map(|()| len as u32),
             },
             Op::Write if ro => Err(BlockError::ReadOnly),
-            Op::Write => match byte_range(req.sector, req.data_len, size) {
-                None => Err(BlockError::OutOfRange {
-                    offset: req.sector.saturating_mul(SECTOR),
-                    len: req.data_len,
-                    size,
-                }),
-                Some((offset, _)) => {
+            Op::Write => match in_volume(req.sector, req.data_len, size) {
+                Err(e) => Err(e),
+                Ok((offset, _)) => {
                     let fua = !self.0.cfg.writeback.load(Ordering::Relaxed);
                     write_from_guest(t.as_ref(), offset, &req.data, mem, fua)
                         .await
@@ -640,13 +632,12 @@ impl BlockDevice {
                 let mut r = Ok(0);
                 for range in ranges {
                     let len = u64::from(range.sectors) * SECTOR;
-                    let Some((offset, len)) = byte_range(range.sector, len, size) else {
-                        r = Err(BlockError::OutOfRange {
-                            offset: range.sector.saturating_mul(SECTOR),
-                            len,
-                            size,
-                        });
-                        break;
+                    let (offset, len) = match in_volume(range.sector, len, size) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            r = Err(e);
+                            break;
+                        }
                     };
                     let done = if zero {
                         let flags = ZeroFlags {
@@ -676,6 +667,16 @@ impl BlockDevice {
             }
         }
     }
+}
+
+/// The byte range a sector-addressed request covers, or why it is not
+/// one the volume has (see [`byte_range`]).
+fn in_volume(sector: u64, len: u64, size: u64) -> Result<(u64, u64), BlockError> {
+    byte_range(sector, len, size).ok_or(BlockError::OutOfRange {
+        offset: sector.saturating_mul(SECTOR),
+        len,
+        size,
+    })
 }
 
 /// Reads `[offset, +len(segs))` of the volume into guest buffers: straight

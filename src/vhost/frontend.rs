@@ -1123,6 +1123,20 @@ impl BlkQueue {
         Ok(n)
     }
 
+    /// Submits `req`, kicks, and waits up to `timeout` for its completion
+    /// (the queue must have nothing else in flight).
+    pub fn submit_and_wait(
+        &mut self,
+        req: &Request,
+        timeout: Option<Duration>,
+    ) -> Result<Completion> {
+        self.submit(req, 0)?;
+        self.kick()?;
+        let mut out = Vec::new();
+        self.wait(&mut out, 1, timeout)?;
+        Ok(out[0])
+    }
+
     /// Reaps completions until at least `min` (at most the number in flight)
     /// arrived, sleeping on the call eventfd in between; `None` waits
     /// forever. Returns how many were appended to `out`.
