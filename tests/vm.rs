@@ -699,7 +699,15 @@ fn vhost_user_socket_serves_one_frontend_at_a_time_then_the_next() {
     // A second frontend on the same socket: QEMU fails to start its device.
     let mut second = qemu_command("");
     second
-        .args(["-accel", "tcg", "-m", GUEST_RAM, "-nographic", "-net", "none"])
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            GUEST_RAM,
+            "-nographic",
+            "-net",
+            "none",
+        ])
         .args(["-display", "none", "-monitor", "none", "-serial", "none"])
         .args(vhost_disk(&sock));
     let out = second.output().unwrap();
