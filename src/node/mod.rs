@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub advertise_api: Option<String>,
     /// Serve every volume as a vhost-user-blk backend too, at `DIR/NAME`.
     pub vhost_user: Option<VhostUserConfig>,
+    /// Cluster mode: join the cluster at these etcd endpoints (`None`:
+    /// peer mode). Needs a build with the `cluster` feature.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The vhost-user-blk export (`--vhost-user-dir`).
@@ -218,6 +221,10 @@ pub struct NodeState {
     pub metrics: Arc<metrics::NodeMetrics>,
     /// The vhost-user-blk sockets, when the node serves them.
     pub vhost: Option<Arc<crate::vhost::VhostExports>>,
+    /// Cluster mode: this node's membership and the directory (`None`:
+    /// peer mode).
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl NodeState {
@@ -352,6 +359,40 @@ impl Node {
         };
         let id = store::node_id(&cfg.data_dir)
             .with_context(|| format!("cannot read the node id in {}", cfg.data_dir.display()))?;
+        let advertised_nbd = cfg
+            .advertise_nbd
+            .clone()
+            .or_else(|| nbd_addr.map(|a| a.to_string()));
+        let advertised_api = cfg
+            .advertise_api
+            .clone()
+            .unwrap_or_else(|| api_addr.to_string());
+        // After the store took the directory's lock: a `nodes/NAME` with
+        // this directory's id can then only be our own previous run.
+        #[cfg(feature = "cluster")]
+        let cluster = match &cfg.cluster {
+            Some(c) => Some(
+                crate::cluster::Cluster::join(
+                    c,
+                    crate::cluster::NodeRecord {
+                        v: 1,
+                        name: cfg.name.clone(),
+                        dir_id: id.clone(),
+                        nbd: advertised_nbd.clone(),
+                        api: advertised_api.clone(),
+                        vhost_user_dir: vhost.as_ref().map(|x| x.dir().display().to_string()),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                    },
+                )
+                .await
+                .context("cannot join the cluster")?,
+            ),
+            None => None,
+        };
+        #[cfg(not(feature = "cluster"))]
+        if cfg.cluster.is_some() {
+            anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);
+        }
         let state = Arc::new(NodeState {
             name: cfg.name.clone(),
             id,
@@ -359,14 +400,8 @@ impl Node {
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),
             api_addr,
-            advertised_nbd: cfg
-                .advertise_nbd
-                .clone()
-                .or_else(|| nbd_addr.map(|a| a.to_string())),
-            advertised_api: cfg
-                .advertise_api
-                .clone()
-                .unwrap_or_else(|| api_addr.to_string()),
+            advertised_nbd,
+            advertised_api,
             source_timeout: cfg.source_timeout,
             peer_auth,
             api_token: cfg.api_token.clone(),
@@ -374,6 +409,8 @@ impl Node {
             dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
             metrics: node_metrics,
             vhost,
+            #[cfg(feature = "cluster")]
+            cluster,
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
@@ -426,6 +463,11 @@ impl Node {
             self.tasks.abort_all();
         }
         self.state.store.flush_all().await;
+        // Only now, with nothing left to acknowledge: down at once.
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &self.state.cluster {
+            c.leave().await;
+        }
         if let Some(p) = &self.state.nbd_unix {
             let _ = std::fs::remove_file(p);
         }
