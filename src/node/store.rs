@@ -381,6 +381,17 @@ pub fn origin_export(volume: &str, id: &str) -> String {
     format!("{volume}{ORIGIN_MARK}{id}")
 }
 
+/// Refuses a size no volume can have (checked before anything is made, in
+/// the store or in the cluster's directory).
+pub fn validate_size(size: u64) -> Result<(), StoreError> {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
+        return Err(StoreError::InvalidSize(format!(
+            "{size} bytes: a volume must be a non-zero multiple of 512 bytes, at most 4 EiB"
+        )));
+    }
+    Ok(())
+}
+
 /// Largest volume: 2^63 bytes keeps every offset computation in range.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
 
@@ -500,11 +511,7 @@ impl VolumeStore {
     ) -> Result<Arc<Volume>, StoreError> {
         let (name, size) = (table.name.as_str(), table.size);
         validate_name(name)?;
-        if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
-            return Err(StoreError::InvalidSize(format!(
-                "{size} bytes: a volume must be a non-zero multiple of 512 bytes, at most 4 EiB"
-            )));
-        }
+        validate_size(size)?;
         let mut vols = self.volumes.lock().unwrap();
         if vols.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.to_owned()));
