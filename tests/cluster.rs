@@ -1,0 +1,389 @@
+//! Cluster mode against a real etcd (issue 13): nodes joining, up and down,
+//! a name held by another process, the volume directory seen from every
+//! node. Needs `etcd` (Debian `etcd-server`, which scripts/test.sh
+//! installs) and a build with `--features cluster`:
+//! `cargo test --features cluster --test cluster`.
+
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require, wait_until, NodeProc, DLSM};
+use serde_json::Value;
+
+/// The lease TTL the tests' nodes ask for: short, so a dead node shows
+/// down quickly (margin 1 s, renewal every 0.75 s).
+const TTL: u64 = 4;
+
+/// A single-member etcd on free loopback ports, in a temporary directory,
+/// killed on drop.
+struct Etcd {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let etcd = require("etcd");
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(etcd)
+            .args(["--name", "s1", "--data-dir"])
+            .arg(dir.path().join("s1"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("s1={peer_url}")])
+            .args(["--initial-cluster-state", "new", "--logger=zap"])
+            .arg(format!(
+                "--log-outputs={}",
+                dir.path().join("etcd.log").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd");
+        let mut e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        let addr = format!("127.0.0.1:{client}");
+        wait_until("etcd is healthy", 20, || {
+            assert!(
+                e.child.try_wait().unwrap().is_none(),
+                "etcd exited; its log is {}",
+                e._dir.path().join("etcd.log").display()
+            );
+            health(&addr)
+        });
+        e
+    }
+
+    /// `serve` flags joining this etcd.
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--cluster-etcd".into(),
+            self.url.clone(),
+            "--cluster-lease-ttl".into(),
+            TTL.to_string(),
+        ]
+    }
+
+    /// Starts node `name` on `dir` in this cluster.
+    fn node(&self, dir: &Path, name: &str) -> NodeProc {
+        let f = self.flags();
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        NodeProc::start_named(dir, name, &f)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// etcd's `GET /health` answers `{"health":"true"}`.
+fn health(addr: &str) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// `node list --json` at `at`, by name.
+fn node_list(at: &NodeProc) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&at.cli_ok(&["node", "list", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn state_of(at: &NodeProc, name: &str) -> Option<String> {
+    node_list(at)
+        .into_iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap().to_owned())
+}
+
+/// `volume list --json` at `at` (the cluster's directory).
+fn volume_list(at: &NodeProc) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&at.cli_ok(&["volume", "list", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// A failing CLI call's JSON error.
+fn cli_err(at: &NodeProc, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let o = at.cli(&a);
+    assert!(!o.status.success(), "dlsm {args:?} succeeded");
+    serde_json::from_slice(&o.stderr)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)))
+}
+
+#[test]
+fn nodes_join_and_every_node_lists_them_up_with_their_addresses() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| etcd.node(&tmp.path().join(n), n))
+        .collect();
+    for at in &nodes {
+        let list = node_list(at);
+        assert_eq!(list.len(), 3, "{list:?}");
+        for n in &nodes {
+            let e = list
+                .iter()
+                .find(|e| e["name"] == n.name.as_str())
+                .unwrap_or_else(|| panic!("{} missing: {list:?}", n.name));
+            assert_eq!(e["state"], "up", "{e}");
+            assert_eq!(e["api"], n.api.as_str(), "{e}");
+            assert_eq!(e["nbd"], n.nbd.as_str(), "{e}");
+            assert_eq!(e["volumes"], 0, "{e}");
+        }
+    }
+    // The table for people says the same.
+    let text = nodes[1].cli_ok(&["node", "list"]);
+    assert!(text.starts_with("NAME"), "{text}");
+    for n in &nodes {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&n.name))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(row.contains(" up ") && row.contains(&n.api), "{row}");
+    }
+}
+
+#[test]
+fn a_killed_node_goes_down_within_its_ttl_and_comes_back_at_once() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // Killed and restarted at once: its old lease still holds nodes/n2,
+    // and the restart (same data directory) revokes it instead of waiting
+    // out the TTL.
+    let t = Instant::now();
+    n2.restart();
+    assert!(
+        t.elapsed() < Duration::from_secs(TTL - 1),
+        "restart took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // Killed for good: down once etcd expires its lease (TTL, plus up to
+    // one etcd expiry sweep).
+    n2.kill();
+    let t = Instant::now();
+    wait_until("n2 shows down", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+    });
+    assert!(
+        t.elapsed() >= Duration::from_secs(TTL - 2),
+        "down after only {:?}: the lease must outlive a missed renewal",
+        t.elapsed()
+    );
+    // n1 lived through more than a TTL meanwhile: its renewals work.
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    // Still a member, with its last addresses.
+    let e = node_list(&n1)
+        .into_iter()
+        .find(|e| e["name"] == "n2")
+        .unwrap();
+    assert_eq!(e["api"], n2.api.as_str());
+
+    // Back with its data directory: up from its first ready line.
+    n2.restart();
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // A clean stop revokes the lease: down at once, not after the TTL.
+    assert!(n2.stop());
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("down"));
+}
+
+#[test]
+fn a_second_daemon_cannot_take_a_live_node_name() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut args = vec![
+        "serve".to_string(),
+        "--data-dir".into(),
+        tmp.path().join("other").display().to_string(),
+        "--node".into(),
+        "n1".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--api".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd.flags());
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a second n1 started: {err}");
+    assert!(
+        err.contains("node name \"n1\" is already up in the cluster"),
+        "{err}"
+    );
+    assert!(err.contains(&n1.api), "the error names the holder: {err}");
+    // The first one is untouched.
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+}
+
+#[test]
+fn volumes_created_from_any_node_are_in_the_directory_of_every_node() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    let n3 = etcd.node(&tmp.path().join("n3"), "n3");
+
+    // Asked at n1, made on n2.
+    let v: Value = serde_json::from_str(&n1.cli_ok(&[
+        "volume", "create", "x", "--size", "16M", "--on", "n2", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["node"], "n2", "{v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    assert_eq!(v["size"], 16 << 20);
+    assert!(
+        v["uri"].as_str().unwrap().contains(&n2.nbd),
+        "served by n2: {v}"
+    );
+    assert!(n2.data_dir.join("volumes/x/table.json").exists());
+    assert!(!n1.data_dir.join("volumes/x").exists());
+
+    // Every node's list shows it on n2, generation 1.
+    for at in [&n1, &n2, &n3] {
+        let list = volume_list(at);
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0]["name"], "x");
+        assert_eq!(list[0]["node"], "n2");
+        assert_eq!(list[0]["generation"], 1);
+        assert_eq!(list[0]["state"], "ok");
+    }
+    let text = n3.cli_ok(&["volume", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("x ") && l.contains("n2")),
+        "{text}"
+    );
+    // `show` anywhere asks the owner.
+    let s: Value = serde_json::from_str(&n3.cli_ok(&["volume", "show", "x", "--json"])).unwrap();
+    assert_eq!(s["node"], "n2", "{s}");
+    assert_eq!(s["generation"], 1, "{s}");
+    let text = n1.cli_ok(&["volume", "show", "x"]);
+    assert!(text.contains("node:        n2 (generation 1)"), "{text}");
+    let n2_row = node_list(&n3)
+        .into_iter()
+        .find(|e| e["name"] == "n2")
+        .unwrap();
+    assert_eq!(n2_row["volumes"], 1);
+
+    // The name is the cluster's: refused wherever it is asked for.
+    for (at, on) in [
+        (&n3, None),
+        (&n1, Some("n1")),
+        (&n2, None),
+        (&n3, Some("n2")),
+    ] {
+        let mut args = vec!["volume", "create", "x", "--size", "1M"];
+        if let Some(on) = on {
+            args.extend(["--on", on]);
+        }
+        let e = cli_err(at, &args);
+        assert_eq!(e["http_status"], 409, "{e}");
+        assert!(
+            e["error"].as_str().unwrap().contains("already exists"),
+            "{e}"
+        );
+    }
+    assert!(!n3.data_dir.join("volumes/x").exists());
+    // Unknown nodes are named.
+    let e = cli_err(
+        &n1,
+        &["volume", "create", "y", "--size", "1M", "--on", "n9"],
+    );
+    assert_eq!(e["http_status"], 404, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("no node named \"n9\""),
+        "{e}"
+    );
+
+    // Removed from n1: n2 drops its copy, the record goes.
+    n1.cli_ok(&["volume", "rm", "x"]);
+    assert!(!n2.data_dir.join("volumes/x").exists());
+    for at in [&n1, &n2, &n3] {
+        assert!(volume_list(at).is_empty());
+    }
+    let e = cli_err(&n3, &["volume", "show", "x"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+    // The name is free again, here on n3.
+    n3.cli_ok(&["volume", "create", "x", "--size", "1M"]);
+    let list = volume_list(&n1);
+    assert_eq!(list[0]["node"], "n3");
+    assert_eq!(list[0]["generation"], 1);
+}
+
+#[test]
+fn a_node_without_a_cluster_says_so() {
+    let n = NodeProc::start();
+    let e = cli_err(&n, &["node", "list"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.contains("is not in a cluster") && msg.contains("--cluster-etcd"),
+        "{e}"
+    );
+    let e = cli_err(&n, &["volume", "create", "v", "--size", "1M", "--on", "n2"]);
+    assert!(
+        e["error"].as_str().unwrap().contains("not in a cluster"),
+        "{e}"
+    );
+    // Peer mode's volumes are as before.
+    n.create("v", "1M");
+    let list: Value = serde_json::from_str(&n.cli_ok(&["volume", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "v");
+    assert!(list[0].get("node").is_none(), "{list}");
+    assert!(
+        list[0]["table"].is_object(),
+        "peer mode's full list: {list}"
+    );
+}
