@@ -387,3 +387,99 @@ fn a_node_without_a_cluster_says_so() {
         "peer mode's full list: {list}"
     );
 }
+
+fn signal(n: &NodeProc, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(n.pid()), sig).unwrap();
+}
+
+/// A node frozen longer than its lease acknowledges no write when it
+/// wakes, whatever its runtime runs first, until it has renewed (here: a
+/// new lease, since etcd dropped the old one, and its record rebound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_acknowledges_no_write_until_it_renews() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n2.create("v", "1M");
+    let c = common::client(&n2, "v").await;
+    c.write(0, &[1u8; 4096], false).await.unwrap();
+    let gen_before = {
+        let s: Value =
+            serde_json::from_str(&n1.cli_ok(&["volume", "show", "v", "--json"])).unwrap();
+        assert_eq!(s["node"], "n2");
+        s["generation"].clone()
+    };
+
+    signal(&n2, Signal::SIGSTOP);
+    // Longer than the TTL: etcd drops the lease, n2 shows down.
+    wait_until("n2 shows down while frozen", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+    });
+    // A write waits in n2's socket while it is frozen.
+    let w = {
+        let c = c.clone();
+        tokio::spawn(async move { c.write(4096, &[2u8; 4096], false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&n2, Signal::SIGCONT);
+    let e = w
+        .await
+        .unwrap()
+        .expect_err("a write was acknowledged after the lease lapsed");
+    assert_eq!(common::errno_of(e), 5, "EIO");
+
+    // It renews (a new lease, its record rebound), then writes flow.
+    let t = Instant::now();
+    loop {
+        match c.write(8192, &[3u8; 4096], false).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO while unconfirmed");
+                assert!(
+                    t.elapsed() < Duration::from_secs(TTL),
+                    "writes never resumed"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    // Same owner and generation: no ownership moved.
+    let s: Value = serde_json::from_str(&n1.cli_ok(&["volume", "show", "v", "--json"])).unwrap();
+    assert_eq!(s["node"], "n2");
+    assert_eq!(s["generation"], gen_before);
+    // What was acknowledged is there; the refused write may or may not be.
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+    assert_eq!(c.read(8192, 4096).await.unwrap(), vec![3u8; 4096]);
+}
+
+/// A restarted node re-confirms its volumes before writing: its own are
+/// bound to the new lease; a volume made in peer mode (no record) is
+/// served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_writes_its_own_volumes_and_its_peer_mode_ones() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    // A volume made before the node joined any cluster.
+    let mut peer = NodeProc::start_in(&dir);
+    peer.create("old", "1M");
+    assert!(peer.stop());
+    let mut n1 = etcd.node(&dir, "n1");
+    n1.create("new", "1M");
+    n1.restart();
+    for vol in ["old", "new"] {
+        let c = common::client(&n1, vol).await;
+        c.write(0, &[7u8; 512], false).await.unwrap();
+        assert_eq!(c.read(0, 512).await.unwrap(), vec![7u8; 512]);
+    }
+    let list = volume_list(&n1);
+    assert_eq!(
+        list.len(),
+        1,
+        "only the cluster's volume is in the directory: {list:?}"
+    );
+    assert_eq!(list[0]["name"], "new");
+}

@@ -150,6 +150,76 @@ impl Cluster {
         }
     }
 
+    /// The names of the volumes the index gives this node.
+    pub async fn owned(&self) -> Result<Vec<String>, ClusterError> {
+        let prefix = super::by_node_prefix(&self.name);
+        let p = prefix.clone();
+        let r = self
+            .etcd
+            .call("list owned volumes", CALL_TIMEOUT, move |mut c| {
+                let p = p.clone();
+                async move {
+                    c.get(p, Some(GetOptions::new().with_prefix().with_keys_only()))
+                        .await
+                }
+            })
+            .await?;
+        Ok(r.kvs()
+            .iter()
+            .filter_map(|kv| {
+                std::str::from_utf8(kv.key())
+                    .ok()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                    .map(str::to_owned)
+            })
+            .collect())
+    }
+
+    /// Rebinds every record this node owns to `lease` (its new lease, at
+    /// startup or after losing the old one): one transaction per record,
+    /// comparing its revision and that `nodes/NAME` is under `lease`.
+    /// Returns the names this node owns.
+    pub async fn rebind_owned(&self, lease: i64) -> Result<Vec<String>, ClusterError> {
+        let names = self.owned().await?;
+        let mut owned = Vec::new();
+        for name in names {
+            let Some((mut rec, rev)) = self.record(&name).await? else {
+                continue; // an index entry whose record went: nothing to own
+            };
+            if rec.owner != self.name {
+                continue;
+            }
+            owned.push(name.clone());
+            if rec.owner_lease == lease {
+                continue;
+            }
+            rec.owner_lease = lease;
+            rec.changed = super::now_rfc3339();
+            let value = serde_json::to_string(&rec).expect("record serialises");
+            let (vkey, nkey) = (volume_key(&name), node_key(&self.name));
+            let r = self
+                .etcd
+                .call("rebind volume record", CALL_TIMEOUT, |mut c| {
+                    let txn = Txn::new()
+                        .when([
+                            Compare::mod_revision(vkey.clone(), CompareOp::Equal, rev),
+                            Compare::lease(nkey.clone(), CompareOp::Equal, lease),
+                        ])
+                        .and_then([TxnOp::put(vkey.clone(), value.clone(), None)]);
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if !r.succeeded() {
+                // Read again: a retry whose first try was applied is fine.
+                match self.record(&name).await? {
+                    Some((now, _)) if now.owner == self.name && now.owner_lease == lease => {}
+                    _ => return Err(ClusterError::Conflict(format!("rebinding {vkey}"))),
+                }
+            }
+        }
+        Ok(owned)
+    }
+
     /// Every record, [`PAGE`] per request, all pages at one revision (one
     /// consistent snapshot however large the cluster).
     pub async fn records(&self) -> Result<Vec<VolumeRecord>, ClusterError> {

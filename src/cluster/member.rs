@@ -29,7 +29,7 @@ pub struct Cluster {
     pub dir_id: String,
     /// The lease `nodes/NAME` is under now (0 while there is none).
     lease: AtomicI64,
-    clock: LeaseClock,
+    clock: Arc<LeaseClock>,
     /// What `nodes/NAME` says (written again after a lost lease).
     record: NodeRecord,
     stop: watch::Sender<bool>,
@@ -56,7 +56,7 @@ impl Cluster {
             })
             .await?;
         let ttl = Duration::from_secs(grant.ttl().max(1) as u64);
-        let clock = LeaseClock::new(ttl);
+        let clock = Arc::new(LeaseClock::new(ttl));
         clock.confirmed(sent_at);
         let (stop, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
@@ -93,6 +93,12 @@ impl Cluster {
     /// The lease this node holds now (0: none).
     pub fn lease(&self) -> i64 {
         self.lease.load(Ordering::Acquire)
+    }
+
+    /// The lease's deadline, which the fences of this node's cluster
+    /// volumes check on every write.
+    pub fn clock(&self) -> Arc<LeaseClock> {
+        self.clock.clone()
     }
 
     /// Whether the node's lease is certainly alive in etcd now: true
@@ -335,7 +341,8 @@ impl Cluster {
         Ok(alive)
     }
 
-    /// After the lease was lost: a new lease, `nodes/NAME` under it.
+    /// After the lease was lost: a new lease, `nodes/NAME` under it, and
+    /// this node's records rebound to it; only then do writes flow again.
     async fn rejoin(&self) -> Result<(), ClusterError> {
         let ttl_secs = self.clock.ttl().as_secs() as i64;
         let sent_at = boottime_ns();
@@ -345,7 +352,12 @@ impl Cluster {
                 c.lease_grant(ttl_secs, None).await
             })
             .await?;
-        if let Err(e) = self.register(g.id()).await {
+        let bound = async {
+            self.register(g.id()).await?;
+            self.rebind_owned(g.id()).await
+        }
+        .await;
+        if let Err(e) = bound {
             self.revoke(g.id()).await;
             return Err(e);
         }

@@ -581,6 +581,7 @@ mod cluster {
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         match made {
             Ok(v) => {
+                v.fence.bind_lease(c.clock());
                 let mut i = info(s, &v);
                 i.node = Some(rec.owner);
                 i.generation = Some(rec.generation);

@@ -290,6 +290,14 @@ impl Node {
             VolumeStore::open(&cfg.data_dir, env)
                 .with_context(|| format!("cannot open data dir {}", cfg.data_dir.display()))?,
         );
+        // Cluster mode: no write is acknowledged until ownership is
+        // re-confirmed with the cluster (below, before the API serves).
+        if cfg.cluster.is_some() {
+            for v in store.list() {
+                v.fence
+                    .hold("writes held: re-confirming ownership with the cluster".into());
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
         let (acceptor, acceptor_rx) = watch::channel(cfg.tls.as_ref().and_then(|t| t.acceptor()));
@@ -389,6 +397,12 @@ impl Node {
             ),
             None => None,
         };
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &cluster {
+            adopt(c, &store)
+                .await
+                .context("cannot re-confirm this node's volumes with the cluster")?;
+        }
         #[cfg(not(feature = "cluster"))]
         if cfg.cluster.is_some() {
             anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);
@@ -473,6 +487,37 @@ impl Node {
         }
         info!("node stopped, volumes flushed");
     }
+}
+
+/// Startup in cluster mode: rebinds the records this node owns to its new
+/// lease and binds their fences to it; a copy whose record names another
+/// node stays held (stale: never written, `volume rm` deletes it); a copy
+/// without a record (made in peer mode) is served as before.
+#[cfg(feature = "cluster")]
+async fn adopt(
+    c: &Arc<crate::cluster::Cluster>,
+    store: &VolumeStore,
+) -> Result<(), crate::cluster::ClusterError> {
+    let owned = c.rebind_owned(c.lease()).await?;
+    for v in store.list() {
+        if owned.contains(&v.name) {
+            v.fence.bind_lease(c.clock());
+            v.fence.release_hold();
+            continue;
+        }
+        match c.record(&v.name).await? {
+            Some((r, _)) => {
+                warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
+                v.fence.hold(format!(
+                    "writes refused: the cluster's directory gives volume {} to node {} \
+                     (generation {}); this copy is stale",
+                    v.name, r.owner, r.generation
+                ));
+            }
+            None => v.fence.release_hold(),
+        }
+    }
+    Ok(())
 }
 
 /// Keeps a vhost-user socket for every volume, until shutdown.
