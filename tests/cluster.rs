@@ -20,10 +20,13 @@ use serde_json::Value;
 /// down quickly (margin 1 s, renewal every 0.75 s).
 const TTL: u64 = 4;
 
-/// A single-member etcd on free loopback ports, in a temporary directory,
-/// killed on drop.
+/// An etcd cluster (one or three members) on free loopback ports, in a
+/// temporary directory, killed on drop.
 struct Etcd {
-    child: Child,
+    members: Vec<Child>,
+    /// The client URLs, one per member.
+    urls: Vec<String>,
+    /// Comma-separated, as `--cluster-etcd` takes them.
     url: String,
     _dir: tempfile::TempDir,
 }
@@ -37,48 +40,74 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// One member.
     fn start() -> Etcd {
+        Self::start_members(1)
+    }
+
+    /// `n` members, healthy when this returns.
+    fn start_members(n: usize) -> Etcd {
         let etcd = require("etcd");
         let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(etcd)
-            .args(["--name", "s1", "--data-dir"])
-            .arg(dir.path().join("s1"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("s1={peer_url}")])
-            .args(["--initial-cluster-state", "new", "--logger=zap"])
-            .arg(format!(
-                "--log-outputs={}",
-                dir.path().join("etcd.log").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn etcd");
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let members = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| {
+                let peer_url = format!("http://127.0.0.1:{p}");
+                Command::new(&etcd)
+                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(dir.path().join(format!("m{i}")))
+                    .args(["--listen-client-urls", &urls[i]])
+                    .args(["--advertise-client-urls", &urls[i]])
+                    .args(["--listen-peer-urls", &peer_url])
+                    .args(["--initial-advertise-peer-urls", &peer_url])
+                    .args(["--initial-cluster", &initial.join(",")])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", "dlsm-test", "--logger=zap"])
+                    .arg(format!(
+                        "--log-outputs={}",
+                        dir.path().join(format!("m{i}.log")).display()
+                    ))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("spawn etcd")
+            })
+            .collect();
         let mut e = Etcd {
-            child,
-            url,
+            members,
+            url: urls.join(","),
+            urls,
             _dir: dir,
         };
-        let addr = format!("127.0.0.1:{client}");
-        wait_until("etcd is healthy", 20, || {
-            assert!(
-                e.child.try_wait().unwrap().is_none(),
-                "etcd exited; its log is {}",
-                e._dir.path().join("etcd.log").display()
-            );
-            health(&addr)
-        });
+        for (i, (c, _)) in ports.iter().enumerate() {
+            let addr = format!("127.0.0.1:{c}");
+            wait_until("etcd is healthy", 20, || {
+                assert!(
+                    e.members[i].try_wait().unwrap().is_none(),
+                    "etcd member {i} exited; its log is in {}",
+                    e._dir.path().display()
+                );
+                health(&addr)
+            });
+        }
         e
+    }
+
+    /// Sends `sig` to member `i`.
+    fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.members[i].id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
     }
 
     /// `serve` flags joining this etcd.
@@ -101,8 +130,10 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
     }
 }
 
@@ -482,4 +513,56 @@ async fn a_restarted_node_writes_its_own_volumes_and_its_peer_mode_ones() {
         "only the cluster's volume is in the directory: {list:?}"
     );
     assert_eq!(list[0]["name"], "new");
+}
+
+/// etcd-client's own balancing neither fails over nor drops a dead
+/// endpoint; the node's client does both. With the member it uses frozen
+/// (its connections stay up, its calls hang), the node keeps its lease
+/// and acknowledges every write; a node whose first endpoint is frozen
+/// still joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_rides_out_a_frozen_etcd_member() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start_members(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[1u8; 512], false).await.unwrap();
+
+    // n1 uses the first endpoint (the first that answered).
+    etcd.signal(0, Signal::SIGSTOP);
+    let t = Instant::now();
+    let mut writes = 0u32;
+    while t.elapsed() < Duration::from_secs(2 * TTL + 2) {
+        c.write(512, &[writes as u8; 512], false)
+            .await
+            .unwrap_or_else(|e| panic!("write {writes} at {:?} refused: {e}", t.elapsed()));
+        writes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(writes > 50, "{writes}");
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+
+    // A node joining with the frozen member listed first.
+    let urls = etcd.urls.join(",");
+    let t = Instant::now();
+    let n2 = NodeProc::start_named(
+        &tmp.path().join("n2"),
+        "n2",
+        &[
+            "--cluster-etcd",
+            &urls,
+            "--cluster-lease-ttl",
+            &TTL.to_string(),
+        ],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "join took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(state_of(&n2, "n1").as_deref(), Some("up"));
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    etcd.signal(0, Signal::SIGCONT);
 }

@@ -388,7 +388,8 @@ impl Cluster {
     /// renewing and revokes the lease, so the node shows down at once
     /// instead of after its TTL.
     pub async fn leave(&self) {
-        let _ = self.stop.send(true);
+        // send_replace: stored even if the keeper has not subscribed yet.
+        self.stop.send_replace(true);
         let keeper = self.keeper.lock().expect("keeper lock").take();
         if let Some(k) = keeper {
             let _ = k.await;
@@ -409,6 +410,9 @@ async fn keep_alive(c: Arc<Cluster>) {
     let mut stop = c.stop.subscribe();
     let mut failures = 0u32;
     loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
         tokio::select! {
             _ = tokio::time::sleep(c.clock.renew_every()) => {}
             _ = stop.changed() => return,

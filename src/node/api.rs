@@ -545,6 +545,13 @@ mod cluster {
     /// The API of live node `name`, or why there is none.
     async fn peer_of(s: &NodeState, c: &Cluster, name: &str) -> Result<Peer, ApiError> {
         match c.live_node(name).await? {
+            // Two nodes advertising one address would forward to each
+            // other without end.
+            Some(n) if n.api == s.advertised_api => Err(ClusterError::WrongNode(format!(
+                "node {name:?} advertises this node's API address {}: check --advertise-api",
+                n.api
+            ))
+            .into()),
             Some(n) => Ok(Peer::new(&n.api, &s.peer_auth, s.source_timeout)),
             None if c.is_member(name).await? => Err(ClusterError::NodeDown(name.into()).into()),
             None => Err(ClusterError::NoSuchNode(name.into()).into()),
