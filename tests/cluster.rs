@@ -47,25 +47,45 @@ impl Etcd {
 
     /// `n` members, healthy when this returns.
     fn start_members(n: usize) -> Etcd {
+        Self::start_full(n, None)
+    }
+
+    /// `n` members; with `tls` (a `tests/tls/make-certs.sh` directory) the
+    /// client URLs are https and clients must present a certificate.
+    fn start_full(n: usize, tls: Option<&Path>) -> Etcd {
         let etcd = require("etcd");
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        // client, peer, and a plain-HTTP port for /health.
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let urls: Vec<String> = ports
             .iter()
-            .map(|(c, _)| format!("http://127.0.0.1:{c}"))
+            .map(|(c, _, _)| format!("{scheme}://127.0.0.1:{c}"))
             .collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}"))
+            .map(|(i, (_, p, _))| format!("m{i}=http://127.0.0.1:{p}"))
             .collect();
         let members = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, p))| {
+            .map(|(i, (_, p, h))| {
                 let peer_url = format!("http://127.0.0.1:{p}");
-                Command::new(&etcd)
-                    .args(["--name", &format!("m{i}"), "--data-dir"])
+                let mut cmd = Command::new(&etcd);
+                if let Some(t) = tls {
+                    cmd.arg("--cert-file")
+                        .arg(t.join("server-cert.pem"))
+                        .arg("--key-file")
+                        .arg(t.join("server-key.pem"))
+                        .arg("--trusted-ca-file")
+                        .arg(t.join("ca-cert.pem"))
+                        .arg("--client-cert-auth");
+                }
+                cmd.args(["--listen-metrics-urls", &format!("http://127.0.0.1:{h}")]);
+                cmd.args(["--name", &format!("m{i}"), "--data-dir"])
                     .arg(dir.path().join(format!("m{i}")))
                     .args(["--listen-client-urls", &urls[i]])
                     .args(["--advertise-client-urls", &urls[i]])
@@ -90,8 +110,8 @@ impl Etcd {
             urls,
             _dir: dir,
         };
-        for (i, (c, _)) in ports.iter().enumerate() {
-            let addr = format!("127.0.0.1:{c}");
+        for (i, (_, _, h)) in ports.iter().enumerate() {
+            let addr = format!("127.0.0.1:{h}");
             wait_until("etcd is healthy", 20, || {
                 assert!(
                     e.members[i].try_wait().unwrap().is_none(),
@@ -137,7 +157,7 @@ impl Drop for Etcd {
     }
 }
 
-/// etcd's `GET /health` answers `{"health":"true"}`.
+/// etcd's `GET /health` (on its metrics port) answers `{"health":"true"}`.
 fn health(addr: &str) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(addr) else {
         return false;
@@ -565,4 +585,56 @@ async fn a_node_rides_out_a_frozen_etcd_member() {
     assert_eq!(state_of(&n2, "n1").as_deref(), Some("up"));
     assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
     etcd.signal(0, Signal::SIGCONT);
+}
+
+/// https etcd endpoints: the node presents its `--tls-dir` client
+/// certificate (etcd refuses clients without one) and checks etcd's.
+#[test]
+fn a_node_joins_an_etcd_that_requires_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    common::make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let etcd = Etcd::start_full(1, Some(&tls));
+    assert!(etcd.url.starts_with("https://"));
+    let t = tls.display().to_string();
+    let node = |name: &str| {
+        let mut f = vec!["--tls-dir".to_string(), t.clone()];
+        f.extend(etcd.flags());
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        NodeProc::start_named(&tmp.path().join(name), name, &f)
+            .with_client_flags(&["--tls-dir", &t])
+    };
+    let (n1, n2) = (node("n1"), node("n2"));
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    n2.cli_ok(&["volume", "create", "x", "--size", "1M", "--on", "n1"]);
+    assert_eq!(volume_list(&n2)[0]["node"], "n1");
+
+    // Without --tls-dir the node cannot even try, and says why.
+    let mut args = vec![
+        "serve".to_string(),
+        "--data-dir".into(),
+        tmp.path().join("n3").display().to_string(),
+        "--node".into(),
+        "n3".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--api".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd.flags());
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("https:// etcd endpoints need --tls-dir"),
+        "{err}"
+    );
+    // With certificates of another CA, etcd's is not trusted.
+    let other = tmp.path().join("other-tls");
+    common::make_tls_dir(&other, &["127.0.0.1"]);
+    args.extend(["--tls-dir".into(), other.display().to_string()]);
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "joined with an untrusted CA: {err}");
+    assert!(err.contains("cannot join the cluster"), "{err}");
 }

@@ -75,7 +75,7 @@ impl Cluster {
         }
         .await;
         if let Err(e) = registered {
-            cluster.revoke(grant.id()).await;
+            let _ = cluster.revoke(grant.id()).await;
             return Err(e);
         }
         info!(
@@ -152,7 +152,7 @@ impl Cluster {
                 old_lease = holder_lease,
                 "nodes/{} is this directory's previous run: revoking its lease", self.name
             );
-            self.revoke(holder_lease).await;
+            let _ = self.revoke(holder_lease).await;
         }
         Err(ClusterError::Conflict(format!("registering {key}")))
     }
@@ -358,7 +358,7 @@ impl Cluster {
         }
         .await;
         if let Err(e) = bound {
-            self.revoke(g.id()).await;
+            let _ = self.revoke(g.id()).await;
             return Err(e);
         }
         self.lease.store(g.id(), Ordering::Release);
@@ -367,7 +367,8 @@ impl Cluster {
         Ok(())
     }
 
-    async fn revoke(&self, lease: i64) {
+    /// Revokes `lease`; whether etcd confirmed it (else it expires by itself).
+    async fn revoke(&self, lease: i64) -> bool {
         let r = self
             .etcd
             .call("lease revoke", CALL_TIMEOUT, move |mut c| async move {
@@ -379,8 +380,12 @@ impl Cluster {
                 }
             })
             .await;
-        if let Err(e) = r {
-            warn!(lease, "cannot revoke the lease (it expires by itself): {e}");
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(lease, "cannot revoke the lease (it expires by itself): {e}");
+                false
+            }
         }
     }
 
@@ -396,8 +401,7 @@ impl Cluster {
         }
         self.clock.invalidate();
         let lease = self.lease.swap(0, Ordering::AcqRel);
-        if lease != 0 {
-            self.revoke(lease).await;
+        if lease != 0 && self.revoke(lease).await {
             info!(node = %self.name, "left the cluster (lease revoked)");
         }
     }
