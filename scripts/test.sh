@@ -14,7 +14,7 @@ declare -A PKG=(
   [chromium]=chromium [chromedriver]=chromium-driver
   [promtool]=prometheus [prometheus]=prometheus
   [qemu-storage-daemon]=qemu-system-common
-  [protoc]=protobuf-compiler [etcd]=etcd-server
+  [protoc]=protobuf-compiler [etcd]=etcd-server [etcdctl]=etcd-client
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive

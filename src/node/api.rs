@@ -589,6 +589,13 @@ mod cluster {
         match made {
             Ok(v) => {
                 v.fence.bind_lease(c.clock());
+                // So that a restart tells this copy from a peer-mode one.
+                let (vol, generation) = (v.clone(), rec.generation);
+                tokio::task::spawn_blocking(move || {
+                    vol.update_table(|t| t.generation = generation)
+                })
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
                 let mut i = info(s, &v);
                 i.node = Some(rec.owner);
                 i.generation = Some(rec.generation);

@@ -490,9 +490,10 @@ impl Node {
 }
 
 /// Startup in cluster mode: rebinds the records this node owns to its new
-/// lease and binds their fences to it; a copy whose record names another
-/// node stays held (stale: never written, `volume rm` deletes it); a copy
-/// without a record (made in peer mode) is served as before.
+/// lease and binds their fences to it; a cluster copy (its table has a
+/// generation) whose record names another node stays held (stale: never
+/// written, `volume rm` deletes it); a copy made in peer mode (generation
+/// 0) is served as before, whatever the directory says of its name.
 #[cfg(feature = "cluster")]
 async fn adopt(
     c: &Arc<crate::cluster::Cluster>,
@@ -506,6 +507,10 @@ async fn adopt(
             continue;
         }
         match c.record(&v.name).await? {
+            Some((r, _)) if v.table().generation == 0 => {
+                warn!(volume = %v.name, owner = %r.owner, "a peer-mode volume shares its name with a cluster volume; serving it as before");
+                v.fence.release_hold();
+            }
             Some((r, _)) => {
                 warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
                 v.fence.hold(format!(

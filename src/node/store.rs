@@ -213,11 +213,20 @@ pub struct VolumeTable {
     /// The source copy this node must still tell to release itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_pending: Option<PendingRelease>,
+    /// Cluster mode: the generation of the directory record this copy was
+    /// made under (0: made in peer mode, no record). A copy with a
+    /// generation whose record names another node is stale.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
     /// Set (in memory only) when the volume is removed: a task still
     /// holding it must not write its table into a new volume that took
     /// its name and directory.
     #[serde(skip)]
     pub removed: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A live volume: its table and the stacked target that serves it.
@@ -457,6 +466,7 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            generation: 0,
             removed: false,
         };
         self.create_with(table, |_| Ok(()))
@@ -494,6 +504,7 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            generation: 0,
             removed: false,
         };
         self.create_with(table, |dir| {
