@@ -732,3 +732,57 @@ async fn a_stale_copy_is_held_and_a_peer_mode_volume_is_not() {
         .await
         .is_ok());
 }
+
+/// A name is its data directory's while that directory owns volumes: a
+/// new directory under the name of a stopped node that owns some is
+/// refused; one under the name of a node that owns none takes it.
+#[test]
+fn a_new_data_directory_takes_a_name_only_if_the_old_one_owns_nothing() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let joined = node_list(&n2)
+        .into_iter()
+        .find(|e| e["name"] == "n1")
+        .unwrap()["joined"]
+        .clone();
+    assert!(n1.stop() && n2.stop());
+
+    let serve = |dir: &str, name: &str| {
+        let mut args = vec![
+            "serve".to_string(),
+            "--data-dir".into(),
+            tmp.path().join(dir).display().to_string(),
+            "--node".into(),
+            name.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--api".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(etcd.flags());
+        Command::new(DLSM).args(&args).output().unwrap()
+    };
+    let o = serve("other", "n1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("belongs to another data directory") && err.contains("owns 1 volume"),
+        "{err}"
+    );
+    // n2 owns nothing: a new directory may be n2 (refused only while up).
+    let fresh = etcd.node(&tmp.path().join("n2-new"), "n2");
+    let list = node_list(&fresh);
+    assert_eq!(list.iter().filter(|e| e["name"] == "n2").count(), 1);
+    // n1's original directory is still n1, its first join date kept.
+    n1.restart();
+    let e = node_list(&fresh)
+        .into_iter()
+        .find(|e| e["name"] == "n1")
+        .unwrap();
+    assert_eq!(e["state"], "up");
+    assert_eq!(e["volumes"], 1);
+    assert_eq!(e["joined"], joined);
+}
