@@ -24,6 +24,10 @@ const TTL: u64 = 4;
 /// temporary directory, killed on drop.
 struct Etcd {
     members: Vec<Child>,
+    /// How each member was started (to start it again).
+    commands: Vec<Command>,
+    /// Each member's plain-HTTP `/health` address.
+    health: Vec<String>,
     /// The client URLs, one per member.
     urls: Vec<String>,
     /// Comma-separated, as `--cluster-etcd` takes them.
@@ -69,7 +73,7 @@ impl Etcd {
             .enumerate()
             .map(|(i, (_, p, _))| format!("m{i}=http://127.0.0.1:{p}"))
             .collect();
-        let members = ports
+        let mut commands: Vec<Command> = ports
             .iter()
             .enumerate()
             .map(|(i, (_, p, h))| {
@@ -99,29 +103,54 @@ impl Etcd {
                         dir.path().join(format!("m{i}.log")).display()
                     ))
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn etcd")
+                    .stderr(Stdio::null());
+                cmd
             })
+            .collect();
+        let members = commands
+            .iter_mut()
+            .map(|c| c.spawn().expect("spawn etcd"))
             .collect();
         let mut e = Etcd {
             members,
+            commands,
+            health: ports
+                .iter()
+                .map(|(_, _, h)| format!("127.0.0.1:{h}"))
+                .collect(),
             url: urls.join(","),
             urls,
             _dir: dir,
         };
-        for (i, (_, _, h)) in ports.iter().enumerate() {
-            let addr = format!("127.0.0.1:{h}");
-            wait_until("etcd is healthy", 20, || {
-                assert!(
-                    e.members[i].try_wait().unwrap().is_none(),
-                    "etcd member {i} exited; its log is in {}",
-                    e._dir.path().display()
-                );
-                health(&addr)
-            });
+        for i in 0..n {
+            e.wait_healthy(i);
         }
         e
+    }
+
+    fn wait_healthy(&mut self, i: usize) {
+        let addr = self.health[i].clone();
+        wait_until("etcd is healthy", 20, || {
+            assert!(
+                self.members[i].try_wait().unwrap().is_none(),
+                "etcd member {i} exited; its log is in {}",
+                self._dir.path().display()
+            );
+            health(&addr)
+        });
+    }
+
+    /// Kills member `i` (-9).
+    fn kill(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
+    }
+
+    /// Starts member `i` again on its data directory.
+    fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.members[i] = self.commands[i].spawn().expect("spawn etcd");
+        self.wait_healthy(i);
     }
 
     /// Sends `sig` to member `i`.
@@ -785,4 +814,65 @@ fn a_new_data_directory_takes_a_name_only_if_the_old_one_owns_nothing() {
     assert_eq!(e["state"], "up");
     assert_eq!(e["volumes"], 1);
     assert_eq!(e["joined"], joined);
+}
+
+/// With etcd entirely gone, a node stops acknowledging writes once its
+/// lease can no longer be trusted (`T - m` after the last renewal was
+/// sent), though its clients still reach it and reads are served; when
+/// etcd is back, writes resume with no change of owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
+    let mut etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[1u8; 512], false).await.unwrap();
+
+    etcd.kill(0);
+    let t0 = Instant::now();
+    // TTL 4 s, margin 1 s: trusted at most 3 s after the last renewal sent
+    // (before t0), so writes must stop within 3 s plus a little.
+    let stopped_at = loop {
+        match c.write(512, &[2u8; 512], false).await {
+            Ok(()) => {
+                assert!(
+                    t0.elapsed() < Duration::from_millis(3_500),
+                    "a write acknowledged {:?} after etcd went away",
+                    t0.elapsed()
+                );
+            }
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO");
+                break t0.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stopped_at > Duration::from_millis(1_500),
+        "writes stopped after only {stopped_at:?}: the lease is good for T - m"
+    );
+    // Held, not lost: reads go on, every write is refused.
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![1u8; 512]);
+    for _ in 0..5 {
+        assert!(c.write(1024, &[3u8; 512], false).await.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    etcd.restart(0);
+    let t = Instant::now();
+    while c.write(1024, &[4u8; 512], false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(2 * TTL),
+            "writes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    let list = volume_list(&n1);
+    assert_eq!(
+        (list[0]["node"].as_str(), list[0]["generation"].as_u64()),
+        (Some("n1"), Some(1))
+    );
 }

@@ -413,6 +413,8 @@ impl Cluster {
 async fn keep_alive(c: Arc<Cluster>) {
     let mut stop = c.stop.subscribe();
     let mut failures = 0u32;
+    // An etcd outage fails every renewal: the first is logged, then one a minute.
+    let mut throttle = crate::node::WarnThrottle::default();
     loop {
         if *stop.borrow_and_update() {
             return;
@@ -424,6 +426,7 @@ async fn keep_alive(c: Arc<Cluster>) {
         let lease = c.lease();
         match c.renew(lease).await {
             Ok(true) => {
+                throttle = Default::default();
                 if failures > 0 {
                     info!(
                         lease,
@@ -447,11 +450,14 @@ async fn keep_alive(c: Arc<Cluster>) {
             }
             Err(e) => {
                 failures += 1;
-                warn!(
-                    lease,
-                    valid = c.lease_valid_now(),
-                    "lease renewal failed: {e}"
-                );
+                if throttle.ready() {
+                    warn!(
+                        lease,
+                        failures,
+                        valid = c.lease_valid_now(),
+                        "lease renewal failed: {e}"
+                    );
+                }
             }
         }
     }
