@@ -582,20 +582,13 @@ mod cluster {
         }
         let rec = c.create_record(&req.name, req.size).await?;
         let store = s.store.clone();
-        let (name, size) = (req.name.clone(), req.size);
-        let made = tokio::task::spawn_blocking(move || store.create(&name, size))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let (name, size, gen, lease) = (req.name.clone(), req.size, rec.generation, c.clock());
+        let made =
+            tokio::task::spawn_blocking(move || store.create_in_cluster(&name, size, gen, lease))
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         match made {
             Ok(v) => {
-                v.fence.bind_lease(c.clock());
-                // So that a restart tells this copy from a peer-mode one.
-                let (vol, generation) = (v.clone(), rec.generation);
-                tokio::task::spawn_blocking(move || {
-                    vol.update_table(|t| t.generation = generation)
-                })
-                .await
-                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
                 let mut i = info(s, &v);
                 i.node = Some(rec.owner);
                 i.generation = Some(rec.generation);

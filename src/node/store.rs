@@ -455,6 +455,29 @@ impl VolumeStore {
 
     /// Creates an empty (all-zero, sparse) volume.
     pub fn create(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
+        self.create_local(name, size, 0, None)
+    }
+
+    /// Creates an empty volume under the cluster's directory record of
+    /// `generation`: the generation is in its first table, and its fence is
+    /// bound to the node's `lease` before any client can open it.
+    pub fn create_in_cluster(
+        &self,
+        name: &str,
+        size: u64,
+        generation: u64,
+        lease: Arc<crate::cluster::LeaseClock>,
+    ) -> Result<Arc<Volume>, StoreError> {
+        self.create_local(name, size, generation, Some(lease))
+    }
+
+    fn create_local(
+        &self,
+        name: &str,
+        size: u64,
+        generation: u64,
+        lease: Option<Arc<crate::cluster::LeaseClock>>,
+    ) -> Result<Arc<Volume>, StoreError> {
         let table = VolumeTable {
             name: name.to_owned(),
             size,
@@ -466,10 +489,10 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
-            generation: 0,
+            generation,
             removed: false,
         };
-        self.create_with(table, |_| Ok(()))
+        self.create_with(table, |_| Ok(()), lease)
     }
 
     /// Creates the destination volume of a migration: a sparse data file,
@@ -507,18 +530,23 @@ impl VolumeStore {
             generation: 0,
             removed: false,
         };
-        self.create_with(table, |dir| {
-            RegionMap::create(&dir.join("regions.map"), size, region_size)
-                .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
-                .map(drop)
-                .map_err(map_create_error)
-        })
+        self.create_with(
+            table,
+            |dir| {
+                RegionMap::create(&dir.join("regions.map"), size, region_size)
+                    .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
+                    .map(drop)
+                    .map_err(map_create_error)
+            },
+            None,
+        )
     }
 
     fn create_with(
         &self,
         table: VolumeTable,
         extra: impl FnOnce(&Path) -> Result<(), StoreError>,
+        lease: Option<Arc<crate::cluster::LeaseClock>>,
     ) -> Result<Arc<Volume>, StoreError> {
         let (name, size) = (table.name.as_str(), table.size);
         validate_name(name)?;
@@ -548,6 +576,9 @@ impl VolumeStore {
                 return Err(e);
             }
         };
+        if let Some(l) = lease {
+            vol.fence.bind_lease(l);
+        }
         vols.insert(name.to_owned(), vol.clone());
         drop(vols);
         self.changes.send_modify(|n| *n += 1);
