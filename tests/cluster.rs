@@ -253,6 +253,13 @@ fn nodes_join_and_every_node_lists_them_up_with_their_addresses() {
             assert_eq!(e["volumes"], 0, "{e}");
         }
     }
+    // Each node says which etcd it uses and that its lease is good.
+    let info: Value = serde_json::from_str(&nodes[0].cli_ok(&["node", "info", "--json"])).unwrap();
+    assert_eq!(info["cluster"]["etcd"], etcd.url.as_str(), "{info}");
+    assert_eq!(info["cluster"]["lease_valid"], true, "{info}");
+    assert_eq!(info["cluster"]["lease_ttl_seconds"], TTL, "{info}");
+    assert!(info["cluster"]["lease"].as_i64().unwrap() != 0, "{info}");
+    assert!(nodes[0].cli_ok(&["node", "info"]).contains(", valid"));
     // The table for people says the same.
     let text = nodes[1].cli_ok(&["node", "list"]);
     assert!(text.starts_with("NAME"), "{text}");
@@ -445,6 +452,8 @@ fn volumes_created_from_any_node_are_in_the_directory_of_every_node() {
 #[test]
 fn a_node_without_a_cluster_says_so() {
     let n = NodeProc::start();
+    let info: Value = serde_json::from_str(&n.cli_ok(&["node", "info", "--json"])).unwrap();
+    assert!(info.get("cluster").is_none(), "{info}");
     let e = cli_err(&n, &["node", "list"]);
     assert_eq!(e["http_status"], 404, "{e}");
     let msg = e["error"].as_str().unwrap();
@@ -853,6 +862,9 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
         stopped_at > Duration::from_millis(1_500),
         "writes stopped after only {stopped_at:?}: the lease is good for T - m"
     );
+    // The node says so.
+    let info: Value = serde_json::from_str(&n1.cli_ok(&["node", "info", "--json"])).unwrap();
+    assert_eq!(info["cluster"]["lease_valid"], false, "{info}");
     // Held, not lost: reads go on, every write is refused.
     assert_eq!(c.read(0, 512).await.unwrap(), vec![1u8; 512]);
     for _ in 0..5 {

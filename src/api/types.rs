@@ -30,6 +30,22 @@ pub struct NodeInfo {
     /// Where the vhost-user-blk sockets are (`--vhost-user-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_user_dir: Option<String>,
+    /// Cluster mode: the node's place in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<NodeClusterInfo>,
+}
+
+/// What `node info` says of a node in a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeClusterInfo {
+    /// The etcd endpoint the node uses now (the last that answered).
+    pub etcd: String,
+    /// Its lease (0: none, being replaced).
+    pub lease: i64,
+    /// The lease's granted TTL, seconds.
+    pub lease_ttl_seconds: u64,
+    /// Whether the node may acknowledge writes to its cluster volumes now.
+    pub lease_valid: bool,
 }
 
 /// What the API says about a volume.

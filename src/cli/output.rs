@@ -523,6 +523,19 @@ pub fn node_text(api: &str, n: &NodeInfo) -> String {
     if let Some(d) = &n.vhost_user_dir {
         let _ = writeln!(o, "vhost-user:  {d}/NAME");
     }
+    if let Some(c) = &n.cluster {
+        let state = if c.lease_valid {
+            "valid"
+        } else {
+            "NOT confirmed: writes to cluster volumes are refused"
+        };
+        let _ = writeln!(o, "etcd:        {}", c.etcd);
+        let _ = writeln!(
+            o,
+            "lease:       {:x} (TTL {} s), {state}",
+            c.lease, c.lease_ttl_seconds
+        );
+    }
     o
 }
 

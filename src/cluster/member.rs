@@ -101,6 +101,16 @@ impl Cluster {
         self.clock.clone()
     }
 
+    /// What `node info` says of this node's membership.
+    pub fn info(&self) -> crate::api::types::NodeClusterInfo {
+        crate::api::types::NodeClusterInfo {
+            etcd: self.etcd.pinned().to_owned(),
+            lease: self.lease(),
+            lease_ttl_seconds: self.clock.ttl().as_secs(),
+            lease_valid: self.lease_valid_now(),
+        }
+    }
+
     /// Whether the node's lease is certainly alive in etcd now: true
     /// until `s + T - m` after the last confirmed renewal (`s` read before
     /// its request left). See [`LeaseClock`].

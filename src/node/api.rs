@@ -425,6 +425,10 @@ async fn node_info(State(s): State<Arc<NodeState>>) -> Json<NodeInfo> {
         nbd_unix: s.nbd_unix.as_ref().map(|p| p.display().to_string()),
         dashboard_subscribers: s.dashboard.subscribers(),
         vhost_user_dir: s.vhost.as_ref().map(|x| x.dir().display().to_string()),
+        #[cfg(feature = "cluster")]
+        cluster: s.cluster.as_ref().map(|c| c.info()),
+        #[cfg(not(feature = "cluster"))]
+        cluster: None,
     })
 }
 
