@@ -399,9 +399,11 @@ impl Node {
         };
         #[cfg(feature = "cluster")]
         if let Some(c) = &cluster {
-            adopt(c, &store)
-                .await
-                .context("cannot re-confirm this node's volumes with the cluster")?;
+            if let Err(e) = adopt(c, &store).await {
+                c.leave().await; // down at once, not after the TTL
+                return Err(anyhow::Error::new(e)
+                    .context("cannot re-confirm this node's volumes with the cluster"));
+            }
         }
         #[cfg(not(feature = "cluster"))]
         if cfg.cluster.is_some() {
