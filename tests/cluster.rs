@@ -202,9 +202,31 @@ fn health(addr: &str) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
+/// [`NodeProc::cli_ok`], saying on failure whether the node process is
+/// still there (its state and exit code from /proc, so a node that died
+/// is told from one that answered wrongly).
+fn cli_ok(at: &NodeProc, args: &[&str]) -> String {
+    let o = at.cli(args);
+    if o.status.success() {
+        return String::from_utf8(o.stdout).unwrap();
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", at.pid()))
+        .map(|s| {
+            let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            format!("state {}, exit code {}", f[0], f.last().unwrap())
+        })
+        .unwrap_or_else(|e| format!("no /proc entry: {e}"));
+    panic!(
+        "dlsm {args:?} at {} failed: {}; node process {}: {stat}",
+        at.name,
+        String::from_utf8_lossy(&o.stderr),
+        at.pid()
+    );
+}
+
 /// `node list --json` at `at`, by name.
 fn node_list(at: &NodeProc) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&at.cli_ok(&["node", "list", "--json"])).unwrap();
+    let v: Value = serde_json::from_str(&cli_ok(at, &["node", "list", "--json"])).unwrap();
     v.as_array().unwrap().clone()
 }
 
@@ -217,7 +239,7 @@ fn state_of(at: &NodeProc, name: &str) -> Option<String> {
 
 /// `volume list --json` at `at` (the cluster's directory).
 fn volume_list(at: &NodeProc) -> Vec<Value> {
-    let v: Value = serde_json::from_str(&at.cli_ok(&["volume", "list", "--json"])).unwrap();
+    let v: Value = serde_json::from_str(&cli_ok(at, &["volume", "list", "--json"])).unwrap();
     v.as_array().unwrap().clone()
 }
 

@@ -10,6 +10,9 @@
 //! with `require_leader`, so a member cut off in a minority answers "no
 //! leader" at once instead of after etcd's 7 s request timeout.
 //!
+//! After a failed call the endpoint's client is dropped and the next call
+//! connects afresh, so a member that comes back is used at once.
+//!
 //! A call that timed out may still have been applied: callers make their
 //! writes compare-and-swap transactions and read back after a failure
 //! (see [`super::directory`]).
@@ -160,6 +163,10 @@ impl Etcd {
                 Ok(Err(e)) => errors.push(format!("{ep}: {e}")),
                 Err(_) => errors.push(format!("{ep}: no answer within {timeout:?}")),
             }
+            // A fresh connection next time: a channel whose connection
+            // failed may keep failing (or back off) after the member is
+            // back, and a hung one keeps hanging.
+            *self.clients[i].lock().expect("etcd client lock") = None;
         }
         Err(ClusterError::Unavailable(format!(
             "{what}: {}",
