@@ -68,6 +68,7 @@ async fn start_node(name: &str, dir: &std::path::Path) -> anyhow::Result<Node> {
         advertise_nbd: None,
         advertise_api: None,
         vhost_user: None,
+        cluster: None,
     })
     .await
 }

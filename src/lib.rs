@@ -10,6 +10,7 @@ pub mod api;
 pub mod api_client;
 pub mod bufpool;
 pub mod cli;
+pub mod cluster;
 pub mod demo;
 pub mod migrate;
 pub mod nbd;

@@ -623,3 +623,33 @@ fn systemd_unit_verifies_and_the_license_is_apache() {
     assert!(license.contains("Apache License\n") && license.contains("Version 2.0, January 2004"));
     assert!(license.contains("END OF TERMS AND CONDITIONS"));
 }
+
+/// A build without the `cluster` feature (the default, which needs no
+/// protoc) refuses cluster mode with a sentence saying how to get it,
+/// before it opens or binds anything; its other commands are unaffected
+/// (every other test here).
+#[cfg(not(feature = "cluster"))]
+#[test]
+fn a_build_without_cluster_support_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = Command::new(DLSM)
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("d"))
+        .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--node", "n1", "--cluster-etcd", "http://127.0.0.1:2379"])
+        .output()
+        .unwrap();
+    let err = fails(o);
+    assert!(
+        err.contains("built without cluster support") && err.contains("--features cluster"),
+        "{err}"
+    );
+    assert!(!tmp.path().join("d").exists(), "it made its data directory");
+    // A node of this build answers cluster requests with the same reason.
+    let n = NodeProc::start();
+    let err = fails(dlsm(&n, &["node", "list"]).output().unwrap());
+    assert!(
+        err.contains("is not in a cluster") && err.contains("no cluster support"),
+        "{err}"
+    );
+}

@@ -87,6 +87,13 @@ impl Peer {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// `DELETE path`; any 2xx answer is success.
+    pub async fn delete(&self, path: &str) -> Result<(), PeerError> {
+        self.call::<serde_json::Value>(Method::DELETE, path, None)
+            .await
+            .map(drop)
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,

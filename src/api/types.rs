@@ -30,6 +30,22 @@ pub struct NodeInfo {
     /// Where the vhost-user-blk sockets are (`--vhost-user-dir`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vhost_user_dir: Option<String>,
+    /// Cluster mode: the node's place in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<NodeClusterInfo>,
+}
+
+/// What `node info` says of a node in a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeClusterInfo {
+    /// The etcd endpoint the node uses now (the last that answered).
+    pub etcd: String,
+    /// Its lease (0: none, being replaced).
+    pub lease: i64,
+    /// The lease's granted TTL, seconds.
+    pub lease_ttl_seconds: u64,
+    /// Whether the node may acknowledge writes to its cluster volumes now.
+    pub lease_valid: bool,
 }
 
 /// What the API says about a volume.
@@ -57,6 +73,13 @@ pub struct VolumeInfo {
     /// The source copy this node still has to tell to release itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_pending: Option<PendingRelease>,
+    /// Cluster mode: the node that owns the volume (its directory record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Cluster mode: the record's generation (1 at create, one more at
+    /// every change of owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /v1/volumes`.
@@ -65,6 +88,44 @@ pub struct VolumeInfo {
 pub struct CreateVolume {
     pub name: String,
     pub size: u64,
+    /// Cluster mode: the node to create it on (any node forwards the
+    /// request there); default: the node asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
+}
+
+/// `node list` (`GET /v1/cluster/nodes`): one member of the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterNode {
+    pub name: String,
+    /// `up` (its lease is alive) or `down`.
+    pub state: String,
+    pub nbd: Option<String>,
+    pub api: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost_user_dir: Option<String>,
+    /// The running version (up nodes only).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Volumes it owns.
+    pub volumes: u64,
+    /// When it first joined.
+    pub joined: String,
+}
+
+/// `volume list` in cluster mode (`GET /v1/cluster/volumes`): one volume
+/// of the directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterVolume {
+    pub name: String,
+    pub size: u64,
+    /// The node that owns it.
+    pub node: String,
+    pub generation: u64,
+    /// `ok` (its node is up) or `unavailable`.
+    pub state: String,
+    #[serde(default)]
+    pub migration: Option<serde_json::Value>,
 }
 
 /// Query of `DELETE /v1/volumes/{name}`.

@@ -10,7 +10,7 @@
 //! | [`volume`] | `dlsm volume ...`, and uploading an image over NBD |
 //! | [`migration`] | `dlsm migrate`, `dlsm migration ...`: start, steer, list; refusing a migration to the node the volume is on |
 //! | [`wait`] | `migrate --wait`: polling the destination, riding out its restarts, the progress display |
-//! | [`node`] | `dlsm node info` |
+//! | [`node`] | `dlsm node info`, `dlsm node list` (cluster mode) |
 //! | [`about`] | `dlsm version`, `completions`, `man`: what the binary says about itself |
 //! | [`output`] | everything printed: human text, `--json`, errors, a closed stdout |
 //!

@@ -1,15 +1,19 @@
-//! `dlsm node info`: what a node says about itself (`GET /v1/node`).
+//! `dlsm node info`: what a node says about itself (`GET /v1/node`);
+//! `dlsm node list`: every member of its cluster (`GET /v1/cluster/nodes`).
 
 use clap::Subcommand;
 
 use super::output;
 use super::Ctx;
-use crate::api::types::NodeInfo;
+use crate::api::types::{ClusterNode, NodeInfo};
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {
     /// Show the node's name, version and NBD listeners.
     Info,
+    /// Cluster mode: list every node of the cluster, up or down, with its
+    /// addresses and how many volumes it owns (any node answers).
+    List,
 }
 
 /// `dlsm node ...`.
@@ -21,6 +25,14 @@ pub fn run(ctx: &Ctx, cmd: NodeCmd) -> anyhow::Result<()> {
                 output::print_json(&n)
             } else {
                 output::write_text(&output::node_text(&ctx.api, &n))
+            }
+        }
+        NodeCmd::List => {
+            let nodes: Vec<ClusterNode> = ctx.api().get("/v1/cluster/nodes")?;
+            if ctx.json {
+                output::print_json(&nodes)
+            } else {
+                output::write_text(&output::node_table(&nodes))
             }
         }
     }

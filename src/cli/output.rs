@@ -21,8 +21,8 @@ use std::process::ExitCode;
 
 use serde::Serialize;
 
+use crate::api::types::{ClusterNode, ClusterVolume, NodeInfo, VolumeInfo};
 use crate::api::types::{MigrationStatus, Phase};
-use crate::api::types::{NodeInfo, VolumeInfo};
 use crate::node::store::TargetSpec;
 use crate::size::format_size;
 
@@ -435,10 +435,56 @@ pub fn volume_table(vols: &[VolumeInfo]) -> String {
     )
 }
 
+/// `volume list` in cluster mode: every volume of the cluster.
+pub fn cluster_volume_table(vols: &[ClusterVolume]) -> String {
+    let rows: Vec<Vec<String>> = vols
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format_size(v.size),
+                v.node.clone(),
+                v.generation.to_string(),
+                v.state.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "SIZE", "NODE", "GEN", "STATE"],
+        &rows,
+        &[false, true, false, true, false],
+    )
+}
+
+/// `node list`: every member of the cluster.
+pub fn node_table(nodes: &[ClusterNode]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.state.clone(),
+                n.nbd.clone().unwrap_or_else(|| "-".into()),
+                n.api.clone(),
+                n.volumes.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "STATE", "NBD", "API", "VOLUMES"],
+        &rows,
+        &[false, false, false, false, true],
+    )
+}
+
 /// `volume show`.
 pub fn volume_text(v: &VolumeInfo) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "name:        {}", v.name);
+    if let Some(node) = &v.node {
+        let gen = v.generation.map_or("-".into(), |g| g.to_string());
+        let _ = writeln!(o, "node:        {node} (generation {gen})");
+    }
     let _ = writeln!(
         o,
         "size:        {} ({} bytes), {} allocated here",
@@ -476,6 +522,19 @@ pub fn node_text(api: &str, n: &NodeInfo) -> String {
     let _ = writeln!(o, "nbd unix:    {}", n.nbd_unix.as_deref().unwrap_or("-"));
     if let Some(d) = &n.vhost_user_dir {
         let _ = writeln!(o, "vhost-user:  {d}/NAME");
+    }
+    if let Some(c) = &n.cluster {
+        let state = if c.lease_valid {
+            "valid"
+        } else {
+            "NOT confirmed: writes to cluster volumes are refused"
+        };
+        let _ = writeln!(o, "etcd:        {}", c.etcd);
+        let _ = writeln!(
+            o,
+            "lease:       {:x} (TTL {} s), {state}",
+            c.lease, c.lease_ttl_seconds
+        );
     }
     o
 }

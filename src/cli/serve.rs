@@ -61,6 +61,19 @@ pub struct ServeArgs {
     /// (default: the number of CPUs).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub vhost_user_queues: Option<u16>,
+    /// Cluster mode: join the cluster kept in etcd at these client URLs
+    /// (`http://HOST:PORT`, `https://...` with --tls-dir's client
+    /// certificate), comma-separated. etcd then decides who owns each
+    /// volume; the node registers as --node under a lease. Needs a build
+    /// with `--features cluster`.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub cluster_etcd: Vec<String>,
+    /// Cluster mode: seconds of this node's etcd lease. It is renewed
+    /// every (TTL - margin) / 4; a node that cannot renew shows down
+    /// after the TTL.
+    #[arg(long, default_value_t = crate::cluster::DEFAULT_LEASE_TTL,
+          value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub cluster_lease_ttl: u64,
     /// Fault injection for tests: milliseconds added to every read from
     /// a migration source.
     #[arg(long, default_value_t = 0, hide = true)]
@@ -75,6 +88,17 @@ pub fn run(
     tls_dir: Option<&Path>,
     token: Option<String>,
 ) -> anyhow::Result<()> {
+    if !a.cluster_etcd.is_empty() && !cfg!(feature = "cluster") {
+        anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);
+    }
+    if let Some(bad) = a.cluster_etcd.iter().find(|e| e.trim().is_empty()) {
+        anyhow::bail!("--cluster-etcd {bad:?}: give etcd client URLs, e.g. http://127.0.0.1:2379");
+    }
+    let cluster = (!a.cluster_etcd.is_empty()).then(|| crate::cluster::ClusterConfig {
+        endpoints: a.cluster_etcd.clone(),
+        lease_ttl: Duration::from_secs(a.cluster_lease_ttl),
+        tls_dir: tls_dir.map(Path::to_owned),
+    });
     let name = a.node.unwrap_or_else(|| {
         nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
@@ -105,6 +129,7 @@ pub fn run(
                 .map(usize::from)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
         }),
+        cluster,
     };
     super::runtime()?.block_on(serve(cfg))
 }

@@ -9,7 +9,7 @@ use clap::Subcommand;
 
 use super::output::{self, outln};
 use super::Ctx;
-use crate::api::types::{CreateVolume, NodeInfo, VolumeInfo};
+use crate::api::types::{ClusterVolume, CreateVolume, NodeInfo, VolumeInfo};
 use crate::api_client::seg;
 use crate::nbd::client::{NbdAddr, NbdClient};
 use crate::size::{format_size, parse_size};
@@ -27,8 +27,13 @@ pub enum VolumeCmd {
         /// Raw image to copy into the new volume.
         #[arg(long)]
         from: Option<PathBuf>,
+        /// Cluster mode: the node to create it on (the node asked forwards
+        /// the request there). Default: the node asked.
+        #[arg(long, value_parser = super::args::node_name)]
+        on: Option<String>,
     },
-    /// List volumes.
+    /// List volumes: this node's, or in cluster mode every volume of the
+    /// cluster with its node.
     List,
     /// Show one volume: size, table (local, clone, ...), whom a fenced
     /// copy was handed to, clients, URI.
@@ -56,8 +61,21 @@ pub enum VolumeCmd {
 pub fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<()> {
     let api = ctx.api();
     match cmd {
-        VolumeCmd::Create { name, size, from } => create(ctx, name, size, from),
+        VolumeCmd::Create {
+            name,
+            size,
+            from,
+            on,
+        } => create(ctx, name, size, from, on),
         VolumeCmd::List => {
+            // A node in a cluster lists the cluster; any other answers 404
+            // there (peer mode, or a node from before clusters).
+            match api.get::<Vec<ClusterVolume>>("/v1/cluster/volumes") {
+                Ok(vols) if ctx.json => return output::print_json(&vols),
+                Ok(vols) => return output::write_text(&output::cluster_volume_table(&vols)),
+                Err(e) if crate::api_client::status_of(&e) == Some(404) => {}
+                Err(e) => return Err(e),
+            }
             let vols: Vec<VolumeInfo> = api.get("/v1/volumes")?;
             if ctx.json {
                 output::print_json(&vols)
@@ -85,7 +103,16 @@ pub fn run(ctx: &Ctx, cmd: VolumeCmd) -> anyhow::Result<()> {
     }
 }
 
-fn create(ctx: &Ctx, name: String, size: Option<u64>, from: Option<PathBuf>) -> anyhow::Result<()> {
+fn create(
+    ctx: &Ctx,
+    name: String,
+    size: Option<u64>,
+    from: Option<PathBuf>,
+    on: Option<String>,
+) -> anyhow::Result<()> {
+    if on.is_some() && from.is_some() {
+        bail!("--from uploads through the node asked: give --on or --from, not both");
+    }
     let api = ctx.api();
     let file_len = match &from {
         Some(p) => Some(
@@ -108,6 +135,7 @@ fn create(ctx: &Ctx, name: String, size: Option<u64>, from: Option<PathBuf>) -> 
         &CreateVolume {
             name: name.clone(),
             size,
+            on: on.clone(),
         },
     )?;
     if let Some(path) = from {
@@ -137,6 +165,8 @@ fn create(ctx: &Ctx, name: String, size: Option<u64>, from: Option<PathBuf>) -> 
     let v: VolumeInfo = api.get(&format!("/v1/volumes/{}", seg(&v.name)?))?;
     if ctx.json {
         output::print_json(&v)
+    } else if let Some(node) = &v.node {
+        outln!("created {} ({}) on {node}", v.name, format_size(v.size))
     } else {
         outln!("created {} ({})", v.name, format_size(v.size))
     }

@@ -19,6 +19,8 @@
 //! | POST   | /v1/migrations/{name}/rollback | destination: roll a handed-off migration back |
 //! | GET    | /v1/migrations/{name}/written?id= | a fenced rollback source: regions written since handoff |
 //! | GET    | /v1/migrations/{name}/regions[?cells=N] | destination: the region map in N cells (default 1024, at most 4096) |
+//! | GET    | /v1/cluster/nodes    | cluster mode: every member, up or down (`node list`) |
+//! | GET    | /v1/cluster/volumes  | cluster mode: every volume of the directory, with its node |
 //! | GET    | /v1/events[?token=] | server-sent events for the dashboard (at most 16 streams; 503 beyond) |
 //! | GET    | /ui                 | the dashboard page (no token needed: it holds no data) |
 //!
@@ -30,8 +32,18 @@
 //!
 //! `GET /metrics`: the Prometheus text exposition ([`super::metrics`]).
 //!
-//! Errors are `{"error": "..."}` with a status from [`status_of`], the one
-//! place errors become HTTP statuses.
+//! Errors are `{"error": "..."}` with a status from [`status_of`] (and
+//! [`cluster_status`] for the cluster's errors), the one place errors
+//! become HTTP statuses.
+//!
+//! Cluster mode (`serve --cluster-etcd`) changes four routes: `POST
+//! /v1/volumes` writes the volume's directory record before the copy, and
+//! with `on` naming another node forwards the request there; `GET
+//! /v1/volumes/{name}` adds the record's node and generation, and asks the
+//! owner for a volume held elsewhere; `DELETE` removes the record with the
+//! copy (or forwards to the owner). `GET /v1/volumes` stays this node's
+//! copies. In peer mode the `/v1/cluster/` routes answer 404 "not in a
+//! cluster".
 //!
 //! Who may call it: the API listens on loopback unless the node has TLS
 //! ([`TlsListener`]: every caller presents a certificate signed by the
@@ -89,6 +101,8 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/resume", post(resume))
         .route("/v1/migrations/{name}/rate", post(set_rate))
         .route("/v1/migrations/{name}/regions", get(region_view))
+        .route("/v1/cluster/nodes", get(cluster_nodes))
+        .route("/v1/cluster/volumes", get(cluster_volumes))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -327,6 +341,30 @@ fn store_status(e: &StoreError) -> StatusCode {
     }
 }
 
+/// The one mapping of the cluster's errors to HTTP statuses.
+pub fn cluster_status(e: &crate::cluster::ClusterError) -> StatusCode {
+    use crate::cluster::ClusterError as E;
+    match e {
+        E::NotInCluster(_) | E::NoSuchVolume(_) | E::NoSuchNode(_) => StatusCode::NOT_FOUND,
+        E::Unavailable(_) | E::NodeDown(_) | E::LeaseLost => StatusCode::SERVICE_UNAVAILABLE,
+        E::NameTaken { .. }
+        | E::MemberOfAnotherDir { .. }
+        | E::VolumeExists { .. }
+        | E::Conflict(_) => StatusCode::CONFLICT,
+        E::WrongNode(_) => StatusCode::MISDIRECTED_REQUEST,
+        E::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        E::Forwarded { status, .. } => status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::BAD_GATEWAY),
+    }
+}
+
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(e: crate::cluster::ClusterError) -> Self {
+        ApiError(cluster_status(&e), e.to_string())
+    }
+}
+
 impl From<MigrationError> for ApiError {
     fn from(e: MigrationError) -> Self {
         ApiError(status_of(&e), e.to_string())
@@ -372,6 +410,8 @@ pub(super) fn info(state: &NodeState, v: &Arc<Volume>) -> VolumeInfo {
         fenced_for: t.fenced_for,
         outgoing: t.outgoing,
         release_pending: t.release_pending,
+        node: None,
+        generation: None,
     }
 }
 
@@ -385,6 +425,10 @@ async fn node_info(State(s): State<Arc<NodeState>>) -> Json<NodeInfo> {
         nbd_unix: s.nbd_unix.as_ref().map(|p| p.display().to_string()),
         dashboard_subscribers: s.dashboard.subscribers(),
         vhost_user_dir: s.vhost.as_ref().map(|x| x.dir().display().to_string()),
+        #[cfg(feature = "cluster")]
+        cluster: s.cluster.as_ref().map(|c| c.info()),
+        #[cfg(not(feature = "cluster"))]
+        cluster: None,
     })
 }
 
@@ -397,6 +441,13 @@ async fn create_volume(
     body: Result<Json<CreateVolume>, JsonRejection>,
 ) -> Result<(StatusCode, Json<VolumeInfo>), ApiError> {
     let Json(req) = body?;
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        return cluster::create(&s, c, req).await;
+    }
+    if let Some(on) = &req.on {
+        return Err(not_in_cluster(&s, &format!("volume create --on {on}")).into());
+    }
     let store = s.store.clone();
     let v = tokio::task::spawn_blocking(move || store.create(&req.name, req.size))
         .await
@@ -408,6 +459,10 @@ async fn show_volume(
     State(s): State<Arc<NodeState>>,
     VolumeName(name): VolumeName,
 ) -> Result<Json<VolumeInfo>, ApiError> {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        return cluster::show(&s, c, &name).await.map(Json);
+    }
     Ok(Json(info(&s, &s.store.get(&name)?)))
 }
 
@@ -417,15 +472,220 @@ async fn remove_volume(
     q: QueryResult<RemoveQuery>,
 ) -> Result<StatusCode, ApiError> {
     let q = query(q)?;
-    let vol = s.store.get(&name)?;
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        return cluster::remove(&s, c, &name, q.force).await;
+    }
+    remove_local(&s, &name, q.force).await
+}
+
+/// `volume rm` of this node's copy (all of it in peer mode).
+async fn remove_local(s: &Arc<NodeState>, name: &str, force: bool) -> Result<StatusCode, ApiError> {
+    let vol = s.store.get(name)?;
     let live = migration::live_statuses(&vol);
     let store = s.store.clone();
-    let mode = RemoveMode::Operator { force: q.force };
+    let mode = RemoveMode::Operator { force };
     tokio::task::spawn_blocking(move || store.remove_volume(&vol, mode))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    migration::record_removed(&s, live);
+    migration::record_removed(s, live);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// What a node outside a cluster answers to a cluster request.
+fn not_in_cluster(s: &NodeState, what: &str) -> crate::cluster::ClusterError {
+    let why = if cfg!(feature = "cluster") {
+        "it was started without --cluster-etcd"
+    } else {
+        "this build has no cluster support (--features cluster)"
+    };
+    crate::cluster::ClusterError::NotInCluster(format!(
+        "{what}: node {} is not in a cluster ({why})",
+        s.name
+    ))
+}
+
+async fn cluster_nodes(
+    State(s): State<Arc<NodeState>>,
+) -> Result<Json<Vec<crate::api::types::ClusterNode>>, ApiError> {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        return Ok(Json(c.node_list().await?));
+    }
+    Err(not_in_cluster(&s, "node list").into())
+}
+
+async fn cluster_volumes(
+    State(s): State<Arc<NodeState>>,
+) -> Result<Json<Vec<crate::api::types::ClusterVolume>>, ApiError> {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        return Ok(Json(c.volumes().await?));
+    }
+    Err(not_in_cluster(&s, "the cluster's volume list").into())
+}
+
+/// The volume routes in cluster mode: the directory record beside the
+/// copy, and forwarding to the node a request is about.
+#[cfg(feature = "cluster")]
+mod cluster {
+    use super::*;
+    use crate::api::peer::{Peer, PeerError};
+    use crate::cluster::{Cluster, ClusterError};
+
+    /// A request forwarded to `node` failed there or on the way.
+    fn forwarded(node: &str, e: PeerError) -> ApiError {
+        ClusterError::Forwarded {
+            node: node.to_owned(),
+            status: e.status(),
+            message: match e {
+                PeerError::Status { message, .. } => message,
+                other => other.to_string(),
+            },
+        }
+        .into()
+    }
+
+    /// The API of live node `name`, or why there is none.
+    async fn peer_of(s: &NodeState, c: &Cluster, name: &str) -> Result<Peer, ApiError> {
+        match c.live_node(name).await? {
+            // Two nodes advertising one address would forward to each
+            // other without end.
+            Some(n) if n.api == s.advertised_api => Err(ClusterError::WrongNode(format!(
+                "node {name:?} advertises this node's API address {}: check --advertise-api",
+                n.api
+            ))
+            .into()),
+            Some(n) => Ok(Peer::new(&n.api, &s.peer_auth, s.source_timeout)),
+            None if c.is_member(name).await? => Err(ClusterError::NodeDown(name.into()).into()),
+            None => Err(ClusterError::NoSuchNode(name.into()).into()),
+        }
+    }
+
+    /// `POST /v1/volumes`: on another node (`on`), forwarded there; here,
+    /// the record first (create-only, under this node's lease), then the
+    /// copy. A copy that cannot be made takes its record back with it.
+    pub(super) async fn create(
+        s: &Arc<NodeState>,
+        c: &Arc<Cluster>,
+        req: CreateVolume,
+    ) -> Result<(StatusCode, Json<VolumeInfo>), ApiError> {
+        if let Some(on) = req.on.as_deref().filter(|on| *on != c.name) {
+            let on = on.to_owned();
+            let peer = peer_of(s, c, &on).await?;
+            let v: VolumeInfo = peer
+                .post("/v1/volumes", &req)
+                .await
+                .map_err(|e| forwarded(&on, e))?;
+            return Ok((StatusCode::CREATED, Json(v)));
+        }
+        crate::node::store::validate_name(&req.name)?;
+        crate::node::store::validate_size(req.size)?;
+        if s.store.get(&req.name).is_ok() {
+            return Err(StoreError::AlreadyExists(req.name).into());
+        }
+        let rec = c.create_record(&req.name, req.size).await?;
+        let store = s.store.clone();
+        let (name, size, gen, lease) = (req.name.clone(), req.size, rec.generation, c.clock());
+        let made =
+            tokio::task::spawn_blocking(move || store.create_in_cluster(&name, size, gen, lease))
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        match made {
+            Ok(v) => {
+                let mut i = info(s, &v);
+                i.node = Some(rec.owner);
+                i.generation = Some(rec.generation);
+                Ok((StatusCode::CREATED, Json(i)))
+            }
+            Err(e) => {
+                // Only our own record (its id), read back at its revision.
+                match c.record(&req.name).await {
+                    Ok(Some((r, rev))) if r.id == rec.id => {
+                        if let Err(d) = c.delete_record(&r, rev).await {
+                            tracing::warn!(volume = %req.name, "record left without a copy: {d}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(d) => tracing::warn!(volume = %req.name, "record left without a copy: {d}"),
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `GET /v1/volumes/{name}`: this node's copy with the record's node
+    /// and generation; a volume owned elsewhere, from its owner.
+    pub(super) async fn show(
+        s: &Arc<NodeState>,
+        c: &Arc<Cluster>,
+        name: &str,
+    ) -> Result<VolumeInfo, ApiError> {
+        let rec = c.record(name).await;
+        match s.store.get(name) {
+            Ok(v) => {
+                let mut i = info(s, &v);
+                match rec {
+                    Ok(Some((r, _))) => {
+                        i.node = Some(r.owner);
+                        i.generation = Some(r.generation);
+                    }
+                    Ok(None) => {} // made in peer mode: not in the directory
+                    Err(e) => tracing::warn!(volume = name, "showing without the record: {e}"),
+                }
+                Ok(i)
+            }
+            Err(StoreError::NotFound(_)) => match rec? {
+                Some((r, _)) if r.owner != c.name => {
+                    let peer = peer_of(s, c, &r.owner).await?;
+                    let path = format!("/v1/volumes/{name}");
+                    peer.get(&path).await.map_err(|e| forwarded(&r.owner, e))
+                }
+                Some(_) => Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "volume {name:?}: the cluster's directory says it is on this node ({}),                          which has no copy of it",
+                        c.name
+                    ),
+                )),
+                None => Err(ClusterError::NoSuchVolume(name.into()).into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `DELETE /v1/volumes/{name}`: the copy here (with today's checks),
+    /// then the record if it names this node; a volume owned elsewhere is
+    /// removed by its owner.
+    pub(super) async fn remove(
+        s: &Arc<NodeState>,
+        c: &Arc<Cluster>,
+        name: &str,
+        force: bool,
+    ) -> Result<StatusCode, ApiError> {
+        let rec = c.record(name).await?;
+        let here = s.store.get(name).is_ok();
+        match rec {
+            Some((r, _)) if !here && r.owner != c.name => {
+                let peer = peer_of(s, c, &r.owner).await?;
+                let path = format!("/v1/volumes/{name}?force={force}");
+                peer.delete(&path)
+                    .await
+                    .map_err(|e| forwarded(&r.owner, e))?;
+                Ok(StatusCode::NO_CONTENT)
+            }
+            Some((r, rev)) if r.owner == c.name => {
+                if here {
+                    remove_local(s, name, force).await?;
+                }
+                c.delete_record(&r, rev).await?;
+                Ok(StatusCode::NO_CONTENT)
+            }
+            // A copy the directory does not give this node (made in peer
+            // mode, or stale): only the copy.
+            _ => remove_local(s, name, force).await,
+        }
+    }
 }
 
 /// A request body that may be left out (the defaults then apply); when it

@@ -381,6 +381,7 @@ mod tests {
             advertise_nbd: None,
             advertise_api: None,
             vhost_user: None,
+            cluster: None,
         })
         .await
         .unwrap()

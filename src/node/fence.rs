@@ -12,6 +12,15 @@
 //! outgoing migration recorded asks the destination first; see
 //! `node::migration::resume_all`). A hold is lifted, or turned
 //! into a fence, by what the destination answers.
+//!
+//! In cluster mode a volume's fence is also bound to the node's etcd lease
+//! ([`Fence::bind_lease`]): a write is admitted only while the lease's
+//! deadline is ahead, and acknowledged only if it still is once the write
+//! has finished, so every write this node acknowledged took effect while
+//! etcd still counted the node as the owner's holder. A write that finished
+//! late is answered EIO: unacknowledged, free to be there or not. Reads and
+//! flushes are not gated (a flush makes durable only writes that were
+//! acknowledged in time).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,6 +43,8 @@ pub struct Fence {
     held: Mutex<Option<String>>,
     /// Whether `held` is set: the write path looks here, not at the lock.
     is_held: AtomicBool,
+    /// Cluster mode: the node's lease, which every write must be inside.
+    lease: std::sync::OnceLock<Arc<crate::cluster::LeaseClock>>,
 }
 
 impl Fence {
@@ -61,6 +72,28 @@ impl Fence {
             true
         } else {
             false
+        }
+    }
+
+    /// From now on, writes are admitted and acknowledged only while
+    /// `lease` is valid (see the module docs). Once per volume.
+    pub fn bind_lease(&self, lease: Arc<crate::cluster::LeaseClock>) {
+        let _ = self.lease.set(lease);
+    }
+
+    /// Whether writes are bound to a cluster lease.
+    pub fn is_lease_bound(&self) -> bool {
+        self.lease.get().is_some()
+    }
+
+    /// Err (EIO) if the volume is bound to a lease that is not valid now.
+    fn check_lease(&self) -> BlockResult<()> {
+        match self.lease.get() {
+            Some(l) if !l.valid_now() => Err(BlockError::Io(std::io::Error::other(
+                "write not acknowledged: this node's cluster lease is not confirmed \
+                 (etcd unreachable, or the node was frozen); writes resume once it is renewed",
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -108,6 +141,7 @@ impl Fence {
                 return Err(BlockError::Fenced(why.clone()));
             }
         }
+        self.check_lease()?;
         Ok(g)
     }
 }
@@ -144,18 +178,21 @@ impl BlockTarget for FenceGate {
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.inner.write(offset, data, fua).await
+        self.inner.write(offset, data, fua).await?;
+        self.fence.check_lease()
     }
     async fn flush(&self) -> BlockResult<()> {
         self.inner.flush().await
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.inner.trim(offset, len, fua).await
+        self.inner.trim(offset, len, fua).await?;
+        self.fence.check_lease()
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
         let _g = self.fence.enter()?;
-        self.inner.write_zeroes(offset, len, flags).await
+        self.inner.write_zeroes(offset, len, flags).await?;
+        self.fence.check_lease()
     }
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
         self.inner.block_status(offset, len).await
@@ -185,6 +222,35 @@ mod tests {
         assert!(!f.is_fenced());
         let g = Fence::closed("b", "m3");
         assert!(!g.reopen("m1") && g.is_fenced());
+    }
+
+    #[tokio::test]
+    async fn a_lease_bound_fence_acknowledges_writes_only_inside_the_lease() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let t: Arc<dyn BlockTarget> =
+            Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let gate = FenceGate::new(t, f.clone());
+        gate.write(0, b"a", false).await.unwrap(); // not bound: peer mode
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(2)));
+        f.bind_lease(clock.clone());
+        // Bound, never confirmed: refused with EIO, reads still served.
+        let e = gate.write(0, b"b", false).await.unwrap_err();
+        assert_eq!(e.nbd_errno(), crate::nbd::proto::errno::EIO, "{e}");
+        assert!(e.to_string().contains("cluster lease"), "{e}");
+        assert!(gate
+            .write_zeroes(0, 512, ZeroFlags::default())
+            .await
+            .is_err());
+        let mut b = [0u8; 1];
+        gate.read(0, &mut b).await.unwrap();
+        assert_eq!(&b, b"a");
+        clock.confirmed(boottime_ns());
+        gate.write(0, b"c", false).await.unwrap();
+        gate.trim(512, 512, false).await.unwrap();
+        clock.invalidate();
+        assert!(gate.write(0, b"d", false).await.is_err());
     }
 
     #[tokio::test]

@@ -70,6 +70,9 @@ pub struct NodeConfig {
     pub advertise_api: Option<String>,
     /// Serve every volume as a vhost-user-blk backend too, at `DIR/NAME`.
     pub vhost_user: Option<VhostUserConfig>,
+    /// Cluster mode: join the cluster at these etcd endpoints (`None`:
+    /// peer mode). Needs a build with the `cluster` feature.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The vhost-user-blk export (`--vhost-user-dir`).
@@ -218,6 +221,10 @@ pub struct NodeState {
     pub metrics: Arc<metrics::NodeMetrics>,
     /// The vhost-user-blk sockets, when the node serves them.
     pub vhost: Option<Arc<crate::vhost::VhostExports>>,
+    /// Cluster mode: this node's membership and the directory (`None`:
+    /// peer mode).
+    #[cfg(feature = "cluster")]
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl NodeState {
@@ -283,6 +290,14 @@ impl Node {
             VolumeStore::open(&cfg.data_dir, env)
                 .with_context(|| format!("cannot open data dir {}", cfg.data_dir.display()))?,
         );
+        // Cluster mode: no write is acknowledged until ownership is
+        // re-confirmed with the cluster (below, before the API serves).
+        if cfg.cluster.is_some() {
+            for v in store.list() {
+                v.fence
+                    .hold("writes held: re-confirming ownership with the cluster".into());
+            }
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
         let (acceptor, acceptor_rx) = watch::channel(cfg.tls.as_ref().and_then(|t| t.acceptor()));
@@ -352,6 +367,48 @@ impl Node {
         };
         let id = store::node_id(&cfg.data_dir)
             .with_context(|| format!("cannot read the node id in {}", cfg.data_dir.display()))?;
+        let advertised_nbd = cfg
+            .advertise_nbd
+            .clone()
+            .or_else(|| nbd_addr.map(|a| a.to_string()));
+        let advertised_api = cfg
+            .advertise_api
+            .clone()
+            .unwrap_or_else(|| api_addr.to_string());
+        // After the store took the directory's lock: a `nodes/NAME` with
+        // this directory's id can then only be our own previous run.
+        #[cfg(feature = "cluster")]
+        let cluster = match &cfg.cluster {
+            Some(c) => Some(
+                crate::cluster::Cluster::join(
+                    c,
+                    crate::cluster::NodeRecord {
+                        v: 1,
+                        name: cfg.name.clone(),
+                        dir_id: id.clone(),
+                        nbd: advertised_nbd.clone(),
+                        api: advertised_api.clone(),
+                        vhost_user_dir: vhost.as_ref().map(|x| x.dir().display().to_string()),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                    },
+                )
+                .await
+                .context("cannot join the cluster")?,
+            ),
+            None => None,
+        };
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &cluster {
+            if let Err(e) = adopt(c, &store).await {
+                c.leave().await; // down at once, not after the TTL
+                return Err(anyhow::Error::new(e)
+                    .context("cannot re-confirm this node's volumes with the cluster"));
+            }
+        }
+        #[cfg(not(feature = "cluster"))]
+        if cfg.cluster.is_some() {
+            anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);
+        }
         let state = Arc::new(NodeState {
             name: cfg.name.clone(),
             id,
@@ -359,14 +416,8 @@ impl Node {
             nbd_addr,
             nbd_unix: cfg.listen_unix.clone(),
             api_addr,
-            advertised_nbd: cfg
-                .advertise_nbd
-                .clone()
-                .or_else(|| nbd_addr.map(|a| a.to_string())),
-            advertised_api: cfg
-                .advertise_api
-                .clone()
-                .unwrap_or_else(|| api_addr.to_string()),
+            advertised_nbd,
+            advertised_api,
             source_timeout: cfg.source_timeout,
             peer_auth,
             api_token: cfg.api_token.clone(),
@@ -374,6 +425,8 @@ impl Node {
             dashboard: dashboard::Dashboard::new(shutdown_rx.clone()),
             metrics: node_metrics,
             vhost,
+            #[cfg(feature = "cluster")]
+            cluster,
         });
         migration::resume_all(&state);
         let router = api::router(state.clone());
@@ -426,11 +479,52 @@ impl Node {
             self.tasks.abort_all();
         }
         self.state.store.flush_all().await;
+        // Only now, with nothing left to acknowledge: down at once.
+        #[cfg(feature = "cluster")]
+        if let Some(c) = &self.state.cluster {
+            c.leave().await;
+        }
         if let Some(p) = &self.state.nbd_unix {
             let _ = std::fs::remove_file(p);
         }
         info!("node stopped, volumes flushed");
     }
+}
+
+/// Startup in cluster mode: rebinds the records this node owns to its new
+/// lease and binds their fences to it; a cluster copy (its table has a
+/// generation) whose record names another node stays held (stale: never
+/// written, `volume rm` deletes it); a copy made in peer mode (generation
+/// 0) is served as before, whatever the directory says of its name.
+#[cfg(feature = "cluster")]
+async fn adopt(
+    c: &Arc<crate::cluster::Cluster>,
+    store: &VolumeStore,
+) -> Result<(), crate::cluster::ClusterError> {
+    let owned = c.rebind_owned(c.lease()).await?;
+    for v in store.list() {
+        if owned.contains(&v.name) {
+            v.fence.bind_lease(c.clock());
+            v.fence.release_hold();
+            continue;
+        }
+        match c.record(&v.name).await? {
+            Some((r, _)) if v.table().generation == 0 => {
+                warn!(volume = %v.name, owner = %r.owner, "a peer-mode volume shares its name with a cluster volume; serving it as before");
+                v.fence.release_hold();
+            }
+            Some((r, _)) => {
+                warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
+                v.fence.hold(format!(
+                    "writes refused: the cluster's directory gives volume {} to node {} \
+                     (generation {}); this copy is stale",
+                    v.name, r.owner, r.generation
+                ));
+            }
+            None => v.fence.release_hold(),
+        }
+    }
+    Ok(())
 }
 
 /// Keeps a vhost-user socket for every volume, until shutdown.

@@ -213,11 +213,20 @@ pub struct VolumeTable {
     /// The source copy this node must still tell to release itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub release_pending: Option<PendingRelease>,
+    /// Cluster mode: the generation of the directory record this copy was
+    /// made under (0: made in peer mode, no record). A copy with a
+    /// generation whose record names another node is stale.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
     /// Set (in memory only) when the volume is removed: a task still
     /// holding it must not write its table into a new volume that took
     /// its name and directory.
     #[serde(skip)]
     pub removed: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A live volume: its table and the stacked target that serves it.
@@ -381,6 +390,17 @@ pub fn origin_export(volume: &str, id: &str) -> String {
     format!("{volume}{ORIGIN_MARK}{id}")
 }
 
+/// Refuses a size no volume can have (checked before anything is made, in
+/// the store or in the cluster's directory).
+pub fn validate_size(size: u64) -> Result<(), StoreError> {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
+        return Err(StoreError::InvalidSize(format!(
+            "{size} bytes: a volume must be a non-zero multiple of 512 bytes, at most 4 EiB"
+        )));
+    }
+    Ok(())
+}
+
 /// Largest volume: 2^63 bytes keeps every offset computation in range.
 pub const MAX_VOLUME_SIZE: u64 = 1 << 62;
 
@@ -435,6 +455,29 @@ impl VolumeStore {
 
     /// Creates an empty (all-zero, sparse) volume.
     pub fn create(&self, name: &str, size: u64) -> Result<Arc<Volume>, StoreError> {
+        self.create_local(name, size, 0, None)
+    }
+
+    /// Creates an empty volume under the cluster's directory record of
+    /// `generation`: the generation is in its first table, and its fence is
+    /// bound to the node's `lease` before any client can open it.
+    pub fn create_in_cluster(
+        &self,
+        name: &str,
+        size: u64,
+        generation: u64,
+        lease: Arc<crate::cluster::LeaseClock>,
+    ) -> Result<Arc<Volume>, StoreError> {
+        self.create_local(name, size, generation, Some(lease))
+    }
+
+    fn create_local(
+        &self,
+        name: &str,
+        size: u64,
+        generation: u64,
+        lease: Option<Arc<crate::cluster::LeaseClock>>,
+    ) -> Result<Arc<Volume>, StoreError> {
         let table = VolumeTable {
             name: name.to_owned(),
             size,
@@ -446,9 +489,10 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            generation,
             removed: false,
         };
-        self.create_with(table, |_| Ok(()))
+        self.create_with(table, |_| Ok(()), lease)
     }
 
     /// Creates the destination volume of a migration: a sparse data file,
@@ -483,28 +527,30 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
+            generation: 0,
             removed: false,
         };
-        self.create_with(table, |dir| {
-            RegionMap::create(&dir.join("regions.map"), size, region_size)
-                .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
-                .map(drop)
-                .map_err(map_create_error)
-        })
+        self.create_with(
+            table,
+            |dir| {
+                RegionMap::create(&dir.join("regions.map"), size, region_size)
+                    .and_then(|_| RegionMap::create(&dir.join(WRITTEN_MAP), size, region_size))
+                    .map(drop)
+                    .map_err(map_create_error)
+            },
+            None,
+        )
     }
 
     fn create_with(
         &self,
         table: VolumeTable,
         extra: impl FnOnce(&Path) -> Result<(), StoreError>,
+        lease: Option<Arc<crate::cluster::LeaseClock>>,
     ) -> Result<Arc<Volume>, StoreError> {
         let (name, size) = (table.name.as_str(), table.size);
         validate_name(name)?;
-        if size == 0 || !size.is_multiple_of(512) || size > MAX_VOLUME_SIZE {
-            return Err(StoreError::InvalidSize(format!(
-                "{size} bytes: a volume must be a non-zero multiple of 512 bytes, at most 4 EiB"
-            )));
-        }
+        validate_size(size)?;
         let mut vols = self.volumes.lock().unwrap();
         if vols.contains_key(name) {
             return Err(StoreError::AlreadyExists(name.to_owned()));
@@ -530,6 +576,9 @@ impl VolumeStore {
                 return Err(e);
             }
         };
+        if let Some(l) = lease {
+            vol.fence.bind_lease(l);
+        }
         vols.insert(name.to_owned(), vol.clone());
         drop(vols);
         self.changes.send_modify(|n| *n += 1);

@@ -38,6 +38,8 @@ pub struct NodeProc {
     pub client_flags: Vec<String>,
     /// The extra `serve` flags it was started with (for [`Self::restart`]).
     serve_flags: Vec<String>,
+    /// `--node` (`test` unless started by [`Self::start_named`]).
+    pub name: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -59,6 +61,11 @@ impl NodeProc {
     /// Starts a node on fixed addresses with extra `serve` flags.
     pub fn start_with(dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
         Self::spawn(None, dir, nbd, api, extra)
+    }
+
+    /// Starts a node named `name` on `dir` with extra `serve` flags.
+    pub fn start_named(dir: &Path, name: &str, extra: &[&str]) -> NodeProc {
+        Self::spawn_full(None, dir, "127.0.0.1:0", "127.0.0.1:0", name, extra, None)
     }
 
     /// Starts a node inside network namespace `ns`.
@@ -92,11 +99,19 @@ impl NodeProc {
     /// test's stderr.
     pub fn start_logging_to(dir: &Path, extra: &[&str], log: &Path) -> NodeProc {
         let f = std::fs::File::create(log).unwrap();
-        Self::spawn_full(None, dir, "127.0.0.1:0", "127.0.0.1:0", extra, Some(f))
+        Self::spawn_full(
+            None,
+            dir,
+            "127.0.0.1:0",
+            "127.0.0.1:0",
+            "test",
+            extra,
+            Some(f),
+        )
     }
 
     fn spawn(netns: Option<&str>, dir: &Path, nbd: &str, api: &str, extra: &[&str]) -> NodeProc {
-        Self::spawn_full(netns, dir, nbd, api, extra, None)
+        Self::spawn_full(netns, dir, nbd, api, "test", extra, None)
     }
 
     fn spawn_full(
@@ -104,6 +119,7 @@ impl NodeProc {
         dir: &Path,
         nbd: &str,
         api: &str,
+        name: &str,
         extra: &[&str],
         log: Option<std::fs::File>,
     ) -> NodeProc {
@@ -117,7 +133,7 @@ impl NodeProc {
         let mut child = Self::command(netns)
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--listen", nbd, "--api", api, "--node", "test"])
+            .args(["--listen", nbd, "--api", api, "--node", name])
             .args(extra)
             .arg("--listen-unix")
             .arg(&unix)
@@ -146,6 +162,7 @@ impl NodeProc {
             unix,
             client_flags: Vec::new(),
             serve_flags: extra.iter().map(|s| s.to_string()).collect(),
+            name: name.to_owned(),
             _tmp: None,
         }
     }
@@ -156,12 +173,14 @@ impl NodeProc {
     pub fn restart(&mut self) {
         self.kill();
         let flags: Vec<&str> = self.serve_flags.iter().map(String::as_str).collect();
-        let fresh = Self::spawn(
+        let fresh = Self::spawn_full(
             self.netns.as_deref(),
             &self.data_dir,
             &self.nbd,
             &self.api,
+            &self.name,
             &flags,
+            None,
         );
         self.child = fresh.into_child();
     }

@@ -1,0 +1,493 @@
+//! A node's membership: its lease, `members/NAME` and `nodes/NAME`, the
+//! renewal loop, leaving, and `node list`.
+//!
+//! One lease per node, never per volume: 1,000 nodes renew 500 times a
+//! second, none of it a raft write, and a dead node's lease expires one key.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::etcd::{Etcd, CALL_TIMEOUT};
+use super::{
+    boottime_ns, by_node_prefix, member_key, node_key, ClusterConfig, ClusterError, LeaseClock,
+    MemberRecord, NodeRecord, PREFIX,
+};
+use crate::api::types::ClusterNode;
+
+/// This node's place in the cluster, from [`Cluster::join`] until
+/// [`Cluster::leave`].
+pub struct Cluster {
+    pub name: String,
+    pub(super) etcd: Etcd,
+    /// The data directory's id, in `members/` and `nodes/`: tells this
+    /// node's previous run from another process using the same name.
+    pub dir_id: String,
+    /// The lease `nodes/NAME` is under now (0 while there is none).
+    lease: AtomicI64,
+    clock: Arc<LeaseClock>,
+    /// What `nodes/NAME` says (written again after a lost lease).
+    record: NodeRecord,
+    stop: watch::Sender<bool>,
+    keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Joins: grants the lease, registers `nodes/NAME` under it (refusing
+    /// if another live process holds the name), writes `members/NAME`, and
+    /// starts renewing. `record` says where the node is reached. The
+    /// caller holds the data directory's lock, so a `nodes/NAME` carrying
+    /// our `dir_id` can only be our own previous run: its lease is revoked
+    /// instead of waited out.
+    pub async fn join(
+        cfg: &ClusterConfig,
+        record: NodeRecord,
+    ) -> Result<Arc<Cluster>, ClusterError> {
+        let etcd = Etcd::new(&cfg.endpoints, cfg.tls_dir.as_deref())?;
+        let ttl_secs = cfg.lease_ttl.as_secs().max(1) as i64;
+        let sent_at = boottime_ns();
+        let grant = etcd
+            .call("lease grant", CALL_TIMEOUT, |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
+            .await?;
+        let ttl = Duration::from_secs(grant.ttl().max(1) as u64);
+        let clock = Arc::new(LeaseClock::new(ttl));
+        clock.confirmed(sent_at);
+        let (stop, _) = watch::channel(false);
+        let cluster = Arc::new(Cluster {
+            name: record.name.clone(),
+            dir_id: record.dir_id.clone(),
+            etcd,
+            lease: AtomicI64::new(grant.id()),
+            clock,
+            record,
+            stop,
+            keeper: std::sync::Mutex::new(None),
+        });
+        let registered = async {
+            cluster.register(grant.id()).await?;
+            cluster.write_member().await
+        }
+        .await;
+        if let Err(e) = registered {
+            let _ = cluster.revoke(grant.id()).await;
+            return Err(e);
+        }
+        info!(
+            node = %cluster.name,
+            lease = grant.id(),
+            ttl = ?ttl,
+            etcd = %cluster.etcd.pinned(),
+            "joined the cluster"
+        );
+        let keeper = tokio::spawn(keep_alive(cluster.clone()));
+        *cluster.keeper.lock().expect("keeper lock") = Some(keeper);
+        Ok(cluster)
+    }
+
+    /// The lease this node holds now (0: none).
+    pub fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Acquire)
+    }
+
+    /// The lease's deadline, which the fences of this node's cluster
+    /// volumes check on every write.
+    pub fn clock(&self) -> Arc<LeaseClock> {
+        self.clock.clone()
+    }
+
+    /// What `node info` says of this node's membership.
+    pub fn info(&self) -> crate::api::types::NodeClusterInfo {
+        crate::api::types::NodeClusterInfo {
+            etcd: self.etcd.pinned().to_owned(),
+            lease: self.lease(),
+            lease_ttl_seconds: self.clock.ttl().as_secs(),
+            lease_valid: self.lease_valid_now(),
+        }
+    }
+
+    /// Whether the node's lease is certainly alive in etcd now: true
+    /// until `s + T - m` after the last confirmed renewal (`s` read before
+    /// its request left). See [`LeaseClock`].
+    pub fn lease_valid_now(&self) -> bool {
+        self.clock.valid_now()
+    }
+
+    /// Creates `nodes/NAME` under `lease`, only if no key is there. A key
+    /// left by this directory's previous run is revoked and the create
+    /// tried again; anyone else's is a refusal.
+    async fn register(&self, lease: i64) -> Result<(), ClusterError> {
+        let key = node_key(&self.name);
+        let value = serde_json::to_string(&self.record).expect("record serialises");
+        for _ in 0..3 {
+            let (k, v) = (key.clone(), value.clone());
+            let r = self
+                .etcd
+                .call("register node", CALL_TIMEOUT, move |mut c| {
+                    let txn = Txn::new()
+                        .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            k.clone(),
+                            v.clone(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )])
+                        .or_else([TxnOp::get(k.clone(), None)]);
+                    async move { c.txn(txn).await }
+                })
+                .await?;
+            if r.succeeded() {
+                return Ok(());
+            }
+            let Some((held, holder_lease)) = first_kv(&r) else {
+                continue; // gone in between: try again
+            };
+            if holder_lease == lease {
+                return Ok(()); // our own create, whose answer was lost
+            }
+            let holder: NodeRecord = parse(&key, &held)?;
+            if holder.dir_id != self.dir_id {
+                return Err(ClusterError::NameTaken {
+                    name: self.name.clone(),
+                    holder: holder.dir_id,
+                    ours: self.dir_id.clone(),
+                    api: holder.api,
+                });
+            }
+            info!(
+                old_lease = holder_lease,
+                "nodes/{} is this directory's previous run: revoking its lease", self.name
+            );
+            let _ = self.revoke(holder_lease).await;
+        }
+        Err(ClusterError::Conflict(format!("registering {key}")))
+    }
+
+    /// Writes `members/NAME`, keeping the date it first joined. Refused if
+    /// the member is another data directory's and that one still owns
+    /// volumes (its data would be orphaned under our name).
+    async fn write_member(&self) -> Result<(), ClusterError> {
+        let key = member_key(&self.name);
+        let k = key.clone();
+        let old = self
+            .etcd
+            .call("read member", CALL_TIMEOUT, move |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        let old: Option<MemberRecord> = match old.kvs().first() {
+            Some(kv) => Some(parse(&key, kv.value())?),
+            None => None,
+        };
+        if let Some(m) = &old {
+            if m.dir_id != self.dir_id {
+                let volumes = self.owned_count(&self.name).await?;
+                if volumes > 0 {
+                    return Err(ClusterError::MemberOfAnotherDir {
+                        name: self.name.clone(),
+                        holder: m.dir_id.clone(),
+                        ours: self.dir_id.clone(),
+                        volumes,
+                    });
+                }
+                warn!(old_dir = %m.dir_id, "member {} was another data directory, which owns no volume: taking the name", self.name);
+            }
+        }
+        let member = MemberRecord {
+            v: 1,
+            name: self.name.clone(),
+            dir_id: self.dir_id.clone(),
+            nbd: self.record.nbd.clone(),
+            api: self.record.api.clone(),
+            vhost_user_dir: self.record.vhost_user_dir.clone(),
+            joined: old.map_or_else(super::now_rfc3339, |m| m.joined),
+        };
+        let value = serde_json::to_string(&member).expect("record serialises");
+        self.etcd
+            .call("write member", CALL_TIMEOUT, move |mut c| {
+                let (k, v) = (key.clone(), value.clone());
+                async move { c.put(k, v, None).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// How many volumes `node` owns (the `by-node/` index, counted by etcd).
+    pub async fn owned_count(&self, node: &str) -> Result<i64, ClusterError> {
+        let prefix = by_node_prefix(node);
+        let r = self
+            .etcd
+            .call("count volumes", CALL_TIMEOUT, move |mut c| {
+                let p = prefix.clone();
+                async move {
+                    c.get(p, Some(GetOptions::new().with_prefix().with_count_only()))
+                        .await
+                }
+            })
+            .await?;
+        Ok(r.count())
+    }
+
+    /// `nodes/NAME` of a live node, if it is up.
+    pub async fn live_node(&self, name: &str) -> Result<Option<NodeRecord>, ClusterError> {
+        let key = node_key(name);
+        let k = key.clone();
+        let r = self
+            .etcd
+            .call("read node", CALL_TIMEOUT, move |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        match r.kvs().first() {
+            Some(kv) => Ok(Some(parse(&key, kv.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether `members/NAME` exists.
+    pub async fn is_member(&self, name: &str) -> Result<bool, ClusterError> {
+        let key = member_key(name);
+        let r = self
+            .etcd
+            .call("read member", CALL_TIMEOUT, move |mut c| {
+                let k = key.clone();
+                async move { c.get(k, Some(GetOptions::new().with_count_only())).await }
+            })
+            .await?;
+        Ok(r.count() > 0)
+    }
+
+    /// `node list`: every member, up or down, with where it is reached and
+    /// how many volumes it owns.
+    pub async fn node_list(&self) -> Result<Vec<ClusterNode>, ClusterError> {
+        let members = self.range(&format!("{PREFIX}members/")).await?;
+        let live = self.range(&format!("{PREFIX}nodes/")).await?;
+        let mut up = std::collections::HashMap::new();
+        for (key, value) in live {
+            let n: NodeRecord = parse(&key, &value)?;
+            up.insert(n.name.clone(), n);
+        }
+        let mut out = Vec::new();
+        for (key, value) in members {
+            let m: MemberRecord = parse(&key, &value)?;
+            let volumes = self.owned_count(&m.name).await?;
+            let n = ClusterNode {
+                state: if up.contains_key(&m.name) {
+                    "up"
+                } else {
+                    "down"
+                }
+                .into(),
+                // A live node's addresses are its current ones.
+                nbd: up.get(&m.name).map_or(m.nbd.clone(), |n| n.nbd.clone()),
+                api: up.get(&m.name).map_or(m.api.clone(), |n| n.api.clone()),
+                vhost_user_dir: up
+                    .get(&m.name)
+                    .map_or(m.vhost_user_dir.clone(), |n| n.vhost_user_dir.clone()),
+                version: up.get(&m.name).map(|n| n.version.clone()),
+                joined: m.joined,
+                name: m.name,
+                volumes: volumes.max(0) as u64,
+            };
+            out.push(n);
+        }
+        Ok(out)
+    }
+
+    /// Every key and value under `prefix` (small prefixes: members, nodes).
+    async fn range(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+        let p = prefix.to_owned();
+        let r = self
+            .etcd
+            .call("list", CALL_TIMEOUT, move |mut c| {
+                let p = p.clone();
+                async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        Ok(r.kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// Renews once on the pinned endpoint (then the others), on a fresh
+    /// keep-alive stream: one request, one answer, so a late answer is
+    /// never credited to a newer request. `Ok(false)`: etcd says the lease
+    /// is gone.
+    async fn renew(&self, lease: i64) -> Result<bool, ClusterError> {
+        let sent_at = boottime_ns(); // before the request leaves
+        let alive = self
+            .etcd
+            .call(
+                "lease renewal",
+                self.clock.attempt_timeout(),
+                move |mut c| async move {
+                    match c.lease_keep_alive(lease).await {
+                        Ok(_) => Ok(true),
+                        Err(etcd_client::Error::LeaseKeepAliveError(m))
+                            if m.contains("not found") =>
+                        {
+                            Ok(false)
+                        }
+                        Err(e) => Err(e),
+                    }
+                },
+            )
+            .await?;
+        if alive {
+            self.clock.confirmed(sent_at);
+        }
+        Ok(alive)
+    }
+
+    /// After the lease was lost: a new lease, `nodes/NAME` under it, and
+    /// this node's records rebound to it; only then do writes flow again.
+    async fn rejoin(&self) -> Result<(), ClusterError> {
+        let ttl_secs = self.clock.ttl().as_secs() as i64;
+        let sent_at = boottime_ns();
+        let g = self
+            .etcd
+            .call("lease grant", CALL_TIMEOUT, |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
+            .await?;
+        let bound = async {
+            self.register(g.id()).await?;
+            self.rebind_owned(g.id()).await
+        }
+        .await;
+        if let Err(e) = bound {
+            let _ = self.revoke(g.id()).await;
+            return Err(e);
+        }
+        self.lease.store(g.id(), Ordering::Release);
+        self.clock.confirmed(sent_at);
+        info!(lease = g.id(), "registered again under a new lease");
+        Ok(())
+    }
+
+    /// Revokes `lease`; whether etcd confirmed it (else it expires by itself).
+    async fn revoke(&self, lease: i64) -> bool {
+        let r = self
+            .etcd
+            .call("lease revoke", CALL_TIMEOUT, move |mut c| async move {
+                match c.lease_revoke(lease).await {
+                    Ok(_) => Ok(()),
+                    // Already gone: what we wanted.
+                    Err(e) if e.to_string().contains("not found") => Ok(()),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(lease, "cannot revoke the lease (it expires by itself): {e}");
+                false
+            }
+        }
+    }
+
+    /// A clean stop, once the node acknowledges no more writes: stops
+    /// renewing and revokes the lease, so the node shows down at once
+    /// instead of after its TTL.
+    pub async fn leave(&self) {
+        // send_replace: stored even if the keeper has not subscribed yet.
+        self.stop.send_replace(true);
+        let keeper = self.keeper.lock().expect("keeper lock").take();
+        if let Some(k) = keeper {
+            let _ = k.await;
+        }
+        self.clock.invalidate();
+        let lease = self.lease.swap(0, Ordering::AcqRel);
+        if lease != 0 && self.revoke(lease).await {
+            info!(node = %self.name, "left the cluster (lease revoked)");
+        }
+    }
+}
+
+/// Renews the lease every `(T - m) / 4` until [`Cluster::leave`]. A lease
+/// etcd no longer knows (expired while the node was frozen or cut off, or
+/// revoked by hand) stops counting at once and is replaced.
+async fn keep_alive(c: Arc<Cluster>) {
+    let mut stop = c.stop.subscribe();
+    let mut failures = 0u32;
+    // An etcd outage fails every renewal: the first is logged, then one a minute.
+    let mut throttle = crate::node::WarnThrottle::default();
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(c.clock.renew_every()) => {}
+            _ = stop.changed() => return,
+        }
+        let lease = c.lease();
+        match c.renew(lease).await {
+            Ok(true) => {
+                throttle = Default::default();
+                if failures > 0 {
+                    info!(
+                        lease,
+                        "lease renewed again after {failures} failed attempt(s)"
+                    );
+                }
+                failures = 0;
+            }
+            Ok(false) => {
+                c.clock.invalidate();
+                c.lease.store(0, Ordering::Release);
+                warn!(
+                    lease,
+                    "etcd no longer knows this node's lease: joining again"
+                );
+                if let Err(e) = c.rejoin().await {
+                    warn!("cannot join the cluster again (retrying): {e}");
+                    // Keep the old id so the next round finds it gone again.
+                    c.lease.store(lease, Ordering::Release);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if throttle.ready() {
+                    warn!(
+                        lease,
+                        failures,
+                        valid = c.lease_valid_now(),
+                        "lease renewal failed: {e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The value and lease of the first key a transaction's `or_else` get read.
+fn first_kv(r: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
+    r.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.lease())),
+        _ => None,
+    })
+}
+
+/// A record read from etcd.
+pub(super) fn parse<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &[u8],
+) -> Result<T, ClusterError> {
+    serde_json::from_slice(value).map_err(|e| ClusterError::Corrupt {
+        key: key.to_owned(),
+        why: e.to_string(),
+    })
+}

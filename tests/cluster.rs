@@ -1,0 +1,912 @@
+//! Cluster mode against a real etcd (issue 13): nodes joining, up and down,
+//! a name held by another process, the volume directory seen from every
+//! node. Needs `etcd` (Debian `etcd-server`, which scripts/test.sh
+//! installs) and a build with `--features cluster`:
+//! `cargo test --features cluster --test cluster`.
+
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{require, wait_until, NodeProc, DLSM};
+use serde_json::Value;
+
+/// The lease TTL the tests' nodes ask for: short, so a dead node shows
+/// down quickly (margin 1 s, renewal every 0.75 s).
+const TTL: u64 = 4;
+
+/// An etcd cluster (one or three members) on free loopback ports, in a
+/// temporary directory, killed on drop.
+struct Etcd {
+    members: Vec<Child>,
+    /// How each member was started (to start it again).
+    commands: Vec<Command>,
+    /// Each member's plain-HTTP `/health` address.
+    health: Vec<String>,
+    /// The client URLs, one per member.
+    urls: Vec<String>,
+    /// Comma-separated, as `--cluster-etcd` takes them.
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// One member.
+    fn start() -> Etcd {
+        Self::start_members(1)
+    }
+
+    /// `n` members, healthy when this returns.
+    fn start_members(n: usize) -> Etcd {
+        Self::start_full(n, None)
+    }
+
+    /// `n` members; with `tls` (a `tests/tls/make-certs.sh` directory) the
+    /// client URLs are https and clients must present a certificate.
+    fn start_full(n: usize, tls: Option<&Path>) -> Etcd {
+        let etcd = require("etcd");
+        let dir = tempfile::tempdir().unwrap();
+        // client, peer, and a plain-HTTP port for /health.
+        let ports: Vec<(u16, u16, u16)> = (0..n)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let urls: Vec<String> = ports
+            .iter()
+            .map(|(c, _, _)| format!("{scheme}://127.0.0.1:{c}"))
+            .collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p, _))| format!("m{i}=http://127.0.0.1:{p}"))
+            .collect();
+        let mut commands: Vec<Command> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p, h))| {
+                let peer_url = format!("http://127.0.0.1:{p}");
+                let mut cmd = Command::new(&etcd);
+                if let Some(t) = tls {
+                    cmd.arg("--cert-file")
+                        .arg(t.join("server-cert.pem"))
+                        .arg("--key-file")
+                        .arg(t.join("server-key.pem"))
+                        .arg("--trusted-ca-file")
+                        .arg(t.join("ca-cert.pem"))
+                        .arg("--client-cert-auth");
+                }
+                cmd.args(["--listen-metrics-urls", &format!("http://127.0.0.1:{h}")]);
+                cmd.args(["--name", &format!("m{i}"), "--data-dir"])
+                    .arg(dir.path().join(format!("m{i}")))
+                    .args(["--listen-client-urls", &urls[i]])
+                    .args(["--advertise-client-urls", &urls[i]])
+                    .args(["--listen-peer-urls", &peer_url])
+                    .args(["--initial-advertise-peer-urls", &peer_url])
+                    .args(["--initial-cluster", &initial.join(",")])
+                    .args(["--initial-cluster-state", "new"])
+                    .args(["--initial-cluster-token", "dlsm-test", "--logger=zap"])
+                    .arg(format!(
+                        "--log-outputs={}",
+                        dir.path().join(format!("m{i}.log")).display()
+                    ))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null());
+                cmd
+            })
+            .collect();
+        let members = commands
+            .iter_mut()
+            .map(|c| c.spawn().expect("spawn etcd"))
+            .collect();
+        let mut e = Etcd {
+            members,
+            commands,
+            health: ports
+                .iter()
+                .map(|(_, _, h)| format!("127.0.0.1:{h}"))
+                .collect(),
+            url: urls.join(","),
+            urls,
+            _dir: dir,
+        };
+        for i in 0..n {
+            e.wait_healthy(i);
+        }
+        e
+    }
+
+    fn wait_healthy(&mut self, i: usize) {
+        let addr = self.health[i].clone();
+        wait_until("etcd is healthy", 20, || {
+            assert!(
+                self.members[i].try_wait().unwrap().is_none(),
+                "etcd member {i} exited; its log is in {}",
+                self._dir.path().display()
+            );
+            health(&addr)
+        });
+    }
+
+    /// Kills member `i` (-9).
+    fn kill(&mut self, i: usize) {
+        let _ = self.members[i].kill();
+        let _ = self.members[i].wait();
+    }
+
+    /// Starts member `i` again on its data directory.
+    fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.members[i] = self.commands[i].spawn().expect("spawn etcd");
+        self.wait_healthy(i);
+    }
+
+    /// Sends `sig` to member `i`.
+    fn signal(&self, i: usize, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.members[i].id() as i32);
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
+    /// `serve` flags joining this etcd.
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--cluster-etcd".into(),
+            self.url.clone(),
+            "--cluster-lease-ttl".into(),
+            TTL.to_string(),
+        ]
+    }
+
+    /// Starts node `name` on `dir` in this cluster.
+    fn node(&self, dir: &Path, name: &str) -> NodeProc {
+        let f = self.flags();
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        NodeProc::start_named(dir, name, &f)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+    }
+}
+
+/// etcd's `GET /health` (on its metrics port) answers `{"health":"true"}`.
+fn health(addr: &str) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: x\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// [`NodeProc::cli_ok`], saying on failure whether the node process is
+/// still there (its state and exit code from /proc, so a node that died
+/// is told from one that answered wrongly).
+fn cli_ok(at: &NodeProc, args: &[&str]) -> String {
+    let o = at.cli(args);
+    if o.status.success() {
+        return String::from_utf8(o.stdout).unwrap();
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", at.pid()))
+        .map(|s| {
+            let f: Vec<&str> = s.rsplit_once(')').unwrap().1.split_whitespace().collect();
+            format!("state {}, exit code {}", f[0], f.last().unwrap())
+        })
+        .unwrap_or_else(|e| format!("no /proc entry: {e}"));
+    panic!(
+        "dlsm {args:?} at {} failed: {}; node process {}: {stat}",
+        at.name,
+        String::from_utf8_lossy(&o.stderr),
+        at.pid()
+    );
+}
+
+/// `node list --json` at `at`, by name.
+fn node_list(at: &NodeProc) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&cli_ok(at, &["node", "list", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn state_of(at: &NodeProc, name: &str) -> Option<String> {
+    node_list(at)
+        .into_iter()
+        .find(|n| n["name"] == name)
+        .map(|n| n["state"].as_str().unwrap().to_owned())
+}
+
+/// `volume list --json` at `at` (the cluster's directory).
+fn volume_list(at: &NodeProc) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&cli_ok(at, &["volume", "list", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// A failing CLI call's JSON error.
+fn cli_err(at: &NodeProc, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let o = at.cli(&a);
+    assert!(!o.status.success(), "dlsm {args:?} succeeded");
+    serde_json::from_slice(&o.stderr)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)))
+}
+
+#[test]
+fn nodes_join_and_every_node_lists_them_up_with_their_addresses() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes: Vec<NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| etcd.node(&tmp.path().join(n), n))
+        .collect();
+    for at in &nodes {
+        let list = node_list(at);
+        assert_eq!(list.len(), 3, "{list:?}");
+        for n in &nodes {
+            let e = list
+                .iter()
+                .find(|e| e["name"] == n.name.as_str())
+                .unwrap_or_else(|| panic!("{} missing: {list:?}", n.name));
+            assert_eq!(e["state"], "up", "{e}");
+            assert_eq!(e["api"], n.api.as_str(), "{e}");
+            assert_eq!(e["nbd"], n.nbd.as_str(), "{e}");
+            assert_eq!(e["volumes"], 0, "{e}");
+        }
+    }
+    // Each node says which etcd it uses and that its lease is good.
+    let info: Value = serde_json::from_str(&nodes[0].cli_ok(&["node", "info", "--json"])).unwrap();
+    assert_eq!(info["cluster"]["etcd"], etcd.url.as_str(), "{info}");
+    assert_eq!(info["cluster"]["lease_valid"], true, "{info}");
+    assert_eq!(info["cluster"]["lease_ttl_seconds"], TTL, "{info}");
+    assert!(info["cluster"]["lease"].as_i64().unwrap() != 0, "{info}");
+    assert!(nodes[0].cli_ok(&["node", "info"]).contains(", valid"));
+    // The table for people says the same.
+    let text = nodes[1].cli_ok(&["node", "list"]);
+    assert!(text.starts_with("NAME"), "{text}");
+    for n in &nodes {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&n.name))
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(row.contains(" up ") && row.contains(&n.api), "{row}");
+    }
+}
+
+#[test]
+fn a_killed_node_goes_down_within_its_ttl_and_comes_back_at_once() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // Killed and restarted at once: its old lease still holds nodes/n2,
+    // and the restart (same data directory) revokes it instead of waiting
+    // out the TTL.
+    let t = Instant::now();
+    n2.restart();
+    assert!(
+        t.elapsed() < Duration::from_secs(TTL - 1),
+        "restart took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // Killed for good: down once etcd expires its lease (TTL, plus up to
+    // one etcd expiry sweep).
+    n2.kill();
+    let t = Instant::now();
+    wait_until("n2 shows down", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+    });
+    assert!(
+        t.elapsed() >= Duration::from_secs(TTL - 2),
+        "down after only {:?}: the lease must outlive a missed renewal",
+        t.elapsed()
+    );
+    // n1 lived through more than a TTL meanwhile: its renewals work.
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    // Still a member, with its last addresses.
+    let e = node_list(&n1)
+        .into_iter()
+        .find(|e| e["name"] == "n2")
+        .unwrap();
+    assert_eq!(e["api"], n2.api.as_str());
+
+    // Back with its data directory: up from its first ready line.
+    n2.restart();
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+
+    // A clean stop revokes the lease: down at once, not after the TTL.
+    assert!(n2.stop());
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("down"));
+}
+
+#[test]
+fn a_second_daemon_cannot_take_a_live_node_name() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut args = vec![
+        "serve".to_string(),
+        "--data-dir".into(),
+        tmp.path().join("other").display().to_string(),
+        "--node".into(),
+        "n1".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--api".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd.flags());
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a second n1 started: {err}");
+    assert!(
+        err.contains("node name \"n1\" is already up in the cluster"),
+        "{err}"
+    );
+    assert!(err.contains(&n1.api), "the error names the holder: {err}");
+    // The first one is untouched.
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+}
+
+#[test]
+fn volumes_created_from_any_node_are_in_the_directory_of_every_node() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    let n3 = etcd.node(&tmp.path().join("n3"), "n3");
+
+    // Asked at n1, made on n2.
+    let v: Value = serde_json::from_str(&n1.cli_ok(&[
+        "volume", "create", "x", "--size", "16M", "--on", "n2", "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["node"], "n2", "{v}");
+    assert_eq!(v["generation"], 1, "{v}");
+    assert_eq!(v["size"], 16 << 20);
+    assert!(
+        v["uri"].as_str().unwrap().contains(&n2.nbd),
+        "served by n2: {v}"
+    );
+    assert!(n2.data_dir.join("volumes/x/table.json").exists());
+    assert!(!n1.data_dir.join("volumes/x").exists());
+
+    // Every node's list shows it on n2, generation 1.
+    for at in [&n1, &n2, &n3] {
+        let list = volume_list(at);
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0]["name"], "x");
+        assert_eq!(list[0]["node"], "n2");
+        assert_eq!(list[0]["generation"], 1);
+        assert_eq!(list[0]["state"], "ok");
+    }
+    let text = n3.cli_ok(&["volume", "list"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("x ") && l.contains("n2")),
+        "{text}"
+    );
+    // `show` anywhere asks the owner.
+    let s: Value = serde_json::from_str(&n3.cli_ok(&["volume", "show", "x", "--json"])).unwrap();
+    assert_eq!(s["node"], "n2", "{s}");
+    assert_eq!(s["generation"], 1, "{s}");
+    let text = n1.cli_ok(&["volume", "show", "x"]);
+    assert!(text.contains("node:        n2 (generation 1)"), "{text}");
+    let n2_row = node_list(&n3)
+        .into_iter()
+        .find(|e| e["name"] == "n2")
+        .unwrap();
+    assert_eq!(n2_row["volumes"], 1);
+
+    // The name is the cluster's: refused wherever it is asked for.
+    for (at, on) in [
+        (&n3, None),
+        (&n1, Some("n1")),
+        (&n2, None),
+        (&n3, Some("n2")),
+    ] {
+        let mut args = vec!["volume", "create", "x", "--size", "1M"];
+        if let Some(on) = on {
+            args.extend(["--on", on]);
+        }
+        let e = cli_err(at, &args);
+        assert_eq!(e["http_status"], 409, "{e}");
+        assert!(
+            e["error"].as_str().unwrap().contains("already exists"),
+            "{e}"
+        );
+    }
+    assert!(!n3.data_dir.join("volumes/x").exists());
+    // Unknown nodes are named.
+    let e = cli_err(
+        &n1,
+        &["volume", "create", "y", "--size", "1M", "--on", "n9"],
+    );
+    assert_eq!(e["http_status"], 404, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("no node named \"n9\""),
+        "{e}"
+    );
+
+    // Removed from n1: n2 drops its copy, the record goes.
+    n1.cli_ok(&["volume", "rm", "x"]);
+    assert!(!n2.data_dir.join("volumes/x").exists());
+    for at in [&n1, &n2, &n3] {
+        assert!(volume_list(at).is_empty());
+    }
+    let e = cli_err(&n3, &["volume", "show", "x"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+    // The name is free again, here on n3.
+    n3.cli_ok(&["volume", "create", "x", "--size", "1M"]);
+    let list = volume_list(&n1);
+    assert_eq!(list[0]["node"], "n3");
+    assert_eq!(list[0]["generation"], 1);
+}
+
+#[test]
+fn a_node_without_a_cluster_says_so() {
+    let n = NodeProc::start();
+    let info: Value = serde_json::from_str(&n.cli_ok(&["node", "info", "--json"])).unwrap();
+    assert!(info.get("cluster").is_none(), "{info}");
+    let e = cli_err(&n, &["node", "list"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.contains("is not in a cluster") && msg.contains("--cluster-etcd"),
+        "{e}"
+    );
+    let e = cli_err(&n, &["volume", "create", "v", "--size", "1M", "--on", "n2"]);
+    assert!(
+        e["error"].as_str().unwrap().contains("not in a cluster"),
+        "{e}"
+    );
+    // Peer mode's volumes are as before.
+    n.create("v", "1M");
+    let list: Value = serde_json::from_str(&n.cli_ok(&["volume", "list", "--json"])).unwrap();
+    assert_eq!(list[0]["name"], "v");
+    assert!(list[0].get("node").is_none(), "{list}");
+    assert!(
+        list[0]["table"].is_object(),
+        "peer mode's full list: {list}"
+    );
+}
+
+fn signal(n: &NodeProc, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(n.pid()), sig).unwrap();
+}
+
+/// A node frozen longer than its lease acknowledges no write when it
+/// wakes, whatever its runtime runs first, until it has renewed (here: a
+/// new lease, since etcd dropped the old one, and its record rebound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_acknowledges_no_write_until_it_renews() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n2.create("v", "1M");
+    let c = common::client(&n2, "v").await;
+    c.write(0, &[1u8; 4096], false).await.unwrap();
+    let gen_before = {
+        let s: Value =
+            serde_json::from_str(&n1.cli_ok(&["volume", "show", "v", "--json"])).unwrap();
+        assert_eq!(s["node"], "n2");
+        s["generation"].clone()
+    };
+
+    signal(&n2, Signal::SIGSTOP);
+    // Longer than the TTL: etcd drops the lease, n2 shows down.
+    wait_until("n2 shows down while frozen", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+    });
+    // A write waits in n2's socket while it is frozen.
+    let w = {
+        let c = c.clone();
+        tokio::spawn(async move { c.write(4096, &[2u8; 4096], false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&n2, Signal::SIGCONT);
+    let e = w
+        .await
+        .unwrap()
+        .expect_err("a write was acknowledged after the lease lapsed");
+    assert_eq!(common::errno_of(e), 5, "EIO");
+
+    // It renews (a new lease, its record rebound), then writes flow.
+    let t = Instant::now();
+    loop {
+        match c.write(8192, &[3u8; 4096], false).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO while unconfirmed");
+                assert!(
+                    t.elapsed() < Duration::from_secs(TTL),
+                    "writes never resumed"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    // Same owner and generation: no ownership moved.
+    let s: Value = serde_json::from_str(&n1.cli_ok(&["volume", "show", "v", "--json"])).unwrap();
+    assert_eq!(s["node"], "n2");
+    assert_eq!(s["generation"], gen_before);
+    // What was acknowledged is there; the refused write may or may not be.
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![1u8; 4096]);
+    assert_eq!(c.read(8192, 4096).await.unwrap(), vec![3u8; 4096]);
+}
+
+/// A restarted node re-confirms its volumes before writing: its own are
+/// bound to the new lease; a volume made in peer mode (no record) is
+/// served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_writes_its_own_volumes_and_its_peer_mode_ones() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    // A volume made before the node joined any cluster.
+    let mut peer = NodeProc::start_in(&dir);
+    peer.create("old", "1M");
+    assert!(peer.stop());
+    let mut n1 = etcd.node(&dir, "n1");
+    n1.create("new", "1M");
+    n1.restart();
+    for vol in ["old", "new"] {
+        let c = common::client(&n1, vol).await;
+        c.write(0, &[7u8; 512], false).await.unwrap();
+        assert_eq!(c.read(0, 512).await.unwrap(), vec![7u8; 512]);
+    }
+    let list = volume_list(&n1);
+    assert_eq!(
+        list.len(),
+        1,
+        "only the cluster's volume is in the directory: {list:?}"
+    );
+    assert_eq!(list[0]["name"], "new");
+}
+
+/// etcd-client's own balancing neither fails over nor drops a dead
+/// endpoint; the node's client does both. With the member it uses frozen
+/// (its connections stay up, its calls hang), the node keeps its lease
+/// and acknowledges every write; a node whose first endpoint is frozen
+/// still joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_rides_out_a_frozen_etcd_member() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start_members(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[1u8; 512], false).await.unwrap();
+
+    // n1 uses the first endpoint (the first that answered).
+    etcd.signal(0, Signal::SIGSTOP);
+    let t = Instant::now();
+    let mut writes = 0u32;
+    while t.elapsed() < Duration::from_secs(2 * TTL + 2) {
+        c.write(512, &[writes as u8; 512], false)
+            .await
+            .unwrap_or_else(|e| panic!("write {writes} at {:?} refused: {e}", t.elapsed()));
+        writes += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(writes > 50, "{writes}");
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+
+    // A node joining with the frozen member listed first.
+    let urls = etcd.urls.join(",");
+    let t = Instant::now();
+    let n2 = NodeProc::start_named(
+        &tmp.path().join("n2"),
+        "n2",
+        &[
+            "--cluster-etcd",
+            &urls,
+            "--cluster-lease-ttl",
+            &TTL.to_string(),
+        ],
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "join took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(state_of(&n2, "n1").as_deref(), Some("up"));
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    etcd.signal(0, Signal::SIGCONT);
+}
+
+/// https etcd endpoints: the node presents its `--tls-dir` client
+/// certificate (etcd refuses clients without one) and checks etcd's.
+#[test]
+fn a_node_joins_an_etcd_that_requires_tls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = tmp.path().join("tls");
+    common::make_tls_dir(&tls, &["127.0.0.1", "localhost"]);
+    let etcd = Etcd::start_full(1, Some(&tls));
+    assert!(etcd.url.starts_with("https://"));
+    let t = tls.display().to_string();
+    let node = |name: &str| {
+        let mut f = vec!["--tls-dir".to_string(), t.clone()];
+        f.extend(etcd.flags());
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        NodeProc::start_named(&tmp.path().join(name), name, &f)
+            .with_client_flags(&["--tls-dir", &t])
+    };
+    let (n1, n2) = (node("n1"), node("n2"));
+    assert_eq!(state_of(&n1, "n2").as_deref(), Some("up"));
+    n2.cli_ok(&["volume", "create", "x", "--size", "1M", "--on", "n1"]);
+    assert_eq!(volume_list(&n2)[0]["node"], "n1");
+
+    // Without --tls-dir the node cannot even try, and says why.
+    let mut args = vec![
+        "serve".to_string(),
+        "--data-dir".into(),
+        tmp.path().join("n3").display().to_string(),
+        "--node".into(),
+        "n3".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--api".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd.flags());
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("https:// etcd endpoints need --tls-dir"),
+        "{err}"
+    );
+    // With certificates of another CA, etcd's is not trusted.
+    let other = tmp.path().join("other-tls");
+    common::make_tls_dir(&other, &["127.0.0.1"]);
+    args.extend(["--tls-dir".into(), other.display().to_string()]);
+    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "joined with an untrusted CA: {err}");
+    assert!(err.contains("cannot join the cluster"), "{err}");
+}
+
+/// `etcdctl ARGS` against `etcd`; its stdout.
+fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
+    let tool = require("etcdctl");
+    common::run_ok(
+        Command::new(tool)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", etcd.url))
+            .args(args),
+    )
+}
+
+/// A volume's directory record, read with etcdctl.
+fn record(etcd: &Etcd, vol: &str) -> Value {
+    let out = etcdctl(
+        etcd,
+        &[
+            "get",
+            &format!("/dlsm/v1/volumes/{vol}"),
+            "--print-value-only",
+        ],
+    );
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+/// Revoked by hand (`etcdctl lease revoke`), the node's lease is replaced
+/// at its next renewal: up again, its records rebound to the new lease,
+/// writes acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_revoked_by_hand_is_replaced_and_the_records_rebound() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let old = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+    etcdctl(&etcd, &["lease", "revoke", &format!("{old:x}")]);
+    wait_until("n1's record rebound to a new lease", TTL + 2, || {
+        let l = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+        l != old && l != 0
+    });
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    let new = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+    // nodes/n1 is under the new lease.
+    let leases = etcdctl(&etcd, &["lease", "list"]);
+    assert!(leases.contains(&format!("{new:x}")), "{leases}");
+    assert!(!leases.contains(&format!("{old:x}")), "{leases}");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[5u8; 512], false).await.unwrap();
+    assert_eq!(record(&etcd, "v")["generation"], 1);
+}
+
+/// At startup a node re-confirms its copies: one the directory now gives
+/// to another node (changed behind its back: an etcd restored from a
+/// backup, an operator) is held, never written, and `volume rm` deletes
+/// only it; a volume made in peer mode is served as before, even with a
+/// cluster volume of the same name elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_is_held_and_a_peer_mode_volume_is_not() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir2 = tmp.path().join("n2");
+    let mut before = NodeProc::start_in(&dir2);
+    before.create("p", "1M");
+    assert!(before.stop());
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&dir2, "n2");
+    n2.create("x", "1M");
+    n1.create("p", "1M");
+    n2.kill();
+    etcdctl(&etcd, &["del", "/dlsm/v1/volumes/x"]);
+    etcdctl(&etcd, &["del", "/dlsm/v1/by-node/n2/x"]);
+    n1.create("x", "1M");
+    n2.restart();
+
+    let c = common::client(&n2, "x").await;
+    let e = c.write(0, &[1u8; 512], false).await.unwrap_err();
+    assert_eq!(common::errno_of(e), 1, "EPERM: the copy is stale");
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![0u8; 512]);
+    drop(c);
+    let p = common::client(&n2, "p").await;
+    p.write(0, &[2u8; 512], false).await.unwrap();
+    drop(p);
+
+    n2.cli_ok(&["volume", "rm", "x"]);
+    assert!(!dir2.join("volumes/x").exists());
+    let list = volume_list(&n2);
+    let x = list.iter().find(|v| v["name"] == "x").unwrap();
+    assert_eq!(x["node"], "n1", "n1's x is untouched: {list:?}");
+    assert!(common::client(&n1, "x")
+        .await
+        .write(0, &[3u8; 512], false)
+        .await
+        .is_ok());
+}
+
+/// A name is its data directory's while that directory owns volumes: a
+/// new directory under the name of a stopped node that owns some is
+/// refused; one under the name of a node that owns none takes it.
+#[test]
+fn a_new_data_directory_takes_a_name_only_if_the_old_one_owns_nothing() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let joined = node_list(&n2)
+        .into_iter()
+        .find(|e| e["name"] == "n1")
+        .unwrap()["joined"]
+        .clone();
+    assert!(n1.stop() && n2.stop());
+
+    let serve = |dir: &str, name: &str| {
+        let mut args = vec![
+            "serve".to_string(),
+            "--data-dir".into(),
+            tmp.path().join(dir).display().to_string(),
+            "--node".into(),
+            name.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--api".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(etcd.flags());
+        Command::new(DLSM).args(&args).output().unwrap()
+    };
+    let o = serve("other", "n1");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("belongs to another data directory") && err.contains("owns 1 volume"),
+        "{err}"
+    );
+    // n2 owns nothing: a new directory may be n2 (refused only while up).
+    let fresh = etcd.node(&tmp.path().join("n2-new"), "n2");
+    let list = node_list(&fresh);
+    assert_eq!(list.iter().filter(|e| e["name"] == "n2").count(), 1);
+    // n1's original directory is still n1, its first join date kept.
+    n1.restart();
+    let e = node_list(&fresh)
+        .into_iter()
+        .find(|e| e["name"] == "n1")
+        .unwrap();
+    assert_eq!(e["state"], "up");
+    assert_eq!(e["volumes"], 1);
+    assert_eq!(e["joined"], joined);
+}
+
+/// With etcd entirely gone, a node stops acknowledging writes once its
+/// lease can no longer be trusted (`T - m` after the last renewal was
+/// sent), though its clients still reach it and reads are served; when
+/// etcd is back, writes resume with no change of owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
+    let mut etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[1u8; 512], false).await.unwrap();
+
+    etcd.kill(0);
+    let t0 = Instant::now();
+    // TTL 4 s, margin 1 s: trusted at most 3 s after the last renewal sent
+    // (before t0), so writes must stop within 3 s plus a little.
+    let stopped_at = loop {
+        match c.write(512, &[2u8; 512], false).await {
+            Ok(()) => {
+                assert!(
+                    t0.elapsed() < Duration::from_millis(3_500),
+                    "a write acknowledged {:?} after etcd went away",
+                    t0.elapsed()
+                );
+            }
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO");
+                break t0.elapsed();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        stopped_at > Duration::from_millis(1_500),
+        "writes stopped after only {stopped_at:?}: the lease is good for T - m"
+    );
+    // The node says so.
+    let info: Value = serde_json::from_str(&n1.cli_ok(&["node", "info", "--json"])).unwrap();
+    assert_eq!(info["cluster"]["lease_valid"], false, "{info}");
+    // Held, not lost: reads go on, every write is refused.
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![1u8; 512]);
+    for _ in 0..5 {
+        assert!(c.write(1024, &[3u8; 512], false).await.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    etcd.restart(0);
+    let t = Instant::now();
+    while c.write(1024, &[4u8; 512], false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(2 * TTL),
+            "writes never resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state_of(&n1, "n1").as_deref(), Some("up"));
+    let list = volume_list(&n1);
+    assert_eq!(
+        (list[0]["node"].as_str(), list[0]["generation"].as_u64()),
+        (Some("n1"), Some(1))
+    );
+}
