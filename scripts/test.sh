@@ -57,13 +57,13 @@ echo "== cargo clippy -D warnings, with the cluster feature"
 cargo clippy --all-targets --features cluster --quiet -- -D warnings
 echo "== cargo test"
 cargo test --all-targets -- --test-threads="${DLSM_TEST_THREADS:-2}" --skip chaos
-# The randomized fault-and-operator harness on its own, so its summary line
-# (seed, faults by kind, bytes checked, violations) shows in the log; a
-# failing seed prints the one-line command that reruns it.
 # Cluster mode against a real etcd (the feature is off by default, so the
 # run above built without it).
 echo "== cluster tests (--features cluster)"
 cargo test --features cluster --test cluster -- --test-threads="${DLSM_TEST_THREADS:-2}"
+# The randomized fault-and-operator harness on its own, so its summary line
+# (seed, faults by kind, bytes checked, violations) shows in the log; a
+# failing seed prints the one-line command that reruns it.
 echo "== chaos harness (one random seed; DLSM_CHAOS_SEED=S to pick one)"
 cargo test --test chaos -- --nocapture
 echo "== fuzzing, ${DLSM_FUZZ_SECONDS:-20} s per target (scripts/fuzz.sh)"
