@@ -910,3 +910,23 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
         (Some("n1"), Some(1))
     );
 }
+
+/// Migrating a cluster volume is not built: refused (409), rather than
+/// moved the peer-mode way, which would leave the directory naming the
+/// source and the destination acknowledging writes under no lease.
+#[test]
+fn migrating_a_cluster_volume_is_refused() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let e = cli_err(&n1, &["migrate", "v", "--to", &n2.api]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("cluster volume"), "{e}");
+    assert_eq!(record(&etcd, "v")["owner"], "n1");
+    assert!(
+        n2.cli(&["migration", "status", "v"]).status.code() != Some(0),
+        "n2 has no migration of v"
+    );
+}

@@ -644,7 +644,8 @@ mod cluster {
                 Some(_) => Err(ApiError(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "volume {name:?}: the cluster's directory says it is on this node ({}),                          which has no copy of it",
+                        "volume {name:?}: the cluster's directory says it is on this node ({}), \
+                         which has no copy of it",
                         c.name
                     ),
                 )),
@@ -736,6 +737,21 @@ async fn migrate(
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
                 format!("region size {rs} must be a power of two between 4 KiB and 64 MiB"),
+            ));
+        }
+    }
+    #[cfg(feature = "cluster")]
+    if s.cluster.is_some() {
+        let g = s.store.get(&name)?.table().generation;
+        if g > 0 {
+            // Not built yet: the destination's copy would be bound to no
+            // lease and the directory would keep naming this node.
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "volume {name:?} is a cluster volume (generation {g}): migrating a \
+                     cluster volume is not supported yet"
+                ),
             ));
         }
     }
