@@ -930,3 +930,30 @@ fn migrating_a_cluster_volume_is_refused() {
         "n2 has no migration of v"
     );
 }
+
+/// A node restarted while migrating a (peer-mode) volume away holds its
+/// writes until the destination says who owns it; joining the cluster at
+/// startup must not lift that hold. Here the destination took the volume
+/// by force and is down: the source must take no write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_source_keeps_its_migration_hold_in_cluster_mode() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dira = tmp.path().join("a");
+    let mut before = NodeProc::start_in(&dira);
+    before.create("p", "1M");
+    assert!(before.stop());
+    let mut a = etcd.node(&dira, "a");
+    let mut b = etcd.node(&tmp.path().join("b"), "b");
+    a.cli_ok(&["migrate", "p", "--to", &b.api]);
+    a.kill();
+    b.cli_ok(&["migration", "handoff", "p", "--force"]);
+    b.kill();
+    a.restart();
+    let ca = common::client(&a, "p").await;
+    let e = ca
+        .write(0, b"zombie", true)
+        .await
+        .expect_err("the restarted source took a write for a volume handed off by force");
+    assert_eq!(common::errno_of(e), 1, "EPERM: held");
+}

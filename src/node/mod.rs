@@ -292,10 +292,13 @@ impl Node {
         );
         // Cluster mode: no write is acknowledged until ownership is
         // re-confirmed with the cluster (below, before the API serves).
+        // A hold already there (a restart mid-migration) stays: it is
+        // lifted by what the destination answers, not by the cluster.
         if cfg.cluster.is_some() {
             for v in store.list() {
-                v.fence
-                    .hold("writes held: re-confirming ownership with the cluster".into());
+                if v.fence.held().is_none() {
+                    v.fence.hold(CLUSTER_HOLD.into());
+                }
             }
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -501,17 +504,24 @@ async fn adopt(
     c: &Arc<crate::cluster::Cluster>,
     store: &VolumeStore,
 ) -> Result<(), crate::cluster::ClusterError> {
+    // Lifts only the cluster's own startup hold: a migration's hold (set
+    // when the store opened) waits for the destination's answer.
+    let lift = |v: &store::Volume| {
+        if v.fence.held().as_deref() == Some(CLUSTER_HOLD) {
+            v.fence.release_hold();
+        }
+    };
     let owned = c.rebind_owned(c.lease()).await?;
     for v in store.list() {
         if owned.contains(&v.name) {
             v.fence.bind_lease(c.clock());
-            v.fence.release_hold();
+            lift(&v);
             continue;
         }
         match c.record(&v.name).await? {
             Some((r, _)) if v.table().generation == 0 => {
                 warn!(volume = %v.name, owner = %r.owner, "a peer-mode volume shares its name with a cluster volume; serving it as before");
-                v.fence.release_hold();
+                lift(&v);
             }
             Some((r, _)) => {
                 warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
@@ -521,11 +531,14 @@ async fn adopt(
                     v.name, r.owner, r.generation
                 ));
             }
-            None => v.fence.release_hold(),
+            None => lift(&v),
         }
     }
     Ok(())
 }
+
+/// The hold every volume starts under in cluster mode, until [`adopt`].
+const CLUSTER_HOLD: &str = "writes held: re-confirming ownership with the cluster";
 
 /// Keeps a vhost-user socket for every volume, until shutdown.
 async fn follow_volumes(
