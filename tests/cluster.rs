@@ -911,6 +911,37 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
     );
 }
 
+/// A cluster copy whose record is gone when its node restarts (deleted
+/// behind its back, an etcd restored from an older backup) is an orphan:
+/// held, never written, even once the name is created on another node
+/// (two nodes would otherwise both acknowledge writes for one volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_copy_is_held_at_startup() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir2 = tmp.path().join("n2");
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&dir2, "n2");
+    n2.create("x", "1M");
+    n2.kill();
+    etcdctl(&etcd, &["del", "/dlsm/v1/volumes/x"]);
+    etcdctl(&etcd, &["del", "/dlsm/v1/by-node/n2/x"]);
+    n2.restart();
+    n1.create("x", "1M");
+    let c = common::client(&n2, "x").await;
+    let e = c
+        .write(0, &[1u8; 512], false)
+        .await
+        .expect_err("an orphan copy acknowledged a write");
+    assert_eq!(common::errno_of(e), 1, "EPERM: the copy is an orphan");
+    drop(c);
+    n2.cli_ok(&["volume", "rm", "x"]);
+    assert!(!dir2.join("volumes/x").exists());
+    let list = volume_list(&n2);
+    let x = list.iter().find(|v| v["name"] == "x").unwrap();
+    assert_eq!(x["node"], "n1", "n1's x is untouched: {list:?}");
+}
+
 /// Migrating a cluster volume is not built: refused (409), rather than
 /// moved the peer-mode way, which would leave the directory naming the
 /// source and the destination acknowledging writes under no lease.

@@ -531,6 +531,19 @@ async fn adopt(
                     v.name, r.owner, r.generation
                 ));
             }
+            // A cluster copy whose record is gone (deleted behind this
+            // node's back, an etcd restored from an older backup): nothing
+            // confirms it is ours, and the name may be created elsewhere.
+            None if v.table().generation > 0 => {
+                warn!(volume = %v.name, "orphan copy: made in the cluster, but the directory has no record of it");
+                v.fence.hold(format!(
+                    "writes refused: volume {} was made in the cluster (generation {}) but the \
+                     cluster's directory has no record of it; this copy is an orphan \
+                     (`volume rm` deletes it)",
+                    v.name,
+                    v.table().generation
+                ));
+            }
             None => lift(&v),
         }
     }
