@@ -988,3 +988,34 @@ async fn a_restarted_source_keeps_its_migration_hold_in_cluster_mode() {
         .expect_err("the restarted source took a write for a volume handed off by force");
     assert_eq!(common::errno_of(e), 1, "EPERM: held");
 }
+
+/// Re-confirmation after a lost lease: a volume whose record was deleted
+/// meanwhile (by hand; an etcd restored from an older backup) takes no
+/// more writes once the node is registered again, even after another node
+/// creates the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_lost_while_the_lease_was_lost_takes_no_write_after_rejoining() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    n1.create("w", "1M");
+    let old = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+    etcdctl(&etcd, &["del", "/dlsm/v1/volumes/v"]);
+    etcdctl(&etcd, &["del", "/dlsm/v1/by-node/n1/v"]);
+    etcdctl(&etcd, &["lease", "revoke", &format!("{old:x}")]);
+    wait_until("n1's record rebound to a new lease", TTL + 2, || {
+        let l = record(&etcd, "w")["owner_lease"].as_i64().unwrap();
+        l != old && l != 0
+    });
+    n2.create("v", "1M");
+    let c = common::client(&n1, "w").await;
+    c.write(0, &[5u8; 512], false).await.unwrap();
+    let c = common::client(&n1, "v").await;
+    let e = c
+        .write(0, &[5u8; 512], false)
+        .await
+        .expect_err("n1 acknowledged a write for a volume the directory no longer gives it");
+    assert_eq!(common::errno_of(e), 1, "EPERM: stale");
+}

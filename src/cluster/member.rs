@@ -34,7 +34,13 @@ pub struct Cluster {
     record: NodeRecord,
     stop: watch::Sender<bool>,
     keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Told, after a lost lease was replaced, which volumes the directory
+    /// still gives this node, before writes flow again.
+    on_rebound: std::sync::Mutex<Option<ReboundHook>>,
 }
+
+/// See [`Cluster::on_rebound`].
+pub type ReboundHook = Box<dyn Fn(&[String]) + Send + Sync>;
 
 impl Cluster {
     /// Joins: grants the lease, registers `nodes/NAME` under it (refusing
@@ -68,6 +74,7 @@ impl Cluster {
             record,
             stop,
             keeper: std::sync::Mutex::new(None),
+            on_rebound: std::sync::Mutex::new(None),
         });
         let registered = async {
             cluster.register(grant.id()).await?;
@@ -88,6 +95,13 @@ impl Cluster {
         let keeper = tokio::spawn(keep_alive(cluster.clone()));
         *cluster.keeper.lock().expect("keeper lock") = Some(keeper);
         Ok(cluster)
+    }
+
+    /// After a lost lease is replaced and the records rebound, and before
+    /// the new lease counts, `hook` is told the volumes the directory still
+    /// gives this node (so the node can hold the ones it lost meanwhile).
+    pub fn on_rebound(&self, hook: ReboundHook) {
+        *self.on_rebound.lock().expect("hook lock") = Some(hook);
     }
 
     /// The lease this node holds now (0: none).
@@ -367,9 +381,15 @@ impl Cluster {
             self.rebind_owned(g.id()).await
         }
         .await;
-        if let Err(e) = bound {
-            let _ = self.revoke(g.id()).await;
-            return Err(e);
+        let owned = match bound {
+            Ok(owned) => owned,
+            Err(e) => {
+                let _ = self.revoke(g.id()).await;
+                return Err(e);
+            }
+        };
+        if let Some(hook) = &*self.on_rebound.lock().expect("hook lock") {
+            hook(&owned);
         }
         self.lease.store(g.id(), Ordering::Release);
         self.clock.confirmed(sent_at);

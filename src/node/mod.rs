@@ -407,6 +407,22 @@ impl Node {
                 return Err(anyhow::Error::new(e)
                     .context("cannot re-confirm this node's volumes with the cluster"));
             }
+            // A lost lease replaced: a volume whose record no longer names
+            // this node (changed or deleted meanwhile) takes no more writes.
+            let st = store.clone();
+            c.on_rebound(Box::new(move |owned: &[String]| {
+                for v in st.list() {
+                    if v.fence.is_lease_bound() && !owned.contains(&v.name) {
+                        warn!(volume = %v.name, "the cluster's directory no longer gives this volume to this node: writes refused");
+                        v.fence.hold(format!(
+                            "writes refused: the cluster's directory no longer gives volume {} \
+                             to this node (found when its lease was replaced); this copy is stale \
+                             (`volume rm` deletes it)",
+                            v.name
+                        ));
+                    }
+                }
+            }));
         }
         #[cfg(not(feature = "cluster"))]
         if cfg.cluster.is_some() {
