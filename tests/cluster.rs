@@ -954,7 +954,10 @@ fn migrating_a_cluster_volume_is_refused() {
     n1.create("v", "1M");
     let e = cli_err(&n1, &["migrate", "v", "--to", &n2.api]);
     assert_eq!(e["http_status"], 409, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("cluster volume"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("cluster volume"),
+        "{e}"
+    );
     assert_eq!(record(&etcd, "v")["owner"], "n1");
     assert!(
         n2.cli(&["migration", "status", "v"]).status.code() != Some(0),
