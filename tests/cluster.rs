@@ -1022,3 +1022,28 @@ async fn a_volume_lost_while_the_lease_was_lost_takes_no_write_after_rejoining()
         .expect_err("n1 acknowledged a write for a volume the directory no longer gives it");
     assert_eq!(common::errno_of(e), 1, "EPERM: stale");
 }
+
+/// `volume rm` racing a `volume create` of the same name on the owner must
+/// never leave a copy served with no record (a second node could then
+/// create the name and both would acknowledge writes).
+#[test]
+fn a_remove_racing_a_create_leaves_no_copy_without_a_record() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    for i in 0..30 {
+        let name = format!("r{i}");
+        std::thread::scope(|sc| {
+            sc.spawn(|| n1.cli(&["volume", "create", &name, "--size", "1M"]));
+            for _ in 0..4 {
+                sc.spawn(|| n1.cli(&["volume", "rm", &name]));
+            }
+        });
+        let here = n1.has_volume(&name);
+        let rec = etcdctl(&etcd, &["get", &format!("/dlsm/v1/volumes/{name}")]);
+        assert!(
+            !here || !rec.trim().is_empty(),
+            "{name}: a copy on n1 with no record in the directory"
+        );
+    }
+}

@@ -37,6 +37,10 @@ pub struct Cluster {
     /// Told, after a lost lease was replaced, which volumes the directory
     /// still gives this node, before writes flow again.
     on_rebound: std::sync::Mutex<Option<ReboundHook>>,
+    /// Serialises this node's directory changes (create, remove): a remove
+    /// that read a record between a create's record and its copy would
+    /// delete the record and leave the copy served without one.
+    pub directory_ops: tokio::sync::Mutex<()>,
 }
 
 /// See [`Cluster::on_rebound`].
@@ -75,6 +79,7 @@ impl Cluster {
             stop,
             keeper: std::sync::Mutex::new(None),
             on_rebound: std::sync::Mutex::new(None),
+            directory_ops: tokio::sync::Mutex::new(()),
         });
         let registered = async {
             cluster.register(grant.id()).await?;

@@ -581,6 +581,7 @@ mod cluster {
         }
         crate::node::store::validate_name(&req.name)?;
         crate::node::store::validate_size(req.size)?;
+        let _ops = c.directory_ops.lock().await;
         if s.store.get(&req.name).is_ok() {
             return Err(StoreError::AlreadyExists(req.name).into());
         }
@@ -664,10 +665,12 @@ mod cluster {
         name: &str,
         force: bool,
     ) -> Result<StatusCode, ApiError> {
+        let ops = c.directory_ops.lock().await;
         let rec = c.record(name).await?;
         let here = s.store.get(name).is_ok();
         match rec {
             Some((r, _)) if !here && r.owner != c.name => {
+                drop(ops); // not held while another node works
                 let peer = peer_of(s, c, &r.owner).await?;
                 let path = format!("/v1/volumes/{name}?force={force}");
                 peer.delete(&path)
