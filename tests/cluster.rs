@@ -1047,3 +1047,51 @@ fn a_remove_racing_a_create_leaves_no_copy_without_a_record() {
         );
     }
 }
+
+/// A copy of a live node's data directory (same directory id: a cloned
+/// disk, a restored backup, shared storage whose lock does not reach the
+/// other host) started under the same name is not that node's previous
+/// run: it must not revoke the live node's lease and write its volumes
+/// while the live node still acknowledges writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_data_directory_does_not_depose_the_live_node() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let n1 = etcd.node(&dir, "n1");
+    n1.create("v", "1M");
+    let c1 = common::client(&n1, "v").await;
+    c1.write(0, &[1u8; 512], false).await.unwrap();
+    let copy = tmp.path().join("n1-copy");
+    common::run_ok(Command::new("cp").arg("-a").arg(&dir).arg(&copy));
+    let twin = std::thread::spawn({
+        let f = etcd.flags();
+        move || {
+            let f: Vec<&str> = f.iter().map(String::as_str).collect();
+            NodeProc::start_named(&copy, "n1", &f)
+        }
+    });
+    // The live node keeps acknowledging writes (it holds the lease); the
+    // copy must then acknowledge none for the same volume.
+    let t = Instant::now();
+    let mut live_acks = 0;
+    while !twin.is_finished() && t.elapsed() < Duration::from_secs(20) {
+        if c1.write(512, &[2u8; 512], false).await.is_ok() {
+            live_acks += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let Ok(twin) = twin.join() else {
+        // The copy was refused: what we want. The live node kept its lease.
+        c1.write(1536, &[4u8; 512], false).await.unwrap();
+        assert_eq!(record(&etcd, "v")["owner"], "n1");
+        return;
+    };
+    let c2 = common::client(&twin, "v").await;
+    let twin_ack = c2.write(1024, &[3u8; 512], false).await;
+    let live_ack = c1.write(1536, &[4u8; 512], false).await;
+    assert!(
+        twin_ack.is_err() || live_ack.is_err(),
+        "two processes acknowledged writes for v (live acks before: {live_acks})"
+    );
+}

@@ -169,10 +169,23 @@ impl Cluster {
                 return Ok(()); // our own create, whose answer was lost
             }
             let holder: NodeRecord = parse(&key, &held)?;
-            if holder.dir_id != self.dir_id {
+            // Same directory id but another host or path: a copy of this
+            // directory (cloned disk, restored backup, shared storage) run
+            // by a live process, not our previous run. (A key written
+            // before these fields existed has them empty: trusted.)
+            let elsewhere = (!holder.host.is_empty() && holder.host != self.record.host)
+                || (!holder.data_dir.is_empty() && holder.data_dir != self.record.data_dir);
+            if holder.dir_id != self.dir_id || elsewhere {
                 return Err(ClusterError::NameTaken {
                     name: self.name.clone(),
-                    holder: holder.dir_id,
+                    holder: if elsewhere {
+                        format!(
+                            "{}, a copy of this directory at {}:{}",
+                            holder.dir_id, holder.host, holder.data_dir
+                        )
+                    } else {
+                        holder.dir_id
+                    },
                     ours: self.dir_id.clone(),
                     api: holder.api,
                 });

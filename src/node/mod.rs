@@ -393,6 +393,13 @@ impl Node {
                         api: advertised_api.clone(),
                         vhost_user_dir: vhost.as_ref().map(|x| x.dir().display().to_string()),
                         version: env!("CARGO_PKG_VERSION").into(),
+                        host: nix::unistd::gethostname()
+                            .map(|h| h.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        data_dir: std::fs::canonicalize(&cfg.data_dir)
+                            .unwrap_or_else(|_| cfg.data_dir.clone())
+                            .display()
+                            .to_string(),
                     },
                 )
                 .await
