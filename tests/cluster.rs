@@ -1095,3 +1095,24 @@ async fn a_copied_data_directory_does_not_depose_the_live_node() {
         "two processes acknowledged writes for v (live acks before: {live_acks})"
     );
 }
+
+/// At startup a copy whose record names this node but at another
+/// generation (DESIGN: "owner == me but gen != g -> stale") is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_of_another_generation_is_held_at_startup() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    n1.kill();
+    let mut r = record(&etcd, "v");
+    r["generation"] = 2.into();
+    etcdctl(&etcd, &["put", "/dlsm/v1/volumes/v", &r.to_string()]);
+    n1.restart();
+    let c = common::client(&n1, "v").await;
+    let e = c
+        .write(0, &[1u8; 512], false)
+        .await
+        .expect_err("a copy of generation 1 took a write under a record of generation 2");
+    assert_eq!(common::errno_of(e), 1, "EPERM: stale");
+}

@@ -44,7 +44,7 @@ pub struct Cluster {
 }
 
 /// See [`Cluster::on_rebound`].
-pub type ReboundHook = Box<dyn Fn(&[String]) + Send + Sync>;
+pub type ReboundHook = Box<dyn Fn(&[(String, u64)]) + Send + Sync>;
 
 impl Cluster {
     /// Joins: grants the lease, registers `nodes/NAME` under it (refusing

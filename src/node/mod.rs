@@ -417,9 +417,12 @@ impl Node {
             // A lost lease replaced: a volume whose record no longer names
             // this node (changed or deleted meanwhile) takes no more writes.
             let st = store.clone();
-            c.on_rebound(Box::new(move |owned: &[String]| {
+            c.on_rebound(Box::new(move |owned: &[(String, u64)]| {
                 for v in st.list() {
-                    if v.fence.is_lease_bound() && !owned.contains(&v.name) {
+                    let ours = owned
+                        .iter()
+                        .any(|(n, g)| *n == v.name && *g == v.table().generation);
+                    if v.fence.is_lease_bound() && !ours {
                         warn!(volume = %v.name, "the cluster's directory no longer gives this volume to this node: writes refused");
                         v.fence.hold(format!(
                             "writes refused: the cluster's directory no longer gives volume {} \
@@ -536,10 +539,27 @@ async fn adopt(
     };
     let owned = c.rebind_owned(c.lease()).await?;
     for v in store.list() {
-        if owned.contains(&v.name) {
-            v.fence.bind_lease(c.clock());
-            lift(&v);
-            continue;
+        let g = v.table().generation;
+        match owned.iter().find(|(n, _)| *n == v.name) {
+            Some((_, rg)) if *rg == g => {
+                v.fence.bind_lease(c.clock());
+                lift(&v);
+                continue;
+            }
+            // Ours in the directory, but of another generation (a
+            // restored directory, an etcd restored from a backup): stale,
+            // the operator decides.
+            Some((_, rg)) => {
+                warn!(volume = %v.name, local = g, record = rg, "stale copy: the directory's record of this volume has another generation");
+                v.fence.hold(format!(
+                    "writes refused: this copy of volume {} is of generation {g}, the \
+                     cluster's directory gives it to this node at generation {rg}; this copy \
+                     is stale",
+                    v.name
+                ));
+                continue;
+            }
+            None => {}
         }
         match c.record(&v.name).await? {
             Some((r, _)) if v.table().generation == 0 => {
