@@ -179,7 +179,7 @@ impl Cluster {
     /// startup or after losing the old one): one transaction per record,
     /// comparing its revision and that `nodes/NAME` is under `lease`.
     /// Returns the names this node owns.
-    pub async fn rebind_owned(&self, lease: i64) -> Result<Vec<String>, ClusterError> {
+    pub async fn rebind_owned(&self, lease: i64) -> Result<Vec<(String, u64)>, ClusterError> {
         let names = self.owned().await?;
         let mut owned = Vec::new();
         for name in names {
@@ -189,7 +189,7 @@ impl Cluster {
             if rec.owner != self.name {
                 continue;
             }
-            owned.push(name.clone());
+            owned.push((name.clone(), rec.generation));
             if rec.owner_lease == lease {
                 continue;
             }

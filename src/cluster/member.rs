@@ -34,7 +34,17 @@ pub struct Cluster {
     record: NodeRecord,
     stop: watch::Sender<bool>,
     keeper: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Told, after a lost lease was replaced, which volumes the directory
+    /// still gives this node, before writes flow again.
+    on_rebound: std::sync::Mutex<Option<ReboundHook>>,
+    /// Serialises this node's directory changes (create, remove): a remove
+    /// that read a record between a create's record and its copy would
+    /// delete the record and leave the copy served without one.
+    pub directory_ops: tokio::sync::Mutex<()>,
 }
+
+/// See [`Cluster::on_rebound`].
+pub type ReboundHook = Box<dyn Fn(&[(String, u64)]) + Send + Sync>;
 
 impl Cluster {
     /// Joins: grants the lease, registers `nodes/NAME` under it (refusing
@@ -68,6 +78,8 @@ impl Cluster {
             record,
             stop,
             keeper: std::sync::Mutex::new(None),
+            on_rebound: std::sync::Mutex::new(None),
+            directory_ops: tokio::sync::Mutex::new(()),
         });
         let registered = async {
             cluster.register(grant.id()).await?;
@@ -88,6 +100,13 @@ impl Cluster {
         let keeper = tokio::spawn(keep_alive(cluster.clone()));
         *cluster.keeper.lock().expect("keeper lock") = Some(keeper);
         Ok(cluster)
+    }
+
+    /// After a lost lease is replaced and the records rebound, and before
+    /// the new lease counts, `hook` is told the volumes the directory still
+    /// gives this node (so the node can hold the ones it lost meanwhile).
+    pub fn on_rebound(&self, hook: ReboundHook) {
+        *self.on_rebound.lock().expect("hook lock") = Some(hook);
     }
 
     /// The lease this node holds now (0: none).
@@ -150,10 +169,23 @@ impl Cluster {
                 return Ok(()); // our own create, whose answer was lost
             }
             let holder: NodeRecord = parse(&key, &held)?;
-            if holder.dir_id != self.dir_id {
+            // Same directory id but another host or path: a copy of this
+            // directory (cloned disk, restored backup, shared storage) run
+            // by a live process, not our previous run. (A key written
+            // before these fields existed has them empty: trusted.)
+            let elsewhere = (!holder.host.is_empty() && holder.host != self.record.host)
+                || (!holder.data_dir.is_empty() && holder.data_dir != self.record.data_dir);
+            if holder.dir_id != self.dir_id || elsewhere {
                 return Err(ClusterError::NameTaken {
                     name: self.name.clone(),
-                    holder: holder.dir_id,
+                    holder: if elsewhere {
+                        format!(
+                            "{}, a copy of this directory at {}:{}",
+                            holder.dir_id, holder.host, holder.data_dir
+                        )
+                    } else {
+                        holder.dir_id
+                    },
                     ours: self.dir_id.clone(),
                     api: holder.api,
                 });
@@ -367,9 +399,15 @@ impl Cluster {
             self.rebind_owned(g.id()).await
         }
         .await;
-        if let Err(e) = bound {
-            let _ = self.revoke(g.id()).await;
-            return Err(e);
+        let owned = match bound {
+            Ok(owned) => owned,
+            Err(e) => {
+                let _ = self.revoke(g.id()).await;
+                return Err(e);
+            }
+        };
+        if let Some(hook) = &*self.on_rebound.lock().expect("hook lock") {
+            hook(&owned);
         }
         self.lease.store(g.id(), Ordering::Release);
         self.clock.confirmed(sent_at);

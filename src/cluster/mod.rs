@@ -184,6 +184,14 @@ pub struct NodeRecord {
     #[serde(default)]
     pub vhost_user_dir: Option<String>,
     pub version: String,
+    /// The host and the (canonical) data directory path of the process
+    /// holding the name: a key with our `dir_id` is our previous run only
+    /// if these are ours too (the directory's lock then proves that run is
+    /// gone); a copied directory elsewhere is another live process.
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub data_dir: String,
 }
 
 /// `volumes/NAME`: the directory record of one volume.

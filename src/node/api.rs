@@ -581,6 +581,7 @@ mod cluster {
         }
         crate::node::store::validate_name(&req.name)?;
         crate::node::store::validate_size(req.size)?;
+        let _ops = c.directory_ops.lock().await;
         if s.store.get(&req.name).is_ok() {
             return Err(StoreError::AlreadyExists(req.name).into());
         }
@@ -644,7 +645,8 @@ mod cluster {
                 Some(_) => Err(ApiError(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "volume {name:?}: the cluster's directory says it is on this node ({}),                          which has no copy of it",
+                        "volume {name:?}: the cluster's directory says it is on this node ({}), \
+                         which has no copy of it",
                         c.name
                     ),
                 )),
@@ -663,10 +665,12 @@ mod cluster {
         name: &str,
         force: bool,
     ) -> Result<StatusCode, ApiError> {
+        let ops = c.directory_ops.lock().await;
         let rec = c.record(name).await?;
         let here = s.store.get(name).is_ok();
         match rec {
             Some((r, _)) if !here && r.owner != c.name => {
+                drop(ops); // not held while another node works
                 let peer = peer_of(s, c, &r.owner).await?;
                 let path = format!("/v1/volumes/{name}?force={force}");
                 peer.delete(&path)
@@ -736,6 +740,21 @@ async fn migrate(
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
                 format!("region size {rs} must be a power of two between 4 KiB and 64 MiB"),
+            ));
+        }
+    }
+    #[cfg(feature = "cluster")]
+    if s.cluster.is_some() {
+        let g = s.store.get(&name)?.table().generation;
+        if g > 0 {
+            // Not built yet: the destination's copy would be bound to no
+            // lease and the directory would keep naming this node.
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "volume {name:?} is a cluster volume (generation {g}): migrating a \
+                     cluster volume is not supported yet"
+                ),
             ));
         }
     }

@@ -86,13 +86,23 @@ impl Fence {
         self.lease.get().is_some()
     }
 
-    /// Err (EIO) if the volume is bound to a lease that is not valid now.
+    /// Err (EIO) if the volume is bound to a lease that is not valid now,
+    /// or (after a write) was held meanwhile: a lease lost and replaced
+    /// during the write leaves the deadline valid again, but a volume that
+    /// re-confirmation found no longer ours is held before the new lease
+    /// counts (the deadline is read first, so a new one implies the hold).
     fn check_lease(&self) -> BlockResult<()> {
         match self.lease.get() {
             Some(l) if !l.valid_now() => Err(BlockError::Io(std::io::Error::other(
                 "write not acknowledged: this node's cluster lease is not confirmed \
                  (etcd unreachable, or the node was frozen); writes resume once it is renewed",
             ))),
+            Some(_) if self.is_held.load(Ordering::SeqCst) => {
+                Err(BlockError::Io(std::io::Error::other(
+                    "write not acknowledged: the volume's writes were held while it ran \
+                     (its ownership is being re-confirmed with the cluster)",
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -251,6 +261,58 @@ mod tests {
         gate.trim(512, 512, false).await.unwrap();
         clock.invalidate();
         assert!(gate.write(0, b"d", false).await.is_err());
+    }
+
+    /// A target whose writes run `during` before they take effect.
+    struct Meanwhile {
+        inner: Arc<dyn BlockTarget>,
+        during: Box<dyn Fn() + Send + Sync>,
+    }
+    #[async_trait]
+    impl BlockTarget for Meanwhile {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+            self.inner.read(offset, buf).await
+        }
+        async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+            (self.during)();
+            self.inner.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> BlockResult<()> {
+            self.inner.flush().await
+        }
+    }
+
+    /// The lease was lost and replaced while a write was in flight, and
+    /// re-confirmation found the volume no longer ours (held): the write,
+    /// which finished inside the *new* lease, must not be acknowledged.
+    #[tokio::test]
+    async fn a_write_spanning_a_lost_lease_and_a_lost_volume_is_not_acknowledged() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        clock.confirmed(boottime_ns());
+        f.bind_lease(clock.clone());
+        let (f2, c2) = (f.clone(), clock.clone());
+        let t: Arc<dyn BlockTarget> = Arc::new(Meanwhile {
+            inner: Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap()),
+            during: Box::new(move || {
+                // What the keeper does on a lost lease: invalidate, rebind,
+                // hold what is no longer ours, confirm the new lease.
+                c2.invalidate();
+                f2.hold("writes refused: no longer ours".into());
+                c2.confirmed(boottime_ns());
+            }),
+        });
+        let gate = FenceGate::new(t, f.clone());
+        let e = gate.write(0, b"x", false).await.unwrap_err();
+        assert_eq!(e.nbd_errno(), crate::nbd::proto::errno::EIO, "{e}");
     }
 
     #[tokio::test]

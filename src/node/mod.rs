@@ -292,10 +292,13 @@ impl Node {
         );
         // Cluster mode: no write is acknowledged until ownership is
         // re-confirmed with the cluster (below, before the API serves).
+        // A hold already there (a restart mid-migration) stays: it is
+        // lifted by what the destination answers, not by the cluster.
         if cfg.cluster.is_some() {
             for v in store.list() {
-                v.fence
-                    .hold("writes held: re-confirming ownership with the cluster".into());
+                if v.fence.held().is_none() {
+                    v.fence.hold(CLUSTER_HOLD.into());
+                }
             }
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -390,6 +393,13 @@ impl Node {
                         api: advertised_api.clone(),
                         vhost_user_dir: vhost.as_ref().map(|x| x.dir().display().to_string()),
                         version: env!("CARGO_PKG_VERSION").into(),
+                        host: nix::unistd::gethostname()
+                            .map(|h| h.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        data_dir: std::fs::canonicalize(&cfg.data_dir)
+                            .unwrap_or_else(|_| cfg.data_dir.clone())
+                            .display()
+                            .to_string(),
                     },
                 )
                 .await
@@ -404,6 +414,25 @@ impl Node {
                 return Err(anyhow::Error::new(e)
                     .context("cannot re-confirm this node's volumes with the cluster"));
             }
+            // A lost lease replaced: a volume whose record no longer names
+            // this node (changed or deleted meanwhile) takes no more writes.
+            let st = store.clone();
+            c.on_rebound(Box::new(move |owned: &[(String, u64)]| {
+                for v in st.list() {
+                    let ours = owned
+                        .iter()
+                        .any(|(n, g)| *n == v.name && *g == v.table().generation);
+                    if v.fence.is_lease_bound() && !ours {
+                        warn!(volume = %v.name, "the cluster's directory no longer gives this volume to this node: writes refused");
+                        v.fence.hold(format!(
+                            "writes refused: the cluster's directory no longer gives volume {} \
+                             to this node (found when its lease was replaced); this copy is stale \
+                             (`volume rm` deletes it)",
+                            v.name
+                        ));
+                    }
+                }
+            }));
         }
         #[cfg(not(feature = "cluster"))]
         if cfg.cluster.is_some() {
@@ -501,17 +530,41 @@ async fn adopt(
     c: &Arc<crate::cluster::Cluster>,
     store: &VolumeStore,
 ) -> Result<(), crate::cluster::ClusterError> {
+    // Lifts only the cluster's own startup hold: a migration's hold (set
+    // when the store opened) waits for the destination's answer.
+    let lift = |v: &store::Volume| {
+        if v.fence.held().as_deref() == Some(CLUSTER_HOLD) {
+            v.fence.release_hold();
+        }
+    };
     let owned = c.rebind_owned(c.lease()).await?;
     for v in store.list() {
-        if owned.contains(&v.name) {
-            v.fence.bind_lease(c.clock());
-            v.fence.release_hold();
-            continue;
+        let g = v.table().generation;
+        match owned.iter().find(|(n, _)| *n == v.name) {
+            Some((_, rg)) if *rg == g => {
+                v.fence.bind_lease(c.clock());
+                lift(&v);
+                continue;
+            }
+            // Ours in the directory, but of another generation (a
+            // restored directory, an etcd restored from a backup): stale,
+            // the operator decides.
+            Some((_, rg)) => {
+                warn!(volume = %v.name, local = g, record = rg, "stale copy: the directory's record of this volume has another generation");
+                v.fence.hold(format!(
+                    "writes refused: this copy of volume {} is of generation {g}, the \
+                     cluster's directory gives it to this node at generation {rg}; this copy \
+                     is stale",
+                    v.name
+                ));
+                continue;
+            }
+            None => {}
         }
         match c.record(&v.name).await? {
             Some((r, _)) if v.table().generation == 0 => {
                 warn!(volume = %v.name, owner = %r.owner, "a peer-mode volume shares its name with a cluster volume; serving it as before");
-                v.fence.release_hold();
+                lift(&v);
             }
             Some((r, _)) => {
                 warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
@@ -521,11 +574,27 @@ async fn adopt(
                     v.name, r.owner, r.generation
                 ));
             }
-            None => v.fence.release_hold(),
+            // A cluster copy whose record is gone (deleted behind this
+            // node's back, an etcd restored from an older backup): nothing
+            // confirms it is ours, and the name may be created elsewhere.
+            None if v.table().generation > 0 => {
+                warn!(volume = %v.name, "orphan copy: made in the cluster, but the directory has no record of it");
+                v.fence.hold(format!(
+                    "writes refused: volume {} was made in the cluster (generation {}) but the \
+                     cluster's directory has no record of it; this copy is an orphan \
+                     (`volume rm` deletes it)",
+                    v.name,
+                    v.table().generation
+                ));
+            }
+            None => lift(&v),
         }
     }
     Ok(())
 }
+
+/// The hold every volume starts under in cluster mode, until [`adopt`].
+const CLUSTER_HOLD: &str = "writes held: re-confirming ownership with the cluster";
 
 /// Keeps a vhost-user socket for every volume, until shutdown.
 async fn follow_volumes(
