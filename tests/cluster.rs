@@ -169,6 +169,26 @@ impl Etcd {
         ]
     }
 
+    /// Runs `dlsm serve` as node `name` on `dir` in this cluster, with
+    /// `extra` flags, for a start that is expected to be refused: waits for
+    /// it to exit.
+    fn serve_refused(&self, dir: &Path, name: &str, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "serve".to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--node".into(),
+            name.into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--api".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(self.flags());
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Command::new(DLSM).args(&args).output().unwrap()
+    }
+
     /// Starts node `name` on `dir` in this cluster.
     fn node(&self, dir: &Path, name: &str) -> NodeProc {
         let f = self.flags();
@@ -349,19 +369,7 @@ fn a_second_daemon_cannot_take_a_live_node_name() {
     let etcd = Etcd::start();
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
-    let mut args = vec![
-        "serve".to_string(),
-        "--data-dir".into(),
-        tmp.path().join("other").display().to_string(),
-        "--node".into(),
-        "n1".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--api".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(etcd.flags());
-    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let o = etcd.serve_refused(&tmp.path().join("other"), "n1", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a second n1 started: {err}");
     assert!(
@@ -670,19 +678,7 @@ fn a_node_joins_an_etcd_that_requires_tls() {
     assert_eq!(volume_list(&n2)[0]["node"], "n1");
 
     // Without --tls-dir the node cannot even try, and says why.
-    let mut args = vec![
-        "serve".to_string(),
-        "--data-dir".into(),
-        tmp.path().join("n3").display().to_string(),
-        "--node".into(),
-        "n3".into(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--api".into(),
-        "127.0.0.1:0".into(),
-    ];
-    args.extend(etcd.flags());
-    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let o = etcd.serve_refused(&tmp.path().join("n3"), "n3", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(
@@ -692,8 +688,8 @@ fn a_node_joins_an_etcd_that_requires_tls() {
     // With certificates of another CA, etcd's is not trusted.
     let other = tmp.path().join("other-tls");
     common::make_tls_dir(&other, &["127.0.0.1"]);
-    args.extend(["--tls-dir".into(), other.display().to_string()]);
-    let o = Command::new(DLSM).args(&args).output().unwrap();
+    let other = other.display().to_string();
+    let o = etcd.serve_refused(&tmp.path().join("n3"), "n3", &["--tls-dir", &other]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "joined with an untrusted CA: {err}");
     assert!(err.contains("cannot join the cluster"), "{err}");
@@ -810,21 +806,7 @@ fn a_new_data_directory_takes_a_name_only_if_the_old_one_owns_nothing() {
         .clone();
     assert!(n1.stop() && n2.stop());
 
-    let serve = |dir: &str, name: &str| {
-        let mut args = vec![
-            "serve".to_string(),
-            "--data-dir".into(),
-            tmp.path().join(dir).display().to_string(),
-            "--node".into(),
-            name.into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--api".into(),
-            "127.0.0.1:0".into(),
-        ];
-        args.extend(etcd.flags());
-        Command::new(DLSM).args(&args).output().unwrap()
-    };
+    let serve = |dir: &str, name: &str| etcd.serve_refused(&tmp.path().join(dir), name, &[]);
     let o = serve("other", "n1");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
