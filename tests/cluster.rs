@@ -57,6 +57,23 @@ impl Etcd {
     /// `n` members; with `tls` (a `tests/tls/make-certs.sh` directory) the
     /// client URLs are https and clients must present a certificate.
     fn start_full(n: usize, tls: Option<&Path>) -> Etcd {
+        // Ports are found free and then handed to etcd: another test's
+        // process (a node binding port 0) can take one in between, and that
+        // member exits at once. Such a start is retried on fresh ports.
+        let mut why = String::new();
+        for attempt in 1..=3 {
+            match Self::try_start(n, tls) {
+                Ok(e) => return e,
+                Err(e) => {
+                    eprintln!("etcd start, attempt {attempt}: {e}");
+                    why = e;
+                }
+            }
+        }
+        panic!("etcd did not start in 3 attempts; last: {why}");
+    }
+
+    fn try_start(n: usize, tls: Option<&Path>) -> Result<Etcd, String> {
         let etcd = require("etcd");
         let dir = tempfile::tempdir().unwrap();
         // client, peer, and a plain-HTTP port for /health.
@@ -123,9 +140,22 @@ impl Etcd {
             _dir: dir,
         };
         for i in 0..n {
-            e.wait_healthy(i);
+            let addr = e.health[i].clone();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !health(&addr) {
+                if e.members[i].try_wait().unwrap().is_some() {
+                    let log = e._dir.path().join(format!("m{i}.log"));
+                    let log = std::fs::read_to_string(log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                    return Err(format!("member {i} exited: {tail:?}"));
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("member {i} not healthy after 20 s"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
-        e
+        Ok(e)
     }
 
     fn wait_healthy(&mut self, i: usize) {
