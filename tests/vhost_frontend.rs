@@ -7,10 +7,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::require;
+use common::{qsd_vhost_export, KillOnDrop};
 use dlsm::vhost::frontend::{
     feature, status, BlkQueue, Completion, QueueOpts, RawDesc, RawNext, Request, RequestType,
     Segment, VhostBlkClient, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, SECTOR,
@@ -21,7 +20,7 @@ const WAIT: Option<Duration> = Some(Duration::from_secs(10));
 
 /// A qemu-storage-daemon exporting a random-filled raw file.
 struct Qsd {
-    child: Child,
+    _daemon: KillOnDrop,
     sock: PathBuf,
     file: PathBuf,
     _dir: tempfile::TempDir,
@@ -29,35 +28,20 @@ struct Qsd {
 
 impl Qsd {
     fn start(size: usize, num_queues: u16) -> Qsd {
-        let qsd = require("qemu-storage-daemon");
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let file = dir.path().join("disk.raw");
         let sock = dir.path().join("blk.sock");
         let mut data = vec![0u8; size];
         rand::rngs::StdRng::seed_from_u64(size as u64).fill(&mut data[..]);
         std::fs::write(&file, &data).unwrap();
-        let child = Command::new(qsd)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=f,filename={},cache.direct=off",
-                file.display()
-            ))
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={num_queues}",
-                sock.display()
-            ))
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while !sock.exists() {
-            assert!(t.elapsed() < Duration::from_secs(10), "qsd did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let daemon = qsd_vhost_export(
+            &file,
+            &sock,
+            "cache.direct=off",
+            &format!("num-queues={num_queues}"),
+        );
         Qsd {
-            child,
+            _daemon: daemon,
             sock,
             file,
             _dir: dir,
@@ -70,13 +54,6 @@ impl Qsd {
 
     fn contents(&self) -> Vec<u8> {
         std::fs::read(&self.file).unwrap()
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

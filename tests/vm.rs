@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{require, run_ok, Hosts, NodeProc};
+use common::{qsd_vhost_export, require, run_ok, Hosts, NodeProc};
 
 /// Two hosts with a dlsm node each (volumes on B under `db`).
 struct Rig {
@@ -1382,7 +1382,6 @@ fn guest_migrates_with_post_copy_ram_and_its_disk_on_dlsm() {
 #[ignore = "control experiment (minutes): run by hand"]
 fn control_guest_on_qemu_storage_daemon_vhost_user_live_migrates() {
     tools();
-    let qsd = require("qemu-storage-daemon");
     let guest = guest();
     let runs: usize = std::env::var("DLSM_QSD_RUNS")
         .ok()
@@ -1398,26 +1397,7 @@ fn control_guest_on_qemu_storage_daemon_vhost_user_live_migrates() {
             .unwrap();
         let daemon = |name: &str| {
             let sock = tmp.path().join(name);
-            let child = Command::new(&qsd)
-                .arg("--blockdev")
-                .arg(format!(
-                    "driver=file,node-name=f,filename={},locking=off",
-                    file.display()
-                ))
-                .arg("--export")
-                .arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
-                    sock.display()
-                ))
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
-                assert!(Instant::now() < deadline, "no qsd socket");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            (KillOnDrop(child), sock)
+            (qsd_vhost_export(&file, &sock, "locking=off", ""), sock)
         };
         let (_qa_d, sock_a) = daemon("a.sock");
         let (_qb_d, sock_b) = daemon("b.sock");
@@ -1478,14 +1458,4 @@ fn control_guest_on_qemu_storage_daemon_vhost_user_live_migrates() {
         failed.len(),
         failed[0].1
     );
-}
-
-/// A child process killed when dropped.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

@@ -575,3 +575,59 @@ impl Model {
         }
     }
 }
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A qemu-storage-daemon exporting the raw file `file` over vhost-user-blk
+/// at `sock`, writable, once its socket exists. `file_opts` and
+/// `export_opts` are appended to its `--blockdev` and `--export` options
+/// (e.g. `locking=off`, `num-queues=2`).
+pub fn qsd_vhost_export(
+    file: &Path,
+    sock: &Path,
+    file_opts: &str,
+    export_opts: &str,
+) -> KillOnDrop {
+    let qsd = require("qemu-storage-daemon");
+    // QEMU's option syntax takes no empty item (a trailing comma).
+    let with = |base: String, extra: &str| match extra {
+        "" => base,
+        _ => format!("{base},{extra}"),
+    };
+    let child = Command::new(qsd)
+        .arg("--blockdev")
+        .arg(with(
+            format!("driver=file,node-name=f,filename={}", file.display()),
+            file_opts,
+        ))
+        .arg("--export")
+        .arg(with(
+            format!(
+                "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on",
+                sock.display()
+            ),
+            export_opts,
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = KillOnDrop(child);
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "qemu-storage-daemon did not listen on {}",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
