@@ -93,19 +93,9 @@ impl Cluster {
 
     /// A volume's record and its `mod_revision`, read linearizably.
     pub async fn record(&self, name: &str) -> Result<Option<(VolumeRecord, i64)>, ClusterError> {
-        let key = volume_key(name);
-        let k = key.clone();
-        let r = self
-            .etcd
-            .call("read volume record", CALL_TIMEOUT, move |mut c| {
-                let k = k.clone();
-                async move { c.get(k, None).await }
-            })
-            .await?;
-        match r.kvs().first() {
-            Some(kv) => Ok(Some((parse(&key, kv.value())?, kv.mod_revision()))),
-            None => Ok(None),
-        }
+        self.etcd
+            .read_json("read volume record", &volume_key(name))
+            .await
     }
 
     /// Deletes a record read at `mod_revision`, with its index entry.

@@ -124,6 +124,30 @@ impl Etcd {
         Ok(c)
     }
 
+    /// The JSON record at `key` and its `mod_revision`, if the key exists
+    /// (a linearizable read, under [`CALL_TIMEOUT`]). `what` names the read
+    /// in errors.
+    pub async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        what: &str,
+        key: &str,
+    ) -> Result<Option<(T, i64)>, ClusterError> {
+        let k = key.to_owned();
+        let r = self
+            .call(what, CALL_TIMEOUT, move |mut c| {
+                let k = k.clone();
+                async move { c.get(k, None).await }
+            })
+            .await?;
+        match r.kvs().first() {
+            Some(kv) => Ok(Some((
+                super::member::parse(key, kv.value())?,
+                kv.mod_revision(),
+            ))),
+            None => Ok(None),
+        }
+    }
+
     /// Runs `f` on the pinned endpoint, then on each other one in turn
     /// until one answers, each try bounded by `timeout`. `what` names the
     /// call in the error. etcd's own refusals (a failed compare is not

@@ -204,18 +204,11 @@ impl Cluster {
     /// volumes (its data would be orphaned under our name).
     async fn write_member(&self) -> Result<(), ClusterError> {
         let key = member_key(&self.name);
-        let k = key.clone();
-        let old = self
+        let old: Option<MemberRecord> = self
             .etcd
-            .call("read member", CALL_TIMEOUT, move |mut c| {
-                let k = k.clone();
-                async move { c.get(k, None).await }
-            })
-            .await?;
-        let old: Option<MemberRecord> = match old.kvs().first() {
-            Some(kv) => Some(parse(&key, kv.value())?),
-            None => None,
-        };
+            .read_json("read member", &key)
+            .await?
+            .map(|(m, _)| m);
         if let Some(m) = &old {
             if m.dir_id != self.dir_id {
                 let volumes = self.owned_count(&self.name).await?;
@@ -267,19 +260,11 @@ impl Cluster {
 
     /// `nodes/NAME` of a live node, if it is up.
     pub async fn live_node(&self, name: &str) -> Result<Option<NodeRecord>, ClusterError> {
-        let key = node_key(name);
-        let k = key.clone();
-        let r = self
+        Ok(self
             .etcd
-            .call("read node", CALL_TIMEOUT, move |mut c| {
-                let k = k.clone();
-                async move { c.get(k, None).await }
-            })
-            .await?;
-        match r.kvs().first() {
-            Some(kv) => Ok(Some(parse(&key, kv.value())?)),
-            None => Ok(None),
-        }
+            .read_json("read node", &node_key(name))
+            .await?
+            .map(|(n, _)| n))
     }
 
     /// Whether `members/NAME` exists.
