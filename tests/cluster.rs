@@ -221,7 +221,13 @@ impl Etcd {
 
     /// Starts node `name` on `dir` in this cluster.
     fn node(&self, dir: &Path, name: &str) -> NodeProc {
-        let f = self.flags();
+        self.node_with(dir, name, &[])
+    }
+
+    /// [`Etcd::node`] with `extra` serve flags.
+    fn node_with(&self, dir: &Path, name: &str, extra: &[&str]) -> NodeProc {
+        let mut f = self.flags();
+        f.extend(extra.iter().map(|s| s.to_string()));
         let f: Vec<&str> = f.iter().map(String::as_str).collect();
         NodeProc::start_named(dir, name, &f)
     }
@@ -954,27 +960,230 @@ async fn an_orphan_copy_is_held_at_startup() {
     assert_eq!(x["node"], "n1", "n1's x is untouched: {list:?}");
 }
 
-/// Migrating a cluster volume is not built: refused (409), rather than
-/// moved the peer-mode way, which would leave the directory naming the
-/// source and the destination acknowledging writes under no lease.
-#[test]
-fn migrating_a_cluster_volume_is_refused() {
+/// The `by-node/` index entries of `vol`, as `node=value`.
+fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
+    let out = etcdctl(etcd, &["get", "--prefix", "/dlsm/v1/by-node/"]);
+    let lines: Vec<&str> = out.lines().collect();
+    lines
+        .chunks(2)
+        .filter_map(|kv| {
+            let (node, name) = kv[0].strip_prefix("/dlsm/v1/by-node/")?.split_once('/')?;
+            (name == vol).then(|| format!("{node}={}", kv.get(1).unwrap_or(&"")))
+        })
+        .collect()
+}
+
+/// Whether node data directory `dir` holds a copy of `vol`.
+fn has_copy(dir: &Path, vol: &str) -> bool {
+    dir.join(vol).join("table.json").exists()
+}
+
+/// A cluster volume migrates by node name, asked of a third node: the
+/// directory records the migration (passthrough, the source still the
+/// owner), the destination's first write moves ownership with one
+/// transaction (owner, generation 2, index), completion clears the
+/// migration and releases the source; every acknowledged byte is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     let etcd = Etcd::start();
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node(&tmp.path().join("n2"), "n2");
-    n1.create("v", "1M");
-    let e = cli_err(&n1, &["migrate", "v", "--to", &n2.api]);
-    assert_eq!(e["http_status"], 409, "{e}");
-    assert!(
-        e["error"].as_str().unwrap().contains("cluster volume"),
-        "{e}"
+    let n3 = etcd.node(&tmp.path().join("n3"), "n3");
+    n1.create("v", "4M");
+    let mut model = common::Model::new(4 << 20);
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(4 << 20, 7)).await;
+
+    // Asked of n3, which has no copy: forwarded to the owner.
+    cli_ok(&n3, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let r = record(&etcd, "v");
+    assert_eq!(r["owner"], "n1", "{r}");
+    assert_eq!(r["generation"], 1, "{r}");
+    let m = &r["migration"];
+    assert_eq!(
+        (m["from"].as_str(), m["to"].as_str(), m["phase"].as_str()),
+        (Some("n1"), Some("n2"), Some("passthrough")),
+        "{r}"
     );
+    let id = m["id"].as_str().unwrap().to_owned();
+    assert_eq!(n2.status("v")["id"], id.as_str(), "the same identity");
+    let listed = volume_list(&n3);
+    assert_eq!(listed[0]["state"], "migrating", "{listed:?}");
+    // The source still owns it: its writes are acknowledged.
+    model
+        .write(&c1, 8192, b"written at n1 in passthrough")
+        .await;
+
+    // The destination's first write hands off.
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"first write at n2").await;
+    let r = record(&etcd, "v");
+    assert_eq!(r["owner"], "n2", "{r}");
+    assert_eq!(r["generation"], 2, "{r}");
+    assert_eq!(r["migration"]["phase"], "hydrating", "{r}");
+    assert_eq!(r["migration"]["source_fenced"], true, "{r}");
+    assert_eq!(index_of(&etcd, "v"), vec!["n2=2".to_owned()]);
+    let e = c1
+        .write(0, b"late", false)
+        .await
+        .expect_err("the old owner took a write after the handoff");
+    assert_eq!(common::errno_of(e), 1, "EPERM: fenced");
+    // Handed off: a cancel cannot bring it back, and rollback is not
+    // built for cluster mode.
+    let e = cli_err(&n1, &["migration", "cancel", "v"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+
+    n2.wait_phase("v", "complete", 60);
+    wait_until("the directory forgets the migration", 15, || {
+        record(&etcd, "v")["migration"].is_null()
+    });
+    wait_until("n1's copy is released", 15, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    let shown: Value =
+        serde_json::from_str(&cli_ok(&n1, &["volume", "show", "v", "--json"])).unwrap();
+    assert_eq!(shown["node"], "n2", "{shown}");
+    assert_eq!(volume_list(&n1)[0]["state"], "ok");
+    model.check_as(&c2, "after the cluster migration").await;
+    // And back, asked of the new owner.
+    cli_ok(&n2, &["migrate", "v", "--to", "n1"]);
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, b"home again").await;
+    assert_eq!(record(&etcd, "v")["generation"], 3);
+    n1.wait_phase("v", "complete", 60);
+    model.check_as(&c1, "after migrating back").await;
+}
+
+/// `--force` means nothing in cluster mode (the lease is the proof); a
+/// migration to a node that is not up, or to the owner itself, is refused;
+/// a cancel clears the directory first, so the dropped clone (or any clone
+/// of that identity) can never take the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_migrations_refuse_force_and_a_cancel_disarms_the_clone() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let e = cli_err(&n1, &["migrate", "v", "--to", "n1"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    let e = cli_err(&n1, &["migrate", "v", "--to", "n9"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("node name"), "{e}");
+
+    cli_ok(&n1, &["migrate", "v", "--to", "n2"]);
+    let e = cli_err(&n2, &["migration", "handoff", "v", "--force"]);
+    assert_eq!(e["http_status"], 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("lease"), "{e}");
+
+    cli_ok(&n1, &["migration", "cancel", "v"]);
+    assert!(record(&etcd, "v")["migration"].is_null());
     assert_eq!(record(&etcd, "v")["owner"], "n1");
     assert!(
-        n2.cli(&["migration", "status", "v"]).status.code() != Some(0),
-        "n2 has no migration of v"
+        !has_copy(&tmp.path().join("n2"), "v"),
+        "the clone was dropped"
     );
+    let c1 = common::client(&n1, "v").await;
+    c1.write(0, b"still n1's", false).await.unwrap();
+
+    // A destination that is down cannot be migrated to.
+    n2.kill();
+    wait_until("n2 down", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+    });
+    let e = cli_err(&n1, &["migrate", "v", "--to", "n2"]);
+    assert_eq!(e["http_status"], 503, "{e}");
+    assert!(record(&etcd, "v")["migration"].is_null());
+}
+
+/// Takeover: the source of a prepared migration dies (kill -9) before any
+/// handoff. `migration handoff` at the destination proceeds without
+/// `--force` once the source's lease is gone (and a TTL more), the
+/// directory saying `source_fenced: false`; the regions the source alone
+/// holds wait for it. When it returns, it is fenced before anything is
+/// read from it, takes no write, and hydration completes with every byte
+/// it acknowledged before it died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_source_is_taken_over_without_force_and_fenced_when_it_returns() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node_with(&tmp.path().join("n2"), "n2", &["--source-timeout", "2"]);
+    n1.create("v", "2M");
+    let mut model = common::Model::new(2 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(2 << 20, 3)).await;
+        c1.flush().await.unwrap();
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n1.kill();
+    // Refused while the lease lives would be a wait; here the call itself
+    // waits the lease out, then a TTL more.
+    let t = Instant::now();
+    cli_ok(&n2, &["migration", "handoff", "v"]);
+    assert!(
+        t.elapsed() >= Duration::from_secs(TTL),
+        "took over before the source's lease could have lapsed: {:?}",
+        t.elapsed()
+    );
+    let r = record(&etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["migration"]["source_fenced"], false, "{r}");
+    // A whole-region write needs nothing from the source.
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, &[9u8; 65536]).await;
+
+    n1.restart();
+    // n1 holds its copy: the directory gives the volume to n2.
+    let c1 = common::client(&n1, "v").await;
+    let e = c1
+        .write(65536, b"zombie", false)
+        .await
+        .expect_err("the returning source took a write");
+    assert!(matches!(common::errno_of(e), 1 | 5), "EPERM or EIO");
+    drop(c1);
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    model.check_as(&c2, "after the takeover").await;
+    wait_until("n1's copy is released", 15, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    assert!(record(&etcd, "v")["migration"].is_null());
+}
+
+/// A source that is alive refuses to be taken over: with its lease live,
+/// `migration handoff` at the destination fences it as usual, and with
+/// only its API cut (here: it is frozen for less than its lease) a
+/// handoff fails rather than takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_source_is_not_taken_over() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node_with(&tmp.path().join("n2"), "n2", &["--source-timeout", "1"]);
+    n1.create("v", "1M");
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    signal(&n1, Signal::SIGSTOP);
+    let e = cli_err(&n2, &["migration", "handoff", "v"]);
+    signal(&n1, Signal::SIGCONT);
+    assert_eq!(e["http_status"], 503, "{e}");
+    let r = record(&etcd, "v");
+    assert_eq!(r["owner"], "n1", "{r}");
+    assert_eq!(r["migration"]["phase"], "passthrough", "{r}");
+    // Awake, it is fenced by the handoff as usual.
+    cli_ok(&n2, &["migration", "handoff", "v"]);
+    let r = record(&etcd, "v");
+    assert_eq!(r["owner"], "n2", "{r}");
+    assert_eq!(r["migration"]["source_fenced"], true, "{r}");
 }
 
 /// A node restarted while migrating a (peer-mode) volume away holds its

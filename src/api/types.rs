@@ -122,7 +122,9 @@ pub struct ClusterVolume {
     /// The node that owns it.
     pub node: String,
     pub generation: u64,
-    /// `ok` (its node is up) or `unavailable`.
+    /// `ok` (its node is up under the lease the record names),
+    /// `migrating` (up, with a migration recorded) or `unavailable` (that
+    /// lease is gone: the node is down, or has not re-confirmed it yet).
     pub state: String,
     #[serde(default)]
     pub migration: Option<serde_json::Value>,
@@ -305,7 +307,8 @@ pub struct StateQuery {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination node's API address.
+    /// The destination node's API address; in cluster mode, for a cluster
+    /// volume, the destination node's name.
     pub to: String,
     #[serde(default)]
     pub region_size: Option<u64>,
@@ -337,6 +340,10 @@ pub struct PrepareRequest {
     /// prepare a migration from itself, whatever address it was named by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin_node: Option<String>,
+    /// Cluster mode: the directory record's generation when the migration
+    /// started (the fencing token); absent for a peer-mode volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /v1/migrations/{name}/rollback` (to the destination of
@@ -366,6 +373,10 @@ pub struct FenceRequest {
     /// The migration the destination holds; the source fences only for
     /// its own outgoing migration.
     pub id: String,
+    /// Cluster mode: the caller's generation of the volume (the fencing
+    /// token); a caller behind the callee's is refused as stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /v1/volumes/{name}/release` (destination to source).
@@ -379,6 +390,9 @@ pub struct ReleaseRequest {
     /// of a chain releasing its origin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Box<MigrationStatus>>,
+    /// Cluster mode: the caller's generation (see [`FenceRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /v1/migrations/{name}/handoff`.

@@ -12,6 +12,25 @@ pub fn host_port(s: &str) -> Result<String, String> {
 
 /// An API address as `--api`, `--to` and `--advertise-api` take it:
 /// `HOST:PORT`, optionally written as an `http://` or `https://` URL.
+/// `--to` of `dlsm migrate`: a node's API address (HOST:PORT), or, in
+/// cluster mode, a node's name (no colon).
+pub fn api_addr_or_node(s: &str) -> Result<String, String> {
+    if is_node_name(s) {
+        return Ok(s.to_owned());
+    }
+    api_addr(s)
+}
+
+/// Whether `--to` names a cluster node rather than an address: a name
+/// (letters, digits, `-`, `_`, `.`) with no colon.
+pub fn is_node_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.contains(':')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !s.parse::<std::net::IpAddr>().is_ok()
+}
+
 pub fn api_addr(s: &str) -> Result<String, String> {
     let bare = s
         .strip_prefix("http://")

@@ -27,8 +27,9 @@ use crate::size::parse_size;
 pub struct MigrateArgs {
     /// The volume to migrate (on the --api node).
     pub name: String,
-    /// The destination node's API address, HOST:PORT.
-    #[arg(long, value_parser = super::args::api_addr)]
+    /// The destination node's API address, HOST:PORT; in a cluster, the
+    /// destination node's name (`dlsm node list`).
+    #[arg(long, value_parser = super::args::api_addr_or_node)]
     pub to: String,
     /// Region size, e.g. 64K (default), 1M.
     #[arg(long, value_parser = parse_size)]
@@ -112,7 +113,14 @@ pub enum MigrationCmd {
 pub fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<()> {
     let api = ctx.api();
     let path = format!("/v1/volumes/{}/migrate", seg(&a.name)?);
-    if let Some(why) = same_node(ctx, &a.to)? {
+    let by_name = super::args::is_node_name(&a.to);
+    // A node name is resolved by the cluster (which also refuses the node
+    // the volume is on).
+    if let Some(why) = (!by_name)
+        .then(|| same_node(ctx, &a.to))
+        .transpose()?
+        .flatten()
+    {
         bail!(
             "{} is on {} already, and --to {} is that same node ({why}): name another \
              node's API with --to",
@@ -138,8 +146,19 @@ pub fn migrate(ctx: &Ctx, a: MigrateArgs) -> anyhow::Result<()> {
             a.to
         )?;
     }
+    // Waiting asks the destination: by name, its address is the cluster's.
+    let to_api = if by_name {
+        let nodes: Vec<crate::api::types::ClusterNode> = api.get("/v1/cluster/nodes")?;
+        nodes
+            .into_iter()
+            .find(|n| n.name == a.to)
+            .map(|n| n.api)
+            .ok_or_else(|| anyhow::anyhow!("node {} is not in the cluster's node list", a.to))?
+    } else {
+        a.to.clone()
+    };
     super::wait::wait_for(
-        &ctx.api_at(&a.to, "--to"),
+        &ctx.api_at(&to_api, "--to"),
         &a.name,
         ctx.json,
         Duration::from_secs(a.retry_for),

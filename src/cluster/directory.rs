@@ -62,7 +62,7 @@ impl Cluster {
                     ])
                     .and_then([
                         TxnOp::put(vkey.clone(), value.clone(), None),
-                        TxnOp::put(ikey.clone(), "1", None),
+                        TxnOp::put(ikey.clone(), "1", None), // generation 1
                     ])
                     .or_else([TxnOp::get(vkey.clone(), None)]);
                 async move { c.txn(txn).await }
@@ -200,9 +200,17 @@ impl Cluster {
                 })
                 .await?;
             if !r.succeeded() {
-                // Read again: a retry whose first try was applied is fine.
+                // Read again: a retry whose first try was applied is fine;
+                // a record that moved meanwhile (a takeover while this node
+                // was away) is not ours any more.
                 match self.record(&name).await? {
                     Some((now, _)) if now.owner == self.name && now.owner_lease == lease => {}
+                    Some((now, _)) if now.owner != self.name => {
+                        owned.pop();
+                    }
+                    None => {
+                        owned.pop();
+                    }
                     _ => return Err(ClusterError::Conflict(format!("rebinding {vkey}"))),
                 }
             }
@@ -261,25 +269,30 @@ impl Cluster {
                 async move { c.get(p, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
+        // A node is up under a lease; a record names its owner under one.
         let mut up = HashSet::new();
         for kv in live.kvs() {
             let n: NodeRecord = parse(&String::from_utf8_lossy(kv.key()), kv.value())?;
-            up.insert(n.name);
+            up.insert((n.name, kv.lease()));
         }
         Ok(records
             .into_iter()
             .map(|r| ClusterVolume {
-                state: if up.contains(&r.owner) {
-                    "ok"
-                } else {
+                state: if !up.contains(&(r.owner.clone(), r.owner_lease)) {
                     "unavailable"
+                } else if r.migration.is_some() {
+                    "migrating"
+                } else {
+                    "ok"
                 }
                 .into(),
                 name: r.name,
                 size: r.size,
                 node: r.owner,
                 generation: r.generation,
-                migration: r.migration,
+                migration: r
+                    .migration
+                    .map(|m| serde_json::to_value(m).expect("serialises")),
             })
             .collect())
     }

@@ -231,6 +231,7 @@ impl Cluster {
             api: self.record.api.clone(),
             vhost_user_dir: self.record.vhost_user_dir.clone(),
             joined: old.map_or_else(super::now_rfc3339, |m| m.joined),
+            lease_ttl: self.clock.ttl().as_secs(),
         };
         let value = serde_json::to_string(&member).expect("record serialises");
         self.etcd

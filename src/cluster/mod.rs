@@ -38,6 +38,8 @@ pub mod directory;
 pub mod etcd;
 #[cfg(feature = "cluster")]
 pub mod member;
+#[cfg(feature = "cluster")]
+pub mod ownership;
 
 #[cfg(feature = "cluster")]
 pub use member::Cluster;
@@ -170,6 +172,11 @@ pub struct MemberRecord {
     pub vhost_user_dir: Option<String>,
     /// When it first joined (RFC 3339, UTC).
     pub joined: String,
+    /// The lease TTL this node was granted, seconds (0: unknown, an older
+    /// record). A takeover waits at least this long after the node's lease
+    /// is gone (see `Cluster::source_lease_gone`).
+    #[serde(default)]
+    pub lease_ttl: u64,
 }
 
 /// `nodes/NAME`: the node is up, and where to reach it. Under its lease, so
@@ -210,11 +217,43 @@ pub struct VolumeRecord {
     /// create whose answer was lost, found on a retry, from someone
     /// else's.
     pub id: String,
-    /// The migration in progress (not written by this slice: always null).
+    /// The migration in progress, if any (set by its source when it
+    /// starts, moved on by its destination's handoff, cleared at
+    /// completion or by a cancel).
     #[serde(default)]
-    pub migration: Option<serde_json::Value>,
+    pub migration: Option<MigrationRecord>,
     pub created: String,
     pub changed: String,
+}
+
+/// The `migration` of a [`VolumeRecord`]: the one migration of the volume
+/// the directory knows, with its identity. Only a destination named here,
+/// for this `id`, can take the volume (the handoff's compare-and-swap
+/// checks it), so clearing it (a cancel) disarms any clone of it for good.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// The migration's identity (the same id the nodes' calls carry).
+    pub id: String,
+    /// Source node.
+    pub from: String,
+    /// Destination node.
+    pub to: String,
+    /// `passthrough` (the source owns the volume) or `hydrating` (handed
+    /// off: the destination owns it and copies the rest).
+    pub phase: String,
+    /// The record's generation when the migration started: the handoff
+    /// moves it to `started_gen + 1`.
+    pub started_gen: u64,
+    #[serde(default)]
+    pub keep_source: bool,
+    /// False after a takeover (the source's lease had expired; it is
+    /// fenced when it returns, before anything is read from it).
+    #[serde(default = "yes")]
+    pub source_fenced: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Now, RFC 3339 in UTC with seconds (`2026-11-26T11:00:00Z`): enough for

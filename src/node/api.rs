@@ -323,6 +323,7 @@ pub fn status_of(e: &MigrationError) -> StatusCode {
         MigrationError::Block(BlockError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         MigrationError::Block(BlockError::NoSpace) => StatusCode::INSUFFICIENT_STORAGE,
         MigrationError::Block(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        MigrationError::Cluster(e) => cluster_status(e),
     }
 }
 
@@ -531,6 +532,7 @@ async fn cluster_volumes(
 mod cluster {
     use super::*;
     use crate::api::peer::{Peer, PeerError};
+    use crate::api_client::encode_segment;
     use crate::cluster::{Cluster, ClusterError};
 
     /// A request forwarded to `node` failed there or on the way.
@@ -656,6 +658,84 @@ mod cluster {
         }
     }
 
+    /// `POST /v1/volumes/{name}/migrate` in cluster mode: a cluster
+    /// volume here migrates to the node named by `to` (its address from
+    /// the directory); one owned elsewhere is asked of its owner; a
+    /// peer-mode volume here migrates by address, as in peer mode.
+    pub(super) async fn migrate(
+        s: &Arc<NodeState>,
+        c: &Arc<Cluster>,
+        name: &str,
+        mut req: MigrateRequest,
+    ) -> Result<MigrationStatus, ApiError> {
+        match s.store.get(name) {
+            Ok(v) if v.table().generation == 0 => Ok(migration::migrate(s, name, req, None).await?),
+            Ok(_) => {
+                let to = req.to.clone();
+                if to == c.name {
+                    return Err(ApiError(
+                        StatusCode::CONFLICT,
+                        format!("volume {name:?} is on node {to} already; name another node"),
+                    ));
+                }
+                req.to = match c.live_node(&to).await? {
+                    Some(n) => n.api,
+                    None if c.is_member(&to).await? => {
+                        return Err(ClusterError::NodeDown(to).into())
+                    }
+                    None => {
+                        return Err(ApiError(
+                            StatusCode::NOT_FOUND,
+                            format!(
+                                "no node named {to:?} in the cluster: in cluster mode `--to` \
+                                 takes a node name (`dlsm node list`)"
+                            ),
+                        ))
+                    }
+                };
+                Ok(migration::migrate(s, name, req, Some(to)).await?)
+            }
+            Err(StoreError::NotFound(_)) => match c.record(name).await? {
+                Some((r, _)) if r.owner != c.name => {
+                    let peer = peer_of(s, c, &r.owner).await?;
+                    let path = format!("/v1/volumes/{}/migrate", encode_segment(name));
+                    peer.post(&path, &req)
+                        .await
+                        .map_err(|e| forwarded(&r.owner, e))
+                }
+                Some(_) => Err(ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "volume {name:?}: the cluster's directory says it is on this node ({}), \
+                         which has no copy of it",
+                        c.name
+                    ),
+                )),
+                None => Err(ClusterError::NoSuchVolume(name.into()).into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `POST /v1/migrations/{name}/handoff` on a node without the volume:
+    /// asked of the destination the directory records.
+    pub(super) async fn handoff_elsewhere(
+        s: &Arc<NodeState>,
+        c: &Arc<Cluster>,
+        name: &str,
+        req: &HandoffRequest,
+    ) -> Result<MigrationStatus, ApiError> {
+        let Some((r, _)) = c.record(name).await? else {
+            return Err(ClusterError::NoSuchVolume(name.into()).into());
+        };
+        let Some(m) = r.migration.filter(|m| m.to != c.name) else {
+            return Err(MigrationError::NotMigrating(name.to_owned()).into());
+        };
+        let peer = peer_of(s, c, &m.to).await?;
+        let path = format!("/v1/migrations/{}/handoff", encode_segment(name));
+        peer.post(&path, req).await.map_err(|e| forwarded(&m.to, e))
+    }
+
     /// `DELETE /v1/volumes/{name}`: the copy here (with today's checks),
     /// then the record if it names this node; a volume owned elsewhere is
     /// removed by its owner.
@@ -744,21 +824,20 @@ async fn migrate(
         }
     }
     #[cfg(feature = "cluster")]
-    if s.cluster.is_some() {
-        let g = s.store.get(&name)?.table().generation;
-        if g > 0 {
-            // Not built yet: the destination's copy would be bound to no
-            // lease and the directory would keep naming this node.
-            return Err(ApiError(
-                StatusCode::CONFLICT,
-                format!(
-                    "volume {name:?} is a cluster volume (generation {g}): migrating a \
-                     cluster volume is not supported yet"
-                ),
-            ));
-        }
+    if let Some(c) = &s.cluster {
+        return cluster::migrate(&s, c, &name, req).await.map(Json);
     }
-    Ok(Json(migration::migrate(&s, &name, req).await?))
+    if crate::cli::args::is_node_name(&req.to) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "--to {:?} is a node name, which only a node in a cluster resolves: give the \
+                 destination's API address, HOST:PORT",
+                req.to
+            ),
+        ));
+    }
+    Ok(Json(migration::migrate(&s, &name, req, None).await?))
 }
 
 async fn fence(
@@ -767,7 +846,7 @@ async fn fence(
     body: Result<Json<FenceRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
-    migration::fence(&s, &name, &req.to, &req.id).await?;
+    migration::fence(&s, &name, &req.to, &req.id, req.generation).await?;
     Ok(Json(serde_json::json!({ "fenced": name })))
 }
 
@@ -866,6 +945,12 @@ async fn handoff(
     body: axum::body::Bytes,
 ) -> Result<Json<MigrationStatus>, ApiError> {
     let req = optional_body::<HandoffRequest>(&body)?;
+    #[cfg(feature = "cluster")]
+    if let (Some(c), Err(StoreError::NotFound(_))) = (&s.cluster, s.store.get(&name)) {
+        return cluster::handoff_elsewhere(&s, c, &name, &req)
+            .await
+            .map(Json);
+    }
     Ok(Json(migration::handoff(&s, &name, req).await?))
 }
 

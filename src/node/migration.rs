@@ -59,6 +59,9 @@ pub enum MigrationError {
     Invalid(String),
     #[error("peer node: {0}")]
     Peer(String),
+    /// The cluster's directory refused or could not be reached.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error(transparent)]
     Block(#[from] BlockError),
 }
@@ -79,6 +82,26 @@ pub struct NodeHooks {
     pub timeout: Duration,
     /// Credentials for the source's API.
     pub auth: ApiAuth,
+    /// Cluster mode: the node's membership, once joined (the directory's
+    /// compare-and-swap at handoff, the takeover's lease check).
+    pub cluster: super::ClusterSlot,
+}
+
+impl NodeHooks {
+    /// Cluster mode, a cluster volume: the node's membership, and the
+    /// volume's name, migration and generation (0: a peer-mode volume,
+    /// which never touches the directory).
+    #[cfg(feature = "cluster")]
+    fn cluster_clone(&self) -> Option<(Arc<crate::cluster::Cluster>, String, String)> {
+        let c = self.cluster.get()?.clone();
+        let t = self.table.lock().unwrap();
+        match &t.target {
+            TargetSpec::Clone { migration, .. } if t.generation > 0 => {
+                Some((c, t.name.clone(), migration.clone()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -104,6 +127,7 @@ impl MigrationHooks for NodeHooks {
             let req = FenceRequest {
                 to: self.me.clone(),
                 id: id.clone(),
+                generation: Some(self.table.lock().unwrap().generation).filter(|g| *g > 0),
             };
             let path = format!("/v1/volumes/{}/fence", encode_segment(&name));
             let left = deadline.saturating_duration_since(Instant::now());
@@ -174,6 +198,46 @@ impl MigrationHooks for NodeHooks {
         Ok(w.runs)
     }
 
+    #[cfg(feature = "cluster")]
+    async fn may_take_over(&self) -> Result<bool, FenceError> {
+        use crate::cluster::ownership::SourceLease;
+        let Some((c, name, id)) = self.cluster_clone() else {
+            return Ok(false);
+        };
+        let ask = || async {
+            c.source_lease(&name, &id).await.map_err(|e| {
+                FenceError::Unreachable(format!(
+                    "cannot learn from the cluster whether the source is gone: {e}"
+                ))
+            })
+        };
+        let SourceLease::Gone { ttl } = ask().await? else {
+            return Ok(false);
+        };
+        // A lease revoked by hand is gone before its holder's own deadline
+        // has passed: wait out a whole TTL more, by this node's clock.
+        warn!(volume = %name, migration = %id, "the source's cluster lease is gone: taking over in {ttl:?} if it stays gone");
+        tokio::time::sleep(ttl).await;
+        Ok(matches!(ask().await?, SourceLease::Gone { .. }))
+    }
+
+    #[cfg(feature = "cluster")]
+    async fn claim_ownership(&self, takeover: bool) -> Result<(), FenceError> {
+        let Some((c, name, id)) = self.cluster_clone() else {
+            return Ok(());
+        };
+        let gen = c.claim(&name, &id, takeover).await.map_err(|e| {
+            FenceError::Unreachable(format!(
+                "the cluster's directory did not give the volume to this node: {e}"
+            ))
+        })?;
+        // Durable before any write is taken: a restart finds the copy at
+        // the record's generation.
+        update_table(&self.dir, &self.table, |t| t.generation = gen)
+            .map(drop)
+            .map_err(|e| FenceError::Unreachable(e.to_string()))
+    }
+
     fn persist_handoff(&self, source_fenced: bool) -> Result<(), String> {
         update_table(&self.dir, &self.table, |t| {
             if let TargetSpec::Clone {
@@ -198,7 +262,12 @@ impl MigrationHooks for NodeHooks {
 }
 
 /// Builds the hooks for the store (see [`super::store::CloneEnv`]).
-pub fn hooks_factory(me: String, timeout: Duration, auth: ApiAuth) -> HooksFactory {
+pub fn hooks_factory(
+    me: String,
+    timeout: Duration,
+    auth: ApiAuth,
+    cluster: super::ClusterSlot,
+) -> HooksFactory {
     Arc::new(move |dir, table| {
         Arc::new(NodeHooks {
             dir: dir.to_owned(),
@@ -206,6 +275,7 @@ pub fn hooks_factory(me: String, timeout: Duration, auth: ApiAuth) -> HooksFacto
             me: me.clone(),
             timeout,
             auth: auth.clone(),
+            cluster: cluster.clone(),
         }) as Arc<dyn MigrationHooks>
     })
 }
@@ -238,10 +308,16 @@ pub fn resume_all(state: &Arc<NodeState>) {
 }
 
 /// Source: starts migrating `name` to `req.to`.
+///
+/// `to_node`: cluster mode, a cluster volume: the destination's node name
+/// (`req.to` is then its API address, resolved from the directory). The
+/// migration is recorded in the directory before anything else, and the
+/// destination checks it there before it makes its clone.
 pub async fn migrate(
     state: &Arc<NodeState>,
     name: &str,
     req: MigrateRequest,
+    to_node: Option<String>,
 ) -> Result<MigrationStatus, MigrationError> {
     let vol = state.store.get(name)?;
     // Held through the prepare: a cancel or a fence of this volume waits
@@ -267,6 +343,12 @@ pub async fn migrate(
                 "volume {name:?} has not been handed off to this node yet"
             )));
         }
+        if to_node.is_some() {
+            return Err(MigrationError::Conflict(format!(
+                "volume {name:?} is still copying in from its previous migration ({}); in                  cluster mode it can migrate on once that completes",
+                c.migration_id()
+            )));
+        }
     }
     if req.to == state.advertised_api || req.to == state.api_addr.to_string() {
         return Err(MigrationError::Conflict(format!(
@@ -290,7 +372,13 @@ pub async fn migrate(
     }
     let region_size = req.region_size.unwrap_or(DEFAULT_REGION_SIZE);
     let id = new_migration_id();
-    vol.update_table(|t| {
+    let generation = match &to_node {
+        Some(node) => {
+            Some(super::cluster_migration::start(state, name, &id, node, req.keep_source).await?)
+        }
+        None => None,
+    };
+    let recorded = vol.update_table(|t| {
         t.outgoing = Some(Outgoing {
             to: req.to.clone(),
             keep_source: req.keep_source,
@@ -298,7 +386,16 @@ pub async fn migrate(
             cancelling: false,
             rollback_of: None,
         })
-    })?;
+    });
+    if let Err(e) = recorded {
+        if generation.is_some() {
+            // Nobody was asked to prepare: no clone can claim it.
+            if let Err(f) = super::cluster_migration::forget(state, name, &id).await {
+                warn!(volume = name, migration = %id, "migration left in the directory, with no clone: {f}");
+            }
+        }
+        return Err(e.into());
+    }
     let prep = PrepareRequest {
         name: name.to_owned(),
         id: id.clone(),
@@ -309,6 +406,7 @@ pub async fn migrate(
         rate: req.rate.unwrap_or(0),
         rollback_of: None,
         origin_node: Some(state.id.clone()),
+        generation,
     };
     let r = Peer::new(&req.to, &state.peer_auth, state.source_timeout)
         .post::<MigrationStatus>("/v1/migrations", &prep)
@@ -326,7 +424,18 @@ pub async fn migrate(
             // answer may be what was lost). Forgetting the migration is
             // safe either way: a clone of this identity is refused the
             // origin link and the fence from now on, so it can never take
-            // the volume.
+            // the volume. In cluster mode the directory forgets it first:
+            // while it records the migration, such a clone could take the
+            // volume over once this node's lease is gone. If it cannot be
+            // told, the migration stays (an operator's `migration cancel`
+            // retries).
+            if generation.is_some() {
+                if let Err(f) = super::cluster_migration::forget(state, name, &id).await {
+                    return Err(MigrationError::Peer(format!(
+                        "{e}; the migration could not be forgotten in the cluster's directory                          ({f}), so it stays recorded: `dlsm migration cancel {name}` ends it"
+                    )));
+                }
+            }
             let _ = vol.update_table(|t| {
                 if t.outgoing.as_ref().is_some_and(|o| o.id == id) {
                     t.outgoing = None;
@@ -363,6 +472,10 @@ pub async fn prepare(
             return Ok(c.status());
         }
     }
+    let cluster = match req.generation {
+        Some(g) => Some(super::cluster_migration::check_prepare(state, &req, g).await?),
+        None => None,
+    };
     // Create, start and supervise in a task of its own: if the caller
     // goes away mid-way (its future dropped), the clone still gets its
     // hydrator and supervisor instead of idling until a restart.
@@ -376,7 +489,15 @@ pub async fn prepare(
         let store = st.store.clone();
         let r = req.clone();
         let vol = tokio::task::spawn_blocking(move || {
-            store.create_clone(&r.name, r.size, origin, r.region_size, r.rate, &r.id)
+            store.create_clone(
+                &r.name,
+                r.size,
+                origin,
+                r.region_size,
+                r.rate,
+                &r.id,
+                cluster,
+            )
         })
         .await
         .map_err(|e| MigrationError::Peer(e.to_string()))??;
@@ -395,14 +516,19 @@ pub async fn prepare(
 /// migration may: a fence for any other migration is refused, so a stale
 /// clone on some third node can never take the volume. Idempotent for the
 /// migration it was fenced for.
+///
+/// `generation` (cluster mode): the caller's; a caller behind this copy's
+/// is refused (see [`super::cluster_migration::check_generation`]).
 pub async fn fence(
     state: &Arc<NodeState>,
     name: &str,
     to: &str,
     id: &str,
+    generation: Option<u64>,
 ) -> Result<(), MigrationError> {
     let vol = state.store.get(name)?;
     let _own = vol.ownership.lock().await;
+    super::cluster_migration::check_generation(&vol, generation)?;
     fence_locked(&vol, name, to, id).await
 }
 
@@ -494,6 +620,7 @@ pub async fn release(
     let id = req.id.as_str();
     let vol = state.store.get(name)?;
     let _own = vol.ownership.lock().await;
+    super::cluster_migration::check_generation(&vol, req.generation)?;
     // An orphan rollback of that very migration (the node it went to
     // forgot the rollback, then completed): undo it, then release as the
     // migration's source.
@@ -659,6 +786,13 @@ pub async fn handoff(
             c.migration_id()
         )));
     }
+    if req.force && super::cluster_migration::is_cluster_volume(state, &vol) {
+        return Err(MigrationError::Invalid(format!(
+            "volume {name:?} is a cluster volume: --force is refused in cluster mode, where the \
+             source's lease is the proof that it is gone; `dlsm migration handoff {name}` takes \
+             over by itself once the source's lease has expired"
+        )));
+    }
     c.handoff(req.force).await?;
     Ok(c.status())
 }
@@ -718,6 +852,22 @@ pub async fn cancel(
         let _own = vol.ownership.lock().await;
         mark_cancelling(&vol, &out.id, true)?;
     }
+    // Cluster mode: the directory forgets the migration next, so that no
+    // clone of it can take the volume from now on, even by a takeover
+    // (false: it was handed off already; the destination says so below).
+    if super::cluster_migration::is_cluster_volume(state, &vol) {
+        let r = super::cluster_migration::forget(state, name, &out.id).await;
+        if !matches!(r, Ok(true)) {
+            let _own = vol.ownership.lock().await;
+            mark_cancelling(&vol, &out.id, false)?;
+            return Err(r.err().unwrap_or_else(|| {
+                MigrationError::Conflict(format!(
+                    "volume {name:?}: the cluster's directory gives it to another node now                      (migration {} was handed off): it cannot be cancelled; it comes back by                      `dlsm migrate {name} --to NODE`",
+                    out.id
+                ))
+            }));
+        }
+    }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
         DropRequest { id: out.id.clone() },
@@ -752,6 +902,11 @@ pub async fn cancel(
             mark_cancelling(&vol, &out.id, false)?;
             if !vol.fence.is_fenced() {
                 fence_locked(&vol, name, &out.to, &out.id).await?;
+            }
+            if super::cluster_migration::is_cluster_volume(state, &vol) {
+                return Err(MigrationError::Conflict(format!(
+                    "volume {name:?} was handed off already ({e}): it is on the destination                      now; in cluster mode it comes back by `dlsm migrate {name} --to NODE`"
+                )));
             }
             // A rollback: the destination migrates it back here. Asked
             // without the lock, which its prepare here takes.
@@ -1072,6 +1227,12 @@ async fn release_once(
     let req = ReleaseRequest {
         id: id.to_owned(),
         status: state.history.find(name, id, "destination").map(Box::new),
+        generation: state
+            .store
+            .get(name)
+            .ok()
+            .map(|v| v.table().generation)
+            .filter(|g| *g > 0),
     };
     match Peer::new(api, &state.peer_auth, state.source_timeout)
         .post::<serde_json::Value>(&path, &req)
@@ -1105,7 +1266,13 @@ fn spawn_release(state: Arc<NodeState>, name: String, p: PendingRelease) {
             if vol.table().release_pending.as_ref() != Some(&p) {
                 return;
             }
-            match release_once(&state, &p.api, &name, &p.id).await {
+            // Cluster mode: the directory stops recording the migration
+            // before the source copy goes.
+            let done = async {
+                super::cluster_migration::complete(&state, &vol, &p.id).await?;
+                release_once(&state, &p.api, &name, &p.id).await
+            };
+            match done.await {
                 Ok(()) => {
                     let _ = vol.update_table(|t| {
                         if t.release_pending.as_ref() == Some(&p) {
@@ -1504,6 +1671,11 @@ pub async fn rollback(
     req: RollbackRequest,
 ) -> Result<serde_json::Value, MigrationError> {
     let vol = state.store.get(name)?;
+    if super::cluster_migration::is_cluster_volume(state, &vol) {
+        return Err(MigrationError::Conflict(format!(
+            "volume {name:?} is a cluster volume: rollback is not built for cluster mode;              it goes back by `dlsm migrate {name} --to NODE` once this migration completes"
+        )));
+    }
     let _own = vol.ownership.lock().await;
     let c = vol
         .clone_target()
@@ -1613,6 +1785,7 @@ pub async fn rollback(
         rate: *rate,
         rollback_of: Some(m.clone()),
         origin_node: Some(state.id.clone()),
+        generation: None, // rollbacks are peer mode only
     };
     let peer = back_to.clone();
     let answer = Peer::new(&peer, &state.peer_auth, state.source_timeout)

@@ -10,6 +10,7 @@
 //! had written, which is what NBD's FLUSH/FUA contract allows.
 
 pub mod api;
+pub mod cluster_migration;
 pub mod dashboard;
 pub mod fence;
 pub mod history;
@@ -194,6 +195,16 @@ impl ExportRegistry for Registry {
     }
 }
 
+/// The node's cluster membership, as the clones' migration hooks reach
+/// it: set once the node has joined, which is after the store opened (and
+/// made those hooks). Never set in peer mode.
+pub type ClusterSlot = Arc<std::sync::OnceLock<ClusterHandle>>;
+#[cfg(feature = "cluster")]
+pub type ClusterHandle = Arc<crate::cluster::Cluster>;
+/// A build without the `cluster` feature has no membership to hold.
+#[cfg(not(feature = "cluster"))]
+pub type ClusterHandle = std::convert::Infallible;
+
 /// What the API handlers share.
 pub struct NodeState {
     pub name: String,
@@ -273,6 +284,7 @@ impl Node {
             tls: cfg.tls.as_ref().map(|t| t.client.clone()),
             token: cfg.api_token.clone(),
         };
+        let cluster_slot = ClusterSlot::default();
         let env = store::CloneEnv {
             source_timeout: cfg.source_timeout,
             origin_connections: 4,
@@ -284,6 +296,7 @@ impl Node {
                     .unwrap_or_else(|| api_addr.to_string()),
                 cfg.source_timeout,
                 peer_auth.clone(),
+                cluster_slot.clone(),
             ),
         };
         let store = Arc::new(
@@ -409,6 +422,7 @@ impl Node {
         };
         #[cfg(feature = "cluster")]
         if let Some(c) = &cluster {
+            let _ = cluster_slot.set(c.clone());
             if let Err(e) = adopt(c, &store).await {
                 c.leave().await; // down at once, not after the TTL
                 return Err(anyhow::Error::new(e)
@@ -422,7 +436,10 @@ impl Node {
                     let ours = owned
                         .iter()
                         .any(|(n, g)| *n == v.name && *g == v.table().generation);
-                    if v.fence.is_lease_bound() && !ours {
+                    // A clone not handed off owns nothing yet: its handoff
+                    // is a compare-and-swap under the new lease.
+                    let arriving = v.clone_target().is_some_and(|c| !c.is_handed_off());
+                    if v.fence.is_lease_bound() && !ours && !arriving {
                         warn!(volume = %v.name, "the cluster's directory no longer gives this volume to this node: writes refused");
                         v.fence.hold(format!(
                             "writes refused: the cluster's directory no longer gives volume {} \
@@ -540,6 +557,36 @@ async fn adopt(
     let owned = c.rebind_owned(c.lease()).await?;
     for v in store.list() {
         let g = v.table().generation;
+        // The destination of a cluster migration, not handed off yet (or
+        // handed off in the directory, the table not told before a
+        // crash): it takes writes only through its handoff, whose
+        // compare-and-swap re-checks the record, so it is served while the
+        // directory still records its migration to this node.
+        if let Some(cl) = v.clone_target().filter(|cl| !cl.is_handed_off() && g > 0) {
+            match c.record(&v.name).await? {
+                Some((r, _))
+                    if r.migration
+                        .as_ref()
+                        .is_some_and(|m| m.id == cl.migration_id() && m.to == c.name) =>
+                {
+                    v.fence.bind_lease(c.clock());
+                    lift(&v);
+                }
+                other => {
+                    warn!(volume = %v.name, "stale clone: the cluster's directory no longer records its migration to this node");
+                    v.fence.hold(format!(
+                        "writes refused: the cluster's directory no longer records migration {}                          of volume {} to this node{}; this copy is stale",
+                        cl.migration_id(),
+                        v.name,
+                        other.map_or(String::new(), |(r, _)| format!(
+                            " (it is on node {}, generation {})",
+                            r.owner, r.generation
+                        ))
+                    ));
+                }
+            }
+            continue;
+        }
         match owned.iter().find(|(n, _)| *n == v.name) {
             Some((_, rg)) if *rg == g => {
                 v.fence.bind_lease(c.clock());

@@ -496,7 +496,10 @@ impl VolumeStore {
     }
 
     /// Creates the destination volume of a migration: a sparse data file,
-    /// an all-absent region map and a clone table, in constant time.
+    /// an all-absent region map and a clone table, in constant time. In
+    /// cluster mode (`cluster`: the migration's starting generation and
+    /// the node's lease) the copy carries the generation and its writes are
+    /// bound to the lease from the start.
     pub fn create_clone(
         &self,
         name: &str,
@@ -505,7 +508,9 @@ impl VolumeStore {
         region_size: u64,
         rate: u64,
         migration: &str,
+        cluster: Option<(u64, Arc<crate::cluster::LeaseClock>)>,
     ) -> Result<Arc<Volume>, StoreError> {
+        let (generation, lease) = cluster.map_or((0, None), |(g, l)| (g, Some(l)));
         let table = VolumeTable {
             name: name.to_owned(),
             size,
@@ -527,7 +532,7 @@ impl VolumeStore {
             outgoing: None,
             arrived: Vec::new(),
             release_pending: None,
-            generation: 0,
+            generation,
             removed: false,
         };
         self.create_with(
@@ -538,7 +543,7 @@ impl VolumeStore {
                     .map(drop)
                     .map_err(map_create_error)
             },
-            None,
+            lease,
         )
     }
 

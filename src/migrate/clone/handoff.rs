@@ -102,6 +102,29 @@ impl CloneTarget {
                 self.source_unfenced.store(true, Ordering::SeqCst);
                 true
             }
+            Err(FenceError::Unreachable(e)) if !rollback => {
+                match self.hooks.may_take_over().await {
+                    Ok(true) => {
+                        warn!(volume = %self.name, migration = %self.migration, event = "forced_handoff", "takeover: the source cannot be reached ({e}) and its cluster lease is gone; it will be fenced before anything more is read from it");
+                        self.source_unfenced.store(true, Ordering::SeqCst);
+                        true
+                    }
+                    Ok(false) => {
+                        self.note_error(&e);
+                        return Err(BlockError::Unavailable(format!(
+                            "cannot hand off {}: {e}",
+                            self.name
+                        )));
+                    }
+                    Err(t) => {
+                        self.note_error(&t);
+                        return Err(BlockError::Unavailable(format!(
+                            "cannot hand off {}: {e}; {t}",
+                            self.name
+                        )));
+                    }
+                }
+            }
             Err(e) => {
                 self.note_error(&e);
                 return Err(BlockError::Unavailable(format!(
@@ -127,6 +150,15 @@ impl CloneTarget {
             self.mark_source_zeroes().await?;
         }
         self.commit().await?;
+        if let Err(e) = self.hooks.claim_ownership(force).await {
+            // The source stays fenced (if it was) and this node takes no
+            // write: as a handoff that failed. A later handoff retries.
+            self.note_error(&e);
+            return Err(BlockError::Unavailable(format!(
+                "cannot hand off {}: {e}",
+                self.name
+            )));
+        }
         self.hooks
             .persist_handoff(!force)
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;

@@ -97,6 +97,19 @@ pub trait MigrationHooks: Send + Sync + 'static {
             "not a rollback: the source's writes are not tracked".into(),
         ))
     }
+    /// Cluster mode: whether the source, unreachable, is certainly gone
+    /// (its cluster lease expired, and waited out), so the handoff may go
+    /// ahead without it: a takeover, needing no operator's `--force`.
+    /// Peer mode: never.
+    async fn may_take_over(&self) -> Result<bool, FenceError> {
+        Ok(false)
+    }
+    /// Cluster mode: moves ownership in the cluster's directory (one
+    /// compare-and-swap), after the source was fenced or, `takeover`,
+    /// found gone; before the handoff is persisted. Peer mode: nothing.
+    async fn claim_ownership(&self, _takeover: bool) -> Result<(), FenceError> {
+        Ok(())
+    }
 }
 
 /// Why the source was not fenced.
