@@ -27,15 +27,15 @@ use super::{
 
 /// What a destination learned when it asked whether it may take over.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SourceLease {
-    /// The source's `nodes/` key is under the lease the record names: it
-    /// is (or may be) alive.
-    Live,
-    /// The lease the record names is gone (the key is absent or under a
-    /// newer lease). `ttl`: the source's granted TTL, from its member
-    /// record, that a takeover must still wait out (a lease revoked by
-    /// hand vanishes before the source's own deadline has passed).
-    Gone { ttl: Duration },
+pub struct SourceLease {
+    /// The lease the record names the owner under is gone: its `nodes/`
+    /// key is absent or under a newer lease.
+    pub gone: bool,
+    /// The owner's granted TTL (from its member record; at least this
+    /// node's): how long a dead owner's lease can still live, and how long
+    /// a takeover waits after seeing it gone (a lease revoked by hand
+    /// vanishes before its holder's own deadline has passed).
+    pub ttl: Duration,
 }
 
 impl Cluster {
@@ -182,12 +182,10 @@ impl Cluster {
                 async move { c.get(k, Some(GetOptions::new().with_keys_only())).await }
             })
             .await?;
-        if r.kvs()
+        let gone = r
+            .kvs()
             .first()
-            .is_some_and(|kv| kv.lease() == rec.owner_lease)
-        {
-            return Ok(SourceLease::Live);
-        }
+            .is_none_or(|kv| kv.lease() != rec.owner_lease);
         let member: Option<(MemberRecord, i64)> = self
             .etcd
             .read_json("read member", &super::member_key(&rec.owner))
@@ -197,7 +195,8 @@ impl Cluster {
             .map(|(m, _)| m.lease_ttl)
             .filter(|t| *t > 0)
             .map_or(self.clock().ttl(), Duration::from_secs);
-        Ok(SourceLease::Gone {
+        Ok(SourceLease {
+            gone,
             ttl: ttl.max(self.clock().ttl()),
         })
     }

@@ -200,7 +200,6 @@ impl MigrationHooks for NodeHooks {
 
     #[cfg(feature = "cluster")]
     async fn may_take_over(&self) -> Result<bool, FenceError> {
-        use crate::cluster::ownership::SourceLease;
         let Some((c, name, id)) = self.cluster_clone() else {
             return Ok(false);
         };
@@ -211,14 +210,25 @@ impl MigrationHooks for NodeHooks {
                 ))
             })
         };
-        let SourceLease::Gone { ttl } = ask().await? else {
-            return Ok(false);
-        };
+        // A dead source's lease lapses within its TTL: wait that long
+        // (and a second) for it to go; a source whose lease outlives that
+        // is alive, only unreachable from here, and is not taken over.
+        let first = ask().await?;
+        let until = Instant::now() + first.ttl + Duration::from_secs(1);
+        let mut now = first;
+        while !now.gone {
+            if Instant::now() >= until {
+                warn!(volume = %name, migration = %id, "the source cannot be reached but its cluster lease is alive: not taking over");
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            now = ask().await?;
+        }
         // A lease revoked by hand is gone before its holder's own deadline
         // has passed: wait out a whole TTL more, by this node's clock.
-        warn!(volume = %name, migration = %id, "the source's cluster lease is gone: taking over in {ttl:?} if it stays gone");
-        tokio::time::sleep(ttl).await;
-        Ok(matches!(ask().await?, SourceLease::Gone { .. }))
+        warn!(volume = %name, migration = %id, "the source's cluster lease is gone: taking over in {:?} if it stays gone", now.ttl);
+        tokio::time::sleep(now.ttl).await;
+        Ok(ask().await?.gone)
     }
 
     #[cfg(feature = "cluster")]
