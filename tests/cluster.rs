@@ -7,6 +7,9 @@
 #![cfg(feature = "cluster")]
 
 mod common;
+#[path = "chaos/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -1338,4 +1341,214 @@ async fn a_copy_of_another_generation_is_held_at_startup() {
         .await
         .expect_err("a copy of generation 1 took a write under a record of generation 2");
     assert_eq!(common::errno_of(e), 1, "EPERM: stale");
+}
+
+/// Failure matrix: the owner (the source, in passthrough) is frozen with
+/// a write in flight. The destination's handoff takes over once the
+/// frozen node's lease has lapsed; on SIGCONT that write is not
+/// acknowledged, the old owner takes no write, it is fenced before
+/// anything is read from it, and hydration completes with every byte
+/// acknowledged before the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_frozen_in_passthrough_is_taken_over_and_loses_nothing() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node_with(&tmp.path().join("n2"), "n2", &["--source-timeout", "2"]);
+    n1.create("v", "2M");
+    let mut model = common::Model::new(2 << 20);
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(2 << 20, 11)).await;
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    model
+        .write(&c1, 100_000, b"acknowledged in passthrough")
+        .await;
+
+    signal(&n1, Signal::SIGSTOP);
+    let pending = {
+        let c1 = c1.clone();
+        tokio::spawn(async move { c1.write(300_000, b"in flight at the freeze", false).await })
+    };
+    let n2api = n2.api.clone();
+    let handoff = tokio::task::spawn_blocking(move || {
+        common::run_ok(Command::new(DLSM).args(["--api", &n2api, "migration", "handoff", "v"]))
+    });
+    handoff.await.unwrap();
+    let r = record(&etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "{r}"
+    );
+    assert_eq!(r["migration"]["source_fenced"], false, "{r}");
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, &[5u8; 65536]).await;
+
+    signal(&n1, Signal::SIGCONT);
+    let e = pending
+        .await
+        .unwrap()
+        .expect_err("the frozen owner acknowledged a write after it was taken over");
+    assert_eq!(common::errno_of(e), 5, "EIO: past its lease");
+    // It renews (a new lease), finds the volume gone to n2: held for good.
+    std::thread::sleep(Duration::from_secs(2));
+    let e = c1
+        .write(300_000, b"after waking", false)
+        .await
+        .expect_err("the old owner took a write");
+    assert!(matches!(common::errno_of(e), 1 | 5), "EPERM or EIO");
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    // The refused writes were at 300_000: what n2 has there is the
+    // pattern, as acknowledged before the freeze.
+    model
+        .check_as(&c2, "after taking over a frozen owner")
+        .await;
+    assert!(record(&etcd, "v")["migration"].is_null());
+}
+
+/// Failure matrix: the owner (the destination, hydrating) is frozen past
+/// its lease. The volume is `unavailable` (no takeover: the source's copy
+/// is stale since the handoff); on SIGCONT the node renews, rebinds, and
+/// writes and hydration resume by themselves, the owner and generation
+/// unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_frozen_in_hydration_resumes_by_itself() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "2M");
+    let mut model = common::Model::new(2 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(2 << 20, 12)).await;
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"handoff").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+
+    signal(&n2, Signal::SIGSTOP);
+    wait_until("v unavailable while its owner is frozen", TTL + 4, || {
+        volume_list(&n1)[0]["state"] == "unavailable"
+    });
+    signal(&n2, Signal::SIGCONT);
+    let t = Instant::now();
+    loop {
+        match c2.write(8192, b"after the freeze", false).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO while unconfirmed");
+                assert!(
+                    t.elapsed() < Duration::from_secs(3 * TTL),
+                    "writes never resumed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    model.0[8192..8192 + 16].copy_from_slice(b"after the freeze");
+    let r = record(&etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "{r}"
+    );
+    // (It may have completed already.)
+    let _ = n2.cli(&["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    model.check_as(&c2, "after the owner's freeze").await;
+    wait_until("v ok again", 10, || volume_list(&n1)[0]["state"] == "ok");
+}
+
+/// Failure matrix: the owner is cut off from etcd (a blackholed link) but
+/// not from its clients. Its writes are acknowledged until its lease
+/// deadline and refused after (EIO), reads still served; when the link
+/// comes back it registers again, rebinds its record, and writes resume,
+/// the owner and generation unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_etcd_stops_writes_at_its_deadline_and_resumes() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let link = proxy::Proxy::start(etcd.urls[0].trim_start_matches("http://").to_owned()).await;
+    let n1 = NodeProc::start_named(
+        &tmp.path().join("n1"),
+        "n1",
+        &[
+            "--cluster-etcd",
+            &format!("http://{}", link.addr),
+            "--cluster-lease-ttl",
+            &TTL.to_string(),
+        ],
+    );
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(1 << 20, 13)).await;
+
+    link.set(proxy::Mode::Blackhole);
+    let cut = Instant::now();
+    let mut last_ack = cut;
+    let mut refused = false;
+    let mut i = 0u64;
+    while cut.elapsed() < Duration::from_secs(TTL + 2) {
+        let data = [(i % 251) as u8; 512];
+        match c1.write(i * 512 % (1 << 20), &data, false).await {
+            Ok(()) => {
+                assert!(!refused, "a write was acknowledged after one was refused");
+                let off = (i * 512 % (1 << 20)) as usize;
+                model.0[off..off + 512].copy_from_slice(&data);
+                last_ack = Instant::now();
+            }
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO past the deadline");
+                refused = true;
+            }
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        refused,
+        "writes were still acknowledged {TTL}+2 s after the cut"
+    );
+    assert!(
+        last_ack.duration_since(cut) < Duration::from_secs(TTL),
+        "a write was acknowledged {:?} after the cut, past any lease deadline",
+        last_ack.duration_since(cut)
+    );
+    model.check_as(&c1, "reads served while cut off").await;
+    wait_until("n1 down", TTL + 4, || {
+        state_of(&n2, "n1").as_deref() == Some("down")
+    });
+    assert_eq!(volume_list(&n2)[0]["state"], "unavailable");
+
+    link.set(proxy::Mode::Up);
+    let t = Instant::now();
+    loop {
+        match c1.write(0, b"back", false).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(common::errno_of(e), 5, "EIO while unconfirmed");
+                assert!(
+                    t.elapsed() < Duration::from_secs(4 * TTL),
+                    "writes never resumed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    model.0[..4].copy_from_slice(b"back");
+    model.check_as(&c1, "after the link came back").await;
+    let r = record(&etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n1"), Some(1)),
+        "{r}"
+    );
+    wait_until("v ok again", 10, || volume_list(&n2)[0]["state"] == "ok");
 }
