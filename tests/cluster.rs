@@ -1390,7 +1390,8 @@ async fn an_owner_frozen_in_passthrough_is_taken_over_and_loses_nothing() {
         .await
         .unwrap()
         .expect_err("the frozen owner acknowledged a write after it was taken over");
-    assert_eq!(common::errno_of(e), 5, "EIO: past its lease");
+    // EIO (past its lease), or EPERM if its keeper ran first and held it.
+    assert!(matches!(common::errno_of(e), 1 | 5), "EIO or EPERM");
     // It renews (a new lease), finds the volume gone to n2: held for good.
     std::thread::sleep(Duration::from_secs(2));
     let e = c1
