@@ -28,7 +28,7 @@ pub fn is_node_name(s: &str) -> bool {
         && !s.contains(':')
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !s.parse::<std::net::IpAddr>().is_ok()
+        && s.parse::<std::net::IpAddr>().is_err()
 }
 
 pub fn api_addr(s: &str) -> Result<String, String> {

@@ -502,11 +502,13 @@ pub async fn prepare(
             store.create_clone(
                 &r.name,
                 r.size,
-                origin,
-                r.region_size,
-                r.rate,
-                &r.id,
-                cluster,
+                super::store::NewClone {
+                    origin,
+                    region_size: r.region_size,
+                    rate: r.rate,
+                    migration: &r.id,
+                    cluster,
+                },
             )
         })
         .await

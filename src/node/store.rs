@@ -335,6 +335,20 @@ pub enum RemoveMode {
     Cancelled,
 }
 
+/// What [`VolumeStore::create_clone`] makes a destination's clone of.
+pub struct NewClone<'a> {
+    /// The source, reached over NBD (and its API).
+    pub origin: TargetSpec,
+    pub region_size: u64,
+    /// Background copy limit, bytes/s (0: none).
+    pub rate: u64,
+    /// The migration's identity.
+    pub migration: &'a str,
+    /// Cluster mode: the migration's starting generation and the node's
+    /// lease, which the copy's writes are bound to from the start.
+    pub cluster: Option<(u64, Arc<crate::cluster::LeaseClock>)>,
+}
+
 /// Makes a clone's hooks from its volume directory and live table.
 pub type HooksFactory =
     Arc<dyn Fn(&Path, Arc<Mutex<VolumeTable>>) -> Arc<dyn MigrationHooks> + Send + Sync>;
@@ -504,12 +518,15 @@ impl VolumeStore {
         &self,
         name: &str,
         size: u64,
-        origin: TargetSpec,
-        region_size: u64,
-        rate: u64,
-        migration: &str,
-        cluster: Option<(u64, Arc<crate::cluster::LeaseClock>)>,
+        spec: NewClone<'_>,
     ) -> Result<Arc<Volume>, StoreError> {
+        let NewClone {
+            origin,
+            region_size,
+            rate,
+            migration,
+            cluster,
+        } = spec;
         let (generation, lease) = cluster.map_or((0, None), |(g, l)| (g, Some(l)));
         let table = VolumeTable {
             name: name.to_owned(),
