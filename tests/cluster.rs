@@ -978,7 +978,7 @@ fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
 
 /// Whether node data directory `dir` holds a copy of `vol`.
 fn has_copy(dir: &Path, vol: &str) -> bool {
-    dir.join(vol).join("table.json").exists()
+    dir.join("volumes").join(vol).join("table.json").exists()
 }
 
 /// A cluster volume migrates by node name, asked of a third node: the
@@ -998,8 +998,10 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     let c1 = common::client(&n1, "v").await;
     model.write(&c1, 0, &common::pattern(4 << 20, 7)).await;
 
+    assert!(has_copy(&tmp.path().join("n1"), "v"));
     // Asked of n3, which has no copy: forwarded to the owner.
     cli_ok(&n3, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    assert!(has_copy(&tmp.path().join("n2"), "v"));
     let r = record(&etcd, "v");
     assert_eq!(r["owner"], "n1", "{r}");
     assert_eq!(r["generation"], 1, "{r}");
@@ -1552,4 +1554,216 @@ async fn an_owner_cut_off_from_etcd_stops_writes_at_its_deadline_and_resumes() {
         "{r}"
     );
     wait_until("v ok again", 10, || volume_list(&n2)[0]["state"] == "ok");
+}
+
+/// etcd's counters (its `/metrics`, first member): gRPC calls handled by
+/// method, and raft proposals committed (its writes).
+fn etcd_counters(etcd: &Etcd) -> std::collections::BTreeMap<String, f64> {
+    let mut s = std::net::TcpStream::connect(&etcd.health[0]).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for l in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some((k, v)) = l.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = v.parse::<f64>() else { continue };
+        if let Some(rest) = k.strip_prefix("grpc_server_handled_total{") {
+            if let Some(m) = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("grpc_method=\""))
+            {
+                *out.entry(m.trim_end_matches('"').to_owned()).or_default() += v;
+            }
+        } else if k == "etcd_server_proposals_committed_total" {
+            out.insert("proposals".into(), v);
+        }
+    }
+    out
+}
+
+/// p50 / p99 / max of `v`, milliseconds.
+fn percentiles(mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return "no samples".into();
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} samples)",
+        at(0.5),
+        at(0.99),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+/// The issue's simulated scale test: 200 (sparse) volumes over 5 nodes,
+/// all migrating at once (each node's to the next), handed off and
+/// completed. Checks that every volume ends at generation 2 on its new
+/// node with the index and the copies to match; prints etcd's request
+/// rate and the directory's latency (`volume show` forwarded to the owner,
+/// `volume list` of the whole cluster) sampled throughout. The figures are
+/// reported in BENCHMARKS.md (`bench/cluster-scale.sh` runs it in release);
+/// nothing here is timed. `DLSM_SCALE_VOLUMES` / `DLSM_SCALE_NODES` change
+/// the size.
+#[test]
+fn scale_volumes_over_nodes_migrating_at_once() {
+    let vols: usize = std::env::var("DLSM_SCALE_VOLUMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let n: usize = std::env::var("DLSM_SCALE_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let nodes: Vec<NodeProc> = (0..n)
+        .map(|i| {
+            let name = format!("n{i}");
+            etcd.node(&tmp.path().join(&name), &name)
+        })
+        .collect();
+    let name = |v: usize| format!("s{v:04}");
+    let home = |v: usize| v % n;
+    let dest = |v: usize| (v + 1) % n;
+    // Many at a time: a CLI process per call, a thread per call.
+    let par = |what: &str, f: &(dyn Fn(usize) + Sync)| {
+        let t = Instant::now();
+        let all: Vec<usize> = (0..vols).collect();
+        std::thread::scope(|s| {
+            for chunk in all.chunks(vols.div_ceil(16)) {
+                s.spawn(move || chunk.iter().for_each(|&v| f(v)));
+            }
+        });
+        let d = t.elapsed();
+        println!(
+            "scale: {what}: {vols} in {d:.2?} ({:.0}/s)",
+            vols as f64 / d.as_secs_f64()
+        );
+        d
+    };
+    par("create", &|v| {
+        cli_ok(
+            &nodes[0],
+            &[
+                "volume",
+                "create",
+                &name(v),
+                "--size",
+                "1M",
+                "--on",
+                &format!("n{}", home(v)),
+            ],
+        );
+    });
+    assert_eq!(volume_list(&nodes[1]).len(), vols);
+
+    // The directory's latency, sampled from the side while everything moves.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut show_ms, mut list_ms) = (Vec::new(), Vec::new());
+    let before = etcd_counters(&etcd);
+    let t0 = Instant::now();
+    let mut phases = Vec::new();
+    std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let (mut sh, mut li) = (Vec::new(), Vec::new());
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = &nodes[k % n];
+                let t = Instant::now();
+                let o = at.cli(&["volume", "show", &name(k * 7 % vols), "--json"]);
+                if o.status.success() {
+                    sh.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+                if k % 5 == 0 {
+                    let t = Instant::now();
+                    if at.cli(&["volume", "list", "--json"]).status.success() {
+                        li.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                k += 1;
+            }
+            (sh, li)
+        });
+        phases.push(par("migrate (start)", &|v| {
+            cli_ok(
+                &nodes[(v + 2) % n],
+                &["migrate", &name(v), "--to", &format!("n{}", dest(v))],
+            );
+        }));
+        phases.push(par("handoff", &|v| {
+            cli_ok(&nodes[dest(v)], &["migration", "handoff", &name(v)]);
+        }));
+        let t = Instant::now();
+        wait_until("every migration completes in the directory", 300, || {
+            let l = volume_list(&nodes[0]);
+            l.len() == vols && l.iter().all(|r| r["migration"].is_null())
+        });
+        phases.push(t.elapsed());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (show_ms, list_ms) = sampler.join().unwrap();
+    });
+    let elapsed = t0.elapsed();
+    let after = etcd_counters(&etcd);
+    let delta = |k: &str| after.get(k).unwrap_or(&0.0) - before.get(k).unwrap_or(&0.0);
+    let total: f64 = after
+        .iter()
+        .filter(|(k, _)| *k != "proposals")
+        .map(|(k, _)| delta(k))
+        .sum();
+    println!(
+        "scale: {vols} volumes, {n} nodes: start {:.2?}, handoff {:.2?}, completion seen after \
+         {:.2?} more; {elapsed:.2?} in all",
+        phases[0], phases[1], phases[2]
+    );
+    println!(
+        "scale: etcd: {total:.0} requests ({:.0}/s): Txn {:.0}, Range {:.0}, LeaseKeepAlive {:.0}; \
+         {:.0} raft proposals committed ({:.0}/s)",
+        total / elapsed.as_secs_f64(),
+        delta("Txn"),
+        delta("Range"),
+        delta("LeaseKeepAlive"),
+        delta("proposals"),
+        delta("proposals") / elapsed.as_secs_f64()
+    );
+    println!(
+        "scale: directory latency, volume show (forwarded to the owner): {}",
+        percentiles(show_ms)
+    );
+    println!(
+        "scale: directory latency, volume list ({vols} records): {}",
+        percentiles(list_ms)
+    );
+
+    // Every volume on its destination at generation 2, index and copies
+    // to match.
+    let list = volume_list(&nodes[0]);
+    for r in &list {
+        let v: usize = r["name"].as_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(r["node"], format!("n{}", dest(v)).as_str(), "{r}");
+        assert_eq!(r["generation"], 2, "{r}");
+        assert_eq!(r["state"], "ok", "{r}");
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let listed = node_list(node);
+        let me = listed
+            .iter()
+            .find(|x| x["name"] == format!("n{i}").as_str())
+            .unwrap();
+        let want = (0..vols).filter(|&v| dest(v) == i).count();
+        assert_eq!(me["volumes"], want as u64, "{me}");
+        wait_until("sources released", 30, || {
+            (0..vols)
+                .filter(|&v| home(v) == i)
+                .all(|v| !has_copy(&tmp.path().join(format!("n{i}")), &name(v)))
+        });
+        for v in (0..vols).filter(|&v| dest(v) == i) {
+            assert!(has_copy(&tmp.path().join(format!("n{i}")), &name(v)));
+        }
+    }
+    assert_eq!(index_of(&etcd, &name(0)), vec![format!("n{}=2", dest(0))]);
 }
