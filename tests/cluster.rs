@@ -1767,3 +1767,81 @@ fn scale_volumes_over_nodes_migrating_at_once() {
     }
     assert_eq!(index_of(&etcd, &name(0)), vec![format!("n{}=2", dest(0))]);
 }
+
+/// Handoff time in cluster mode beside peer mode (the issue's "one etcd
+/// transaction more"): in alternating rounds, a volume with data migrates
+/// from one node to another, and the destination's first write (which
+/// hands off: fence the source, and in cluster mode the directory's
+/// compare-and-swap, then persist) is timed as the client sees it. Both
+/// pairs run the same binary; the cluster pair uses a real etcd (one
+/// member, its data on this machine's disk). A benchmark, not a test:
+/// `bench/cluster-handoff.sh` runs it in release and BENCHMARKS.md has the
+/// figures. `DLSM_HANDOFF_ROUNDS` (default 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: bench/cluster-handoff.sh"]
+async fn handoff_time_in_cluster_mode_beside_peer_mode() {
+    let rounds: usize = std::env::var("DLSM_HANDOFF_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (p1, p2) = (
+        NodeProc::start_in(&tmp.path().join("p1")),
+        NodeProc::start_in(&tmp.path().join("p2")),
+    );
+    let (c1, c2) = (
+        etcd.node(&tmp.path().join("c1"), "c1"),
+        etcd.node(&tmp.path().join("c2"), "c2"),
+    );
+    let mut times: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let data = common::pattern(1 << 20, 5);
+    for r in 0..rounds {
+        // Alternate which arm goes first.
+        let arms = if r % 2 == 0 {
+            ["peer", "cluster"]
+        } else {
+            ["cluster", "peer"]
+        };
+        for arm in arms {
+            let (src, dst, to) = match arm {
+                "peer" => (&p1, &p2, p2.api.clone()),
+                _ => (&c1, &c2, "c2".to_owned()),
+            };
+            let vol = format!("h{r}");
+            src.create(&vol, "4M");
+            {
+                let a = common::client(src, &vol).await;
+                a.write(0, &data, false).await.unwrap();
+                a.flush().await.unwrap();
+            }
+            cli_ok(src, &["migrate", &vol, "--to", &to, "--rate", "64K"]);
+            let b = common::client(dst, &vol).await;
+            let t = Instant::now();
+            b.write(0, &[1u8; 4096], false).await.unwrap();
+            times
+                .entry(arm)
+                .or_default()
+                .push(t.elapsed().as_secs_f64() * 1e3);
+            let _ = dst.cli(&["migration", "set-rate", &vol, "0"]);
+            dst.wait_phase(&vol, "complete", 60);
+            drop(b);
+            cli_ok(dst, &["volume", "rm", &vol]);
+        }
+    }
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    for (arm, v) in &times {
+        println!("handoff: {arm}: {}", percentiles(v.clone()));
+    }
+    println!(
+        "handoff: cluster / peer median: {:.2}x ({:.1} ms vs {:.1} ms, {rounds} rounds each)",
+        median(&times["cluster"]) / median(&times["peer"]),
+        median(&times["cluster"]),
+        median(&times["peer"])
+    );
+    assert_eq!(times["cluster"].len(), rounds);
+}
