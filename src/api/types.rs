@@ -424,6 +424,9 @@ pub struct CancelRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DropRequest {
     pub id: String,
+    /// Cluster mode: the caller's generation (see [`FenceRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 /// Body of `POST /v1/migrations/{name}/rate`.

@@ -40,8 +40,12 @@ pub struct SourceLease {
 
 impl Cluster {
     /// Source: records that migration `id` of `name` to node `to` starts.
-    /// Refused unless this node owns the record under its current lease and
-    /// no other migration is recorded. Returns the record's generation.
+    /// Refused unless this node owns the record under its current lease.
+    /// The caller has no outgoing migration of the volume (checked under
+    /// its ownership lock), so another migration recorded here is stale
+    /// (a destination dropped its clone while this node had forgotten it;
+    /// a completion not yet cleared): it is replaced, which also disarms
+    /// any clone of it. Returns the record's generation.
     pub async fn start_migration(
         &self,
         name: &str,
@@ -54,11 +58,7 @@ impl Cluster {
             if m.id == id {
                 return Ok(rec.generation); // an earlier try was applied
             }
-            return Err(ClusterError::Conflict(format!(
-                "volume {name:?} is already migrating from {} to {} (migration {}) in the \
-                 cluster's directory",
-                m.from, m.to, m.id
-            )));
+            tracing::warn!(volume = name, stale = %m.id, from = %m.from, to = %m.to, "the directory records a migration this node does not hold: replacing it");
         }
         rec.migration = Some(MigrationRecord {
             id: id.to_owned(),

@@ -902,7 +902,7 @@ async fn drop_clone(
     body: Result<Json<DropRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body?;
-    migration::drop_clone(&s, &name, &req.id).await?;
+    migration::drop_clone(&s, &name, &req.id, req.generation).await?;
     Ok(Json(serde_json::json!({ "dropped": name })))
 }
 

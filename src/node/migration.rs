@@ -882,7 +882,10 @@ pub async fn cancel(
     }
     let (path, req) = (
         format!("/v1/migrations/{}/drop", encode_segment(name)),
-        DropRequest { id: out.id.clone() },
+        DropRequest {
+            id: out.id.clone(),
+            generation: Some(vol.table().generation).filter(|g| *g > 0),
+        },
     );
     // Not under the ownership lock: the destination may be in the middle
     // of a handoff that waits for this node's fence (which takes the lock),
@@ -990,7 +993,11 @@ pub async fn drop_clone(
     state: &Arc<NodeState>,
     name: &str,
     id: &str,
+    generation: Option<u64>,
 ) -> Result<(), MigrationError> {
+    if let Ok(vol) = state.store.get(name) {
+        super::cluster_migration::check_generation(&vol, generation)?;
+    }
     match migration_state(state, name, id) {
         MigrationState::Unknown => return Err(MigrationError::NotMigrating(name.to_owned())),
         MigrationState::HandedOff => {
@@ -1996,7 +2003,7 @@ pub async fn cancel_anywhere(
                 event = "cancelled",
                 "the source {source} does not hold this migration ({e}); dropping the clone here"
             );
-            drop_clone(state, name, c.migration_id()).await?;
+            drop_clone(state, name, c.migration_id(), None).await?;
             Ok(serde_json::json!({ "cancelled": name, "migration": c.migration_id() }))
         }
         Err(e) => Err(MigrationError::Peer(format!(
