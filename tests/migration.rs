@@ -241,7 +241,8 @@ async fn concurrent_writes_never_lose_to_fetches() {
             model.0[off as usize..off as usize + data.len()].copy_from_slice(&data);
         }
     }
-    b.cli_ok(&["migration", "set-rate", "vm1", "0"]);
+    // On a loaded machine the copy may have completed meanwhile.
+    let _ = b.cli(&["migration", "set-rate", "vm1", "0"]);
     b.wait_phase("vm1", "complete", 60);
     model.check(&client(&b, "vm1").await).await;
 }
