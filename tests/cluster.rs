@@ -1845,3 +1845,43 @@ async fn handoff_time_in_cluster_mode_beside_peer_mode() {
     );
     assert_eq!(times["cluster"].len(), rounds);
 }
+
+/// `node forget`: refused for a node that is up, and for one that is down
+/// but still owns volumes; a down node owning nothing is forgotten and
+/// leaves `node list`.
+#[test]
+fn node_forget_takes_only_a_down_node_that_owns_nothing() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    let mut n3 = etcd.node(&tmp.path().join("n3"), "n3");
+    n1.create("v", "1M");
+    cli_ok(
+        &n1,
+        &["volume", "create", "w", "--size", "1M", "--on", "n2"],
+    );
+    let e = cli_err(&n1, &["node", "forget", "n3"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("is up"), "{e}");
+    n2.kill();
+    n3.kill();
+    wait_until("n2 and n3 down", TTL + 3, || {
+        state_of(&n1, "n2").as_deref() == Some("down")
+            && state_of(&n1, "n3").as_deref() == Some("down")
+    });
+    let e = cli_err(&n1, &["node", "forget", "n2"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("owns 1 volume"),
+        "{e}"
+    );
+    cli_ok(&n1, &["node", "forget", "n3"]);
+    let names: Vec<String> = node_list(&n1)
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, vec!["n1", "n2"]);
+    let e = cli_err(&n1, &["node", "forget", "n3"]);
+    assert_eq!(e["http_status"], 404, "{e}");
+}

@@ -281,6 +281,44 @@ impl Cluster {
         Ok(r.count() > 0)
     }
 
+    /// `node forget NAME`: removes a member that is down and owns no
+    /// volume (one Txn comparing both), so `node list` stops showing a host
+    /// that is gone for good. A member that is up, or that the directory
+    /// still gives a volume to, is refused: its volumes would have no node.
+    pub async fn forget_member(&self, name: &str) -> Result<(), ClusterError> {
+        let (mkey, nkey, owned) = (member_key(name), node_key(name), by_node_prefix(name));
+        let r = self
+            .etcd
+            .call("forget member", CALL_TIMEOUT, |mut c| {
+                let txn = Txn::new()
+                    .when([
+                        Compare::version(mkey.clone(), CompareOp::Greater, 0),
+                        Compare::version(nkey.clone(), CompareOp::Equal, 0),
+                        Compare::version(owned.clone(), CompareOp::Equal, 0).with_prefix(),
+                    ])
+                    .and_then([TxnOp::delete(mkey.clone(), None)]);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        if r.succeeded() {
+            tracing::info!(node = name, "member forgotten");
+            return Ok(());
+        }
+        if !self.is_member(name).await? {
+            return Err(ClusterError::NoSuchNode(name.into()));
+        }
+        if self.live_node(name).await?.is_some() {
+            return Err(ClusterError::Conflict(format!(
+                "node {name:?} is up: stop it before forgetting it"
+            )));
+        }
+        let n = self.owned_count(name).await?;
+        Err(ClusterError::Conflict(format!(
+            "node {name:?} still owns {n} volume(s) in the cluster's directory: they would be \
+             left with no node; bring it back and migrate them away (or remove them) first"
+        )))
+    }
+
     /// `node list`: every member, up or down, with where it is reached and
     /// how many volumes it owns.
     pub async fn node_list(&self) -> Result<Vec<ClusterNode>, ClusterError> {

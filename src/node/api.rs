@@ -20,6 +20,7 @@
 //! | GET    | /v1/migrations/{name}/written?id= | a fenced rollback source: regions written since handoff |
 //! | GET    | /v1/migrations/{name}/regions[?cells=N] | destination: the region map in N cells (default 1024, at most 4096) |
 //! | GET    | /v1/cluster/nodes    | cluster mode: every member, up or down (`node list`) |
+//! | DELETE | /v1/cluster/nodes/{name} | cluster mode: forget a member that is down and owns nothing |
 //! | GET    | /v1/cluster/volumes  | cluster mode: every volume of the directory, with its node |
 //! | GET    | /v1/events[?token=] | server-sent events for the dashboard (at most 16 streams; 503 beyond) |
 //! | GET    | /ui                 | the dashboard page (no token needed: it holds no data) |
@@ -102,6 +103,10 @@ pub fn router(state: Arc<NodeState>) -> Router {
         .route("/v1/migrations/{name}/rate", post(set_rate))
         .route("/v1/migrations/{name}/regions", get(region_view))
         .route("/v1/cluster/nodes", get(cluster_nodes))
+        .route(
+            "/v1/cluster/nodes/{name}",
+            axum::routing::delete(forget_node),
+        )
         .route("/v1/cluster/volumes", get(cluster_volumes))
         .route("/v1/events", get(events))
         .route("/metrics", get(metrics))
@@ -514,6 +519,21 @@ async fn cluster_nodes(
         return Ok(Json(c.node_list().await?));
     }
     Err(not_in_cluster(&s, "node list").into())
+}
+
+/// `DELETE /v1/cluster/nodes/{name}` (`node forget`): a member that is
+/// down and owns nothing.
+async fn forget_node(
+    State(s): State<Arc<NodeState>>,
+    VolumeName(name): VolumeName,
+) -> Result<StatusCode, ApiError> {
+    #[cfg(feature = "cluster")]
+    if let Some(c) = &s.cluster {
+        c.forget_member(&name).await?;
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    let _ = name;
+    Err(not_in_cluster(&s, "node forget").into())
 }
 
 async fn cluster_volumes(
