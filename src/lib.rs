@@ -11,6 +11,7 @@ pub mod api_client;
 pub mod bufpool;
 pub mod cli;
 pub mod cluster;
+pub mod crash;
 pub mod demo;
 pub mod migrate;
 pub mod nbd;

@@ -1885,3 +1885,89 @@ fn node_forget_takes_only_a_down_node_that_owns_nothing() {
     let e = cli_err(&n1, &["node", "forget", "n3"]);
     assert_eq!(e["http_status"], 404, "{e}");
 }
+
+/// Whether process `pid` has exited (gone, or a zombie not yet reaped).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        .unwrap_or(true)
+}
+
+/// The destination crashes between its claim in the directory and noting
+/// it in its table (crash point `after-claim`). Restarted, it finishes the
+/// handoff by recognising its own claim: on the next client write for a
+/// handoff (the source fenced again, idempotently), and on the next
+/// `migration handoff` for a takeover (the source dead: nothing but the
+/// recognition can finish it, and the directory already names this node
+/// under its old lease, then its new one). Nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_crashing_after_its_claim_finishes_the_handoff_on_restart() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("n1"), tmp.path().join("n2"));
+    let mut n1 = etcd.node(&d1, "n1");
+    let crashing = || {
+        etcd.node_with(
+            &d2,
+            "n2",
+            &["--crash-at", "after-claim", "--source-timeout", "2"],
+        )
+    };
+    let healthy = || etcd.node_with(&d2, "n2", &["--source-timeout", "2"]);
+    let mut models = Vec::new();
+    for v in ["v1", "v2"] {
+        n1.create(v, "1M");
+        let mut m = common::Model::new(1 << 20);
+        let c = common::client(&n1, v).await;
+        m.write(&c, 0, &common::pattern(1 << 20, 21)).await;
+        c.flush().await.unwrap();
+        models.push(m);
+    }
+
+    // A handoff: the claim is made, then the node dies.
+    let n2 = crashing();
+    cli_ok(&n1, &["migrate", "v1", "--to", "n2", "--rate", "64K"]);
+    assert!(!n2.cli(&["migration", "handoff", "v1"]).status.success());
+    wait_until("n2 crashed after its claim", 10, || exited(n2.pid()));
+    drop(n2);
+    let r = record(&etcd, "v1");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "{r}"
+    );
+    let n2 = healthy();
+    let c2 = common::client(&n2, "v1").await;
+    models[0].write(&c2, 4096, b"after the restart").await;
+    assert_eq!(record(&etcd, "v1")["generation"], 2, "claimed once");
+    let _ = n2.cli(&["migration", "set-rate", "v1", "0"]);
+    n2.wait_phase("v1", "complete", 60);
+    models[0].check_as(&c2, "v1 after the crash").await;
+    drop(c2);
+    drop(n2);
+
+    // A takeover: the source is dead, the claim is made, the node dies.
+    let n2 = crashing();
+    cli_ok(&n1, &["migrate", "v2", "--to", "n2", "--rate", "64K"]);
+    n1.kill();
+    assert!(!n2.cli(&["migration", "handoff", "v2"]).status.success());
+    wait_until("n2 crashed after its takeover claim", 10, || {
+        exited(n2.pid())
+    });
+    drop(n2);
+    let r = record(&etcd, "v2");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "{r}"
+    );
+    let n2 = healthy();
+    cli_ok(&n2, &["migration", "handoff", "v2"]);
+    let c2 = common::client(&n2, "v2").await;
+    models[1].write(&c2, 0, &[4u8; 65536]).await;
+    n1.restart();
+    let _ = n2.cli(&["migration", "set-rate", "v2", "0"]);
+    n2.wait_phase("v2", "complete", 60);
+    models[1].check_as(&c2, "v2 after the crash").await;
+    assert_eq!(record(&etcd, "v2")["generation"], 2, "claimed once");
+}

@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// a migration source.
     #[arg(long, default_value_t = 0, hide = true)]
     pub inject_origin_delay_ms: u64,
+    /// Fault injection for tests: abort the process the first time it
+    /// passes this crash point (see `dlsm::crash`).
+    #[arg(long, hide = true)]
+    pub crash_at: Option<String>,
 }
 
 /// `dlsm serve`: `api` is where the API listens, `tls_dir` and `token`
@@ -88,6 +92,9 @@ pub fn run(
     tls_dir: Option<&Path>,
     token: Option<String>,
 ) -> anyhow::Result<()> {
+    if let Some(p) = &a.crash_at {
+        crate::crash::arm(p);
+    }
     if !a.cluster_etcd.is_empty() && !cfg!(feature = "cluster") {
         anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);
     }

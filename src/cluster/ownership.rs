@@ -169,10 +169,18 @@ impl Cluster {
         let Some((rec, _)) = self.record(name).await? else {
             return Err(ClusterError::NoSuchVolume(name.into()));
         };
-        if rec.migration.as_ref().is_none_or(|m| m.id != id) {
+        let Some(m) = rec.migration.as_ref().filter(|m| m.id == id) else {
             return Err(ClusterError::Conflict(format!(
                 "volume {name:?}: the cluster's directory records no migration {id}"
             )));
+        };
+        if rec.owner == self.name && m.to == self.name {
+            // Claimed already (this node crashed before it noted it): the
+            // claim is repeated at once, and recognised.
+            return Ok(SourceLease {
+                gone: true,
+                ttl: Duration::ZERO,
+            });
         }
         let key = node_key(&rec.owner);
         let r = self

@@ -241,6 +241,7 @@ impl MigrationHooks for NodeHooks {
                 "the cluster's directory did not give the volume to this node: {e}"
             ))
         })?;
+        crate::crash::point("after-claim");
         // Durable before any write is taken: a restart finds the copy at
         // the record's generation.
         update_table(&self.dir, &self.table, |t| t.generation = gen)
