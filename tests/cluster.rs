@@ -1679,7 +1679,7 @@ fn scale_volumes_over_nodes_migrating_at_once() {
                 if o.status.success() {
                     sh.push(t.elapsed().as_secs_f64() * 1e3);
                 }
-                if k % 5 == 0 {
+                if k.is_multiple_of(5) {
                     let t = Instant::now();
                     if at.cli(&["volume", "list", "--json"]).status.success() {
                         li.push(t.elapsed().as_secs_f64() * 1e3);
