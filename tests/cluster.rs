@@ -1339,3 +1339,139 @@ async fn a_copy_of_another_generation_is_held_at_startup() {
         .expect_err("a copy of generation 1 took a write under a record of generation 2");
     assert_eq!(common::errno_of(e), 1, "EPERM: stale");
 }
+
+/// Kills process `pid` (SIGKILL, delivered by strace's fault injection)
+/// at its next rename whose first path is `tmp`: for
+/// `DIR/volumes/VOL/table.tmp`,
+/// a crash at the very moment the volume's table is being persisted, e.g.
+/// just after a directory compare-and-swap and before the node recorded
+/// it. The returned strace ends with the process.
+fn crash_at_rename_from(pid: i32, tmp: &Path) -> common::KillOnDrop {
+    let strace = require("strace");
+    let child = Command::new(strace)
+        .args(["-qq", "-f", "-p", &pid.to_string(), "-P"])
+        .arg(tmp)
+        .args([
+            "-e",
+            "trace=rename,renameat,renameat2",
+            "-e",
+            "inject=rename,renameat,renameat2:signal=KILL",
+            "-o",
+            "/dev/null",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // attached
+    common::KillOnDrop(child)
+}
+
+/// A takeover whose compare-and-swap was applied, the destination killed
+/// before it persisted anything of it (DESIGN: "a crash after the CAS is
+/// repaired at startup from etcd"): the directory gives `v` to n2 at
+/// generation 2, n2's clone (restarted) still says "passthrough", and n1
+/// (the source, killed before) was never fenced. Returns with n1 down.
+async fn takeover_claimed_but_not_persisted(
+    etcd: &Etcd,
+    tmp: &Path,
+) -> (NodeProc, NodeProc, common::Model) {
+    let mut n1 = etcd.node(&tmp.join("n1"), "n1");
+    let mut n2 = etcd.node_with(&tmp.join("n2"), "n2", &["--source-timeout", "2"]);
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(1 << 20, 5)).await;
+        c1.flush().await.unwrap();
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n1.kill();
+    let crash = crash_at_rename_from(n2.pid(), &tmp.join("n2").join("volumes/v/table.tmp"));
+    let o = n2.cli(&["migration", "handoff", "v"]);
+    assert!(!o.status.success(), "n2 was killed during its handoff");
+    drop(crash);
+    let r = record(etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "precondition: the takeover's compare-and-swap was applied: {r}"
+    );
+    assert_eq!(r["migration"]["source_fenced"], false, "{r}");
+    n2.restart();
+    assert_eq!(n2.status("v")["phase"], "passthrough", "n2 never recorded it");
+    (n1, n2, model)
+}
+
+/// The source of a takeover comes back while the destination's clone, to
+/// which the directory already gives the volume, still answers
+/// "passthrough" (see [`takeover_claimed_but_not_persisted`]). The
+/// source's restart reconcile asks the destination, hears "passthrough"
+/// and lifts every hold, the cluster's "stale copy" one included: it then
+/// acknowledges writes, under no lease, for a volume the directory gives
+/// to n2. It must take none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_source_takes_no_write_for_a_volume_the_directory_gave_away() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n1, _n2, _model) = takeover_claimed_but_not_persisted(&etcd, tmp.path()).await;
+    n1.restart();
+    let c1 = common::client(&n1, "v").await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        if c1.write(0, b"zombie", false).await.is_ok() {
+            panic!(
+                "n1 acknowledged a write for v, which the directory gives to n2: {}",
+                record(&etcd, "v")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+}
+
+/// The same state, the source still down: the directory already gives the
+/// volume to n2 for this migration, so a handoff retried at n2 completes
+/// (the claim recognises its own earlier success) and whole-region writes
+/// are taken, as after any takeover. It must not wait for, and then give
+/// up on, a lease that its check reads as n2's own (alive) one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_applied_in_the_directory_completes_without_the_source() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_n1, n2, mut model) = takeover_claimed_but_not_persisted(&etcd, tmp.path()).await;
+    cli_ok(&n2, &["migration", "handoff", "v"]);
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, &[7u8; 65536]).await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+}
+
+/// The source is killed between recording the migration in the directory
+/// and persisting it in its table (its `outgoing`): no prepare was ever
+/// sent, so no clone of it exists. After the restart the volume must be
+/// able to migrate again; here the directory keeps the dead migration,
+/// `migrate` is refused ("already migrating") and `migration cancel`
+/// finds nothing to cancel, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_after_recording_a_migration_can_migrate_again() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let _n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let crash = crash_at_rename_from(n1.pid(), &tmp.path().join("n1").join("volumes/v/table.tmp"));
+    let o = n1.cli(&["migrate", "v", "--to", "n2"]);
+    assert!(!o.status.success(), "n1 was killed during migrate");
+    drop(crash);
+    let r = record(&etcd, "v");
+    assert!(
+        r["migration"].is_object(),
+        "precondition: the migration was recorded: {r}"
+    );
+    n1.restart();
+    let o = n1.cli(&["migrate", "v", "--to", "n2"]);
+    assert!(
+        o.status.success(),
+        "a migration nobody holds blocks the volume: {} (record {})",
+        String::from_utf8_lossy(&o.stderr),
+        record(&etcd, "v")
+    );
+}
