@@ -174,6 +174,20 @@ impl Cluster {
                 "volume {name:?}: the cluster's directory records no migration {id}"
             )));
         }
+        // Claimed already (a crash, or a lost answer, after this node's
+        // own compare-and-swap): the directory gives the volume to this
+        // node, whose lease is not the source's; the claim recognises it.
+        if rec.owner == self.name
+            && rec
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.to == self.name && rec.generation == m.started_gen + 1)
+        {
+            return Ok(SourceLease {
+                gone: true,
+                ttl: Duration::ZERO,
+            });
+        }
         let key = node_key(&rec.owner);
         let r = self
             .etcd
