@@ -41,7 +41,11 @@ pub struct SourceLease {
 impl Cluster {
     /// Source: records that migration `id` of `name` to node `to` starts.
     /// Refused unless this node owns the record under its current lease and
-    /// no other migration is recorded. Returns the record's generation.
+    /// no other migration is recorded, but for one this node recorded
+    /// itself, still in passthrough: the caller (`node::migration::migrate`,
+    /// under the volume's ownership lock) has checked that its table has no
+    /// outgoing migration, so that one was never prepared anywhere. Returns
+    /// the record's generation.
     pub async fn start_migration(
         &self,
         name: &str,
@@ -54,11 +58,19 @@ impl Cluster {
             if m.id == id {
                 return Ok(rec.generation); // an earlier try was applied
             }
-            return Err(ClusterError::Conflict(format!(
-                "volume {name:?} is already migrating from {} to {} (migration {}) in the \
+            // Our own earlier start that never reached our table (killed
+            // in between, or its answer lost): the caller has no outgoing
+            // migration of the volume, so no prepare of that one was ever
+            // sent and no clone of it exists: it is replaced.
+            if m.from == self.name && m.phase == "passthrough" {
+                tracing::warn!(volume = name, old = %m.id, new = id, "replacing a migration recorded by this node that its table does not know");
+            } else {
+                return Err(ClusterError::Conflict(format!(
+                    "volume {name:?} is already migrating from {} to {} (migration {}) in the \
                  cluster's directory",
-                m.from, m.to, m.id
-            )));
+                    m.from, m.to, m.id
+                )));
+            }
         }
         rec.migration = Some(MigrationRecord {
             id: id.to_owned(),
