@@ -975,7 +975,7 @@ fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
 
 /// Whether node data directory `dir` holds a copy of `vol`.
 fn has_copy(dir: &Path, vol: &str) -> bool {
-    dir.join(vol).join("table.json").exists()
+    dir.join("volumes").join(vol).join("table.json").exists()
 }
 
 /// A cluster volume migrates by node name, asked of a third node: the
