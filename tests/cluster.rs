@@ -1475,3 +1475,34 @@ async fn a_source_killed_after_recording_a_migration_can_migrate_again() {
         record(&etcd, "v")
     );
 }
+
+/// A cancel whose destination did not answer the drop (down here) has
+/// already made the directory forget the migration: no clone can take the
+/// volume from then on. The source must then not fence itself for that
+/// migration when the clone, back again, is asked to hand off (its claim
+/// can only fail): otherwise neither node takes writes for the volume,
+/// until an operator thinks of cancelling a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_directory_took_leaves_the_source_writable() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node_with(&tmp.path().join("n1"), "n1", &["--source-timeout", "2"]);
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n2.kill();
+    let o = n1.cli(&["migration", "cancel", "v"]);
+    assert!(!o.status.success(), "the drop could not be answered");
+    assert!(
+        record(&etcd, "v")["migration"].is_null(),
+        "precondition: the directory forgot the migration"
+    );
+    n2.restart();
+    let o = n2.cli(&["migration", "handoff", "v"]);
+    assert!(!o.status.success(), "a handoff of a forgotten migration");
+    assert_eq!(record(&etcd, "v")["owner"], "n1");
+    let c1 = common::client(&n1, "v").await;
+    c1.write(0, b"still n1's", false)
+        .await
+        .expect("n1 owns v and no migration of it is recorded, yet it refuses writes");
+}
