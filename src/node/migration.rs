@@ -935,6 +935,17 @@ pub async fn cancel(
                 "cancel --force: destination unreachable ({e}); forgetting the migration"
             );
         }
+        Err(e) if super::cluster_migration::is_cluster_volume(state, &vol) => {
+            // The directory has forgotten the migration: it can never hand
+            // off now, so this node goes on refusing to fence for it (a
+            // fence could only leave the volume with no writer).
+            return Err(MigrationError::Peer(format!(
+                "cannot reach the destination {} to drop its clone: {e}; the cluster's \
+                 directory has forgotten the migration, so it cannot hand off: run `dlsm \
+                 migration cancel {name}` again to finish once the destination answers",
+                out.to
+            )));
+        }
         Err(e) => {
             // Not cancelled: the migration may go on.
             mark_cancelling(&vol, &out.id, false)?;
