@@ -1397,7 +1397,11 @@ async fn takeover_claimed_but_not_persisted(
     );
     assert_eq!(r["migration"]["source_fenced"], false, "{r}");
     n2.restart();
-    assert_eq!(n2.status("v")["phase"], "passthrough", "n2 never recorded it");
+    assert_eq!(
+        n2.status("v")["phase"],
+        "passthrough",
+        "n2 never recorded it"
+    );
     (n1, n2, model)
 }
 
