@@ -1510,3 +1510,37 @@ async fn a_cancel_the_directory_took_leaves_the_source_writable() {
         .await
         .expect("n1 owns v and no migration of it is recorded, yet it refuses writes");
 }
+
+/// The other side of the reconcile's check: a source restarted in
+/// passthrough, which the directory re-confirms as the owner, takes writes
+/// again once the destination says "passthrough", and the migration then
+/// hands off and completes as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restarted_in_passthrough_takes_writes_again() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n1.restart();
+    let c1 = common::client(&n1, "v").await;
+    let t = Instant::now();
+    while c1.write(0, b"after the restart", false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the re-confirmed source takes no write"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c1, 0, b"after the restart").await;
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    model
+        .check_as(&c2, "after the restarted source's migration")
+        .await;
+}
