@@ -1544,3 +1544,68 @@ async fn a_source_restarted_in_passthrough_takes_writes_again() {
         .check_as(&c2, "after the restarted source's migration")
         .await;
 }
+
+/// The destination's lease revoked by hand, twice: before its handoff (a
+/// clone not handed off is not held when the node rejoins: its handoff is
+/// a compare-and-swap under the new lease) and after it (the record
+/// is rebound, writes resume, the migration completes with every byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destinations_lease_revoked_by_hand_before_and_after_handoff() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    // Connected through the first revocation: its leaving would ask n2
+    // to hand off.
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(1 << 20, 11)).await;
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    let revoke = |what: &str| {
+        let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let l = v["kvs"][0]["lease"].as_i64().unwrap();
+        etcdctl(&etcd, &["lease", "revoke", &format!("{l:x}")]);
+        wait_until(what, TTL + 3, || {
+            let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+            let v: Value = serde_json::from_str(&out).unwrap();
+            v["kvs"][0]["lease"].as_i64().is_some_and(|n| n != l)
+        });
+    };
+    revoke("n2 rejoined before its handoff");
+    assert_eq!(record(&etcd, "v")["owner"], "n1", "not handed off yet");
+    let c2 = common::client(&n2, "v").await;
+    let t = Instant::now();
+    while c2.write(4096, b"first at n2", false).await.is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "n2 never hands off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c2, 4096, b"first at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    drop(c1);
+    revoke("n2 rejoined mid-hydration");
+    wait_until("v rebound to n2's new lease", TTL + 3, || {
+        let r = record(&etcd, "v");
+        let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["kvs"][0]["lease"].as_i64() == r["owner_lease"].as_i64()
+    });
+    let t = Instant::now();
+    while c2.write(8192, b"after the rebind", false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "n2 takes no write after rejoining"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c2, 8192, b"after the rebind").await;
+    let _ = n2.cli(&["migration", "set-rate", "v", "0"]); // complete already?
+    wait_until("the directory forgets the migration", 60, || {
+        record(&etcd, "v")["migration"].is_null()
+    });
+    wait_until("n1's copy is released", 15, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    model.check_as(&c2, "after both revocations").await;
+}
