@@ -1609,3 +1609,40 @@ async fn the_destinations_lease_revoked_by_hand_before_and_after_handoff() {
     });
     model.check_as(&c2, "after both revocations").await;
 }
+
+/// A migration that completes while etcd is down: the source copy is not
+/// released before the directory has forgotten the migration (the release
+/// waits for etcd), and both happen once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_completing_with_etcd_down_releases_the_source_only_after_the_directory() {
+    let mut etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "4M");
+    let mut model = common::Model::new(4 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(4 << 20, 13)).await;
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, b"at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    etcd.kill(0);
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        has_copy(&tmp.path().join("n1"), "v"),
+        "the source copy was released while the directory still records the migration"
+    );
+    etcd.restart(0);
+    wait_until("the directory forgets the migration", 30, || {
+        record(&etcd, "v")["migration"].is_null()
+    });
+    wait_until("n1's copy is released", 30, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    model.check_as(&c2, "after completing with etcd down").await;
+}
