@@ -15,6 +15,7 @@ declare -A PKG=(
   [promtool]=prometheus [prometheus]=prometheus
   [qemu-storage-daemon]=qemu-system-common
   [protoc]=protobuf-compiler [etcd]=etcd-server [etcdctl]=etcd-client
+  [strace]=strace
 )
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 export DEBIAN_FRONTEND=noninteractive

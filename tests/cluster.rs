@@ -1971,3 +1971,310 @@ async fn a_destination_crashing_after_its_claim_finishes_the_handoff_on_restart(
     models[1].check_as(&c2, "v2 after the crash").await;
     assert_eq!(record(&etcd, "v2")["generation"], 2, "claimed once");
 }
+
+/// Kills process `pid` (SIGKILL, delivered by strace's fault injection)
+/// at its next rename whose first path is `tmp`: for
+/// `DIR/volumes/VOL/table.tmp`,
+/// a crash at the very moment the volume's table is being persisted, e.g.
+/// just after a directory compare-and-swap and before the node recorded
+/// it. The returned strace ends with the process.
+fn crash_at_rename_from(pid: i32, tmp: &Path) -> common::KillOnDrop {
+    let strace = require("strace");
+    let child = Command::new(strace)
+        .args(["-qq", "-f", "-p", &pid.to_string(), "-P"])
+        .arg(tmp)
+        .args([
+            "-e",
+            "trace=rename,renameat,renameat2",
+            "-e",
+            "inject=rename,renameat,renameat2:signal=KILL",
+            "-o",
+            "/dev/null",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500)); // attached
+    common::KillOnDrop(child)
+}
+
+/// A takeover whose compare-and-swap was applied, the destination killed
+/// before it persisted anything of it (DESIGN: "a crash after the CAS is
+/// repaired at startup from etcd"): the directory gives `v` to n2 at
+/// generation 2, n2's clone (restarted) still says "passthrough", and n1
+/// (the source, killed before) was never fenced. Returns with n1 down.
+async fn takeover_claimed_but_not_persisted(
+    etcd: &Etcd,
+    tmp: &Path,
+) -> (NodeProc, NodeProc, common::Model) {
+    let mut n1 = etcd.node(&tmp.join("n1"), "n1");
+    let mut n2 = etcd.node_with(&tmp.join("n2"), "n2", &["--source-timeout", "2"]);
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(1 << 20, 5)).await;
+        c1.flush().await.unwrap();
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n1.kill();
+    let crash = crash_at_rename_from(n2.pid(), &tmp.join("n2").join("volumes/v/table.tmp"));
+    let o = n2.cli(&["migration", "handoff", "v"]);
+    assert!(!o.status.success(), "n2 was killed during its handoff");
+    drop(crash);
+    let r = record(etcd, "v");
+    assert_eq!(
+        (r["owner"].as_str(), r["generation"].as_u64()),
+        (Some("n2"), Some(2)),
+        "precondition: the takeover's compare-and-swap was applied: {r}"
+    );
+    assert_eq!(r["migration"]["source_fenced"], false, "{r}");
+    n2.restart();
+    assert_eq!(
+        n2.status("v")["phase"],
+        "passthrough",
+        "n2 never recorded it"
+    );
+    (n1, n2, model)
+}
+
+/// The source of a takeover comes back while the destination's clone, to
+/// which the directory already gives the volume, still answers
+/// "passthrough" (see [`takeover_claimed_but_not_persisted`]). The
+/// source's restart reconcile asks the destination, hears "passthrough"
+/// and lifts every hold, the cluster's "stale copy" one included: it then
+/// acknowledges writes, under no lease, for a volume the directory gives
+/// to n2. It must take none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_source_takes_no_write_for_a_volume_the_directory_gave_away() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n1, _n2, _model) = takeover_claimed_but_not_persisted(&etcd, tmp.path()).await;
+    n1.restart();
+    let c1 = common::client(&n1, "v").await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        if c1.write(0, b"zombie", false).await.is_ok() {
+            panic!(
+                "n1 acknowledged a write for v, which the directory gives to n2: {}",
+                record(&etcd, "v")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+}
+
+/// The same state, the source still down: the directory already gives the
+/// volume to n2 for this migration, so a handoff retried at n2 completes
+/// (the claim recognises its own earlier success) and whole-region writes
+/// are taken, as after any takeover. It must not wait for, and then give
+/// up on, a lease that its check reads as n2's own (alive) one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_applied_in_the_directory_completes_without_the_source() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (_n1, n2, mut model) = takeover_claimed_but_not_persisted(&etcd, tmp.path()).await;
+    cli_ok(&n2, &["migration", "handoff", "v"]);
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, &[7u8; 65536]).await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+}
+
+/// The source is killed between recording the migration in the directory
+/// and persisting it in its table (its `outgoing`): no prepare was ever
+/// sent, so no clone of it exists. After the restart the volume must be
+/// able to migrate again; here the directory keeps the dead migration,
+/// `migrate` is refused ("already migrating") and `migration cancel`
+/// finds nothing to cancel, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_killed_after_recording_a_migration_can_migrate_again() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let _n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let crash = crash_at_rename_from(n1.pid(), &tmp.path().join("n1").join("volumes/v/table.tmp"));
+    let o = n1.cli(&["migrate", "v", "--to", "n2"]);
+    assert!(!o.status.success(), "n1 was killed during migrate");
+    drop(crash);
+    let r = record(&etcd, "v");
+    assert!(
+        r["migration"].is_object(),
+        "precondition: the migration was recorded: {r}"
+    );
+    n1.restart();
+    let o = n1.cli(&["migrate", "v", "--to", "n2"]);
+    assert!(
+        o.status.success(),
+        "a migration nobody holds blocks the volume: {} (record {})",
+        String::from_utf8_lossy(&o.stderr),
+        record(&etcd, "v")
+    );
+}
+
+/// A cancel whose destination did not answer the drop (down here) has
+/// already made the directory forget the migration: no clone can take the
+/// volume from then on. The source must then not fence itself for that
+/// migration when the clone, back again, is asked to hand off (its claim
+/// can only fail): otherwise neither node takes writes for the volume,
+/// until an operator thinks of cancelling a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_directory_took_leaves_the_source_writable() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node_with(&tmp.path().join("n1"), "n1", &["--source-timeout", "2"]);
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n2.kill();
+    let o = n1.cli(&["migration", "cancel", "v"]);
+    assert!(!o.status.success(), "the drop could not be answered");
+    assert!(
+        record(&etcd, "v")["migration"].is_null(),
+        "precondition: the directory forgot the migration"
+    );
+    n2.restart();
+    let o = n2.cli(&["migration", "handoff", "v"]);
+    assert!(!o.status.success(), "a handoff of a forgotten migration");
+    assert_eq!(record(&etcd, "v")["owner"], "n1");
+    let c1 = common::client(&n1, "v").await;
+    c1.write(0, b"still n1's", false)
+        .await
+        .expect("n1 owns v and no migration of it is recorded, yet it refuses writes");
+}
+
+/// The other side of the reconcile's check: a source restarted in
+/// passthrough, which the directory re-confirms as the owner, takes writes
+/// again once the destination says "passthrough", and the migration then
+/// hands off and completes as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_restarted_in_passthrough_takes_writes_again() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    n1.restart();
+    let c1 = common::client(&n1, "v").await;
+    let t = Instant::now();
+    while c1.write(0, b"after the restart", false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the re-confirmed source takes no write"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c1, 0, b"after the restart").await;
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    model
+        .check_as(&c2, "after the restarted source's migration")
+        .await;
+}
+
+/// The destination's lease revoked by hand, twice: before its handoff (a
+/// clone not handed off is not held when the node rejoins: its handoff is
+/// a compare-and-swap under the new lease) and after it (the record
+/// is rebound, writes resume, the migration completes with every byte).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_destinations_lease_revoked_by_hand_before_and_after_handoff() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    // Connected through the first revocation: its leaving would ask n2
+    // to hand off.
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(1 << 20, 11)).await;
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
+    let revoke = |what: &str| {
+        let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        let l = v["kvs"][0]["lease"].as_i64().unwrap();
+        etcdctl(&etcd, &["lease", "revoke", &format!("{l:x}")]);
+        wait_until(what, TTL + 3, || {
+            let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+            let v: Value = serde_json::from_str(&out).unwrap();
+            v["kvs"][0]["lease"].as_i64().is_some_and(|n| n != l)
+        });
+    };
+    revoke("n2 rejoined before its handoff");
+    assert_eq!(record(&etcd, "v")["owner"], "n1", "not handed off yet");
+    let c2 = common::client(&n2, "v").await;
+    let t = Instant::now();
+    while c2.write(4096, b"first at n2", false).await.is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "n2 never hands off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c2, 4096, b"first at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    drop(c1);
+    revoke("n2 rejoined mid-hydration");
+    wait_until("v rebound to n2's new lease", TTL + 3, || {
+        let r = record(&etcd, "v");
+        let out = etcdctl(&etcd, &["get", "/dlsm/v1/nodes/n2", "-w", "json"]);
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["kvs"][0]["lease"].as_i64() == r["owner_lease"].as_i64()
+    });
+    let t = Instant::now();
+    while c2.write(8192, b"after the rebind", false).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "n2 takes no write after rejoining"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    model.write(&c2, 8192, b"after the rebind").await;
+    let _ = n2.cli(&["migration", "set-rate", "v", "0"]); // complete already?
+    wait_until("the directory forgets the migration", 60, || {
+        record(&etcd, "v")["migration"].is_null()
+    });
+    wait_until("n1's copy is released", 15, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    model.check_as(&c2, "after both revocations").await;
+}
+
+/// A migration that completes while etcd is down: the source copy is not
+/// released before the directory has forgotten the migration (the release
+/// waits for etcd), and both happen once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_completing_with_etcd_down_releases_the_source_only_after_the_directory() {
+    let mut etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "4M");
+    let mut model = common::Model::new(4 << 20);
+    {
+        let c1 = common::client(&n1, "v").await;
+        model.write(&c1, 0, &common::pattern(4 << 20, 13)).await;
+    }
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 0, b"at n2").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    etcd.kill(0);
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        has_copy(&tmp.path().join("n1"), "v"),
+        "the source copy was released while the directory still records the migration"
+    );
+    etcd.restart(0);
+    wait_until("the directory forgets the migration", 30, || {
+        record(&etcd, "v")["migration"].is_null()
+    });
+    wait_until("n1's copy is released", 30, || {
+        !has_copy(&tmp.path().join("n1"), "v")
+    });
+    model.check_as(&c2, "after completing with etcd down").await;
+}

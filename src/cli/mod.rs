@@ -274,11 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn migrate_to_takes_an_address_or_a_node_name() {
+        for to in ["hostb:7450", "10.0.0.2:7450", "hostb", "n-2.rack_1"] {
+            let cli = Cli::try_parse_from(["dlsm", "migrate", "vm1", "--to", to]);
+            assert!(cli.is_ok(), "{to:?} refused");
+        }
+        assert!(args::is_node_name("hostb"));
+        assert!(!args::is_node_name("hostb:7450"));
+        assert!(!args::is_node_name("10.0.0.2"), "an address without a port");
+    }
+
+    #[test]
     fn empty_addresses_and_names_are_refused() {
         for argv in [
             &["dlsm", "--api", "", "volume", "list"][..],
             &["dlsm", "migrate", "vm1", "--to", ""],
-            &["dlsm", "migrate", "vm1", "--to", "hostb"],
+            &["dlsm", "migrate", "vm1", "--to", "hostb:"],
+            &["dlsm", "migrate", "vm1", "--to", "host b"],
             &["dlsm", "serve", "--data-dir", "/d", "--node", ""],
             &["dlsm", "serve", "--data-dir", "/d", "--node", "a b"],
             &["dlsm", "serve", "--data-dir", "/d", "--listen", ""],

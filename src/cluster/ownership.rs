@@ -40,12 +40,12 @@ pub struct SourceLease {
 
 impl Cluster {
     /// Source: records that migration `id` of `name` to node `to` starts.
-    /// Refused unless this node owns the record under its current lease.
-    /// The caller has no outgoing migration of the volume (checked under
-    /// its ownership lock), so another migration recorded here is stale
-    /// (a destination dropped its clone while this node had forgotten it;
-    /// a completion not yet cleared): it is replaced, which also disarms
-    /// any clone of it. Returns the record's generation.
+    /// Refused unless this node owns the record under its current lease and
+    /// no other migration is recorded, but for one this node recorded
+    /// itself, still in passthrough: the caller (`node::migration::migrate`,
+    /// under the volume's ownership lock) has checked that its table has no
+    /// outgoing migration, so that one was never prepared anywhere. Returns
+    /// the record's generation.
     pub async fn start_migration(
         &self,
         name: &str,
@@ -58,7 +58,19 @@ impl Cluster {
             if m.id == id {
                 return Ok(rec.generation); // an earlier try was applied
             }
-            tracing::warn!(volume = name, stale = %m.id, from = %m.from, to = %m.to, "the directory records a migration this node does not hold: replacing it");
+            // Our own earlier start that never reached our table (killed
+            // in between, or its answer lost): the caller has no outgoing
+            // migration of the volume, so no prepare of that one was ever
+            // sent and no clone of it exists: it is replaced.
+            if m.from == self.name && m.phase == "passthrough" {
+                tracing::warn!(volume = name, old = %m.id, new = id, "replacing a migration recorded by this node that its table does not know");
+            } else {
+                return Err(ClusterError::Conflict(format!(
+                    "volume {name:?} is already migrating from {} to {} (migration {}) in the \
+                     cluster's directory",
+                    m.from, m.to, m.id
+                )));
+            }
         }
         rec.migration = Some(MigrationRecord {
             id: id.to_owned(),
@@ -169,14 +181,20 @@ impl Cluster {
         let Some((rec, _)) = self.record(name).await? else {
             return Err(ClusterError::NoSuchVolume(name.into()));
         };
-        let Some(m) = rec.migration.as_ref().filter(|m| m.id == id) else {
+        if rec.migration.as_ref().is_none_or(|m| m.id != id) {
             return Err(ClusterError::Conflict(format!(
                 "volume {name:?}: the cluster's directory records no migration {id}"
             )));
-        };
-        if rec.owner == self.name && m.to == self.name {
-            // Claimed already (this node crashed before it noted it): the
-            // claim is repeated at once, and recognised.
+        }
+        // Claimed already (a crash, or a lost answer, after this node's
+        // own compare-and-swap): the directory gives the volume to this
+        // node, whose lease is not the source's; the claim recognises it.
+        if rec.owner == self.name
+            && rec
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.to == self.name && rec.generation == m.started_gen + 1)
+        {
             return Ok(SourceLease {
                 gone: true,
                 ttl: Duration::ZERO,

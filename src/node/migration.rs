@@ -941,6 +941,17 @@ pub async fn cancel(
                 "cancel --force: destination unreachable ({e}); forgetting the migration"
             );
         }
+        Err(e) if super::cluster_migration::is_cluster_volume(state, &vol) => {
+            // The directory has forgotten the migration: it can never hand
+            // off now, so this node goes on refusing to fence for it (a
+            // fence could only leave the volume with no writer).
+            return Err(MigrationError::Peer(format!(
+                "cannot reach the destination {} to drop its clone: {e}; the cluster's \
+                 directory has forgotten the migration, so it cannot hand off: run `dlsm \
+                 migration cancel {name}` again to finish once the destination answers",
+                out.to
+            )));
+        }
         Err(e) => {
             // Not cancelled: the migration may go on.
             mark_cancelling(&vol, &out.id, false)?;
@@ -1336,6 +1347,17 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                 .get::<MigrationState>(&path)
                 .await;
             match r {
+                // Cluster mode: only a copy the directory re-confirmed as
+                // this node's at startup (bound to its lease by `adopt`)
+                // may take writes again; one it gives to another node
+                // (a takeover the destination had not recorded yet when
+                // it answered) stays held until that node fences it.
+                Ok(MigrationState::Passthrough)
+                    if super::cluster_migration::is_cluster_volume(&state, &vol)
+                        && !vol.fence.is_lease_bound() =>
+                {
+                    warn!(volume = %name, migration = %id, event = "fault", "the destination says passthrough, but the cluster's directory does not give this copy to this node: writes stay held");
+                }
                 Ok(MigrationState::Passthrough) => {
                     vol.fence.release_hold();
                     info!(volume = %name, migration = %id, event = "recovered", "destination has not taken the volume: writes resume");
@@ -1358,7 +1380,9 @@ fn spawn_reconcile(state: Arc<NodeState>, name: String, id: String) {
                     let Some(o) = vol.table().outgoing.filter(|o| o.id == id) else {
                         return; // cancelled while the question was out
                     };
-                    if o.cancelling || o.rollback_of.is_some() {
+                    let confirmed = !super::cluster_migration::is_cluster_volume(&state, &vol)
+                        || vol.fence.is_lease_bound();
+                    if confirmed && (o.cancelling || o.rollback_of.is_some()) {
                         // A rollback whose destination (the old source)
                         // never heard of it has not handed off and never
                         // will (this node refuses the fence from now on):
