@@ -30,6 +30,10 @@ use async_trait::async_trait;
 
 use crate::target::{BlockError, BlockResult, BlockTarget, Capabilities, Extent, ZeroFlags};
 
+/// The slots of [`Fence`]'s holds.
+const MIGRATION: usize = 0;
+const CLUSTER: usize = 1;
+
 /// The fence state of one volume.
 #[derive(Default)]
 pub struct Fence {
@@ -39,9 +43,15 @@ pub struct Fence {
     /// The migration the fence was closed for (empty: loaded closed, or
     /// closed before identities existed).
     closed_for: Mutex<String>,
-    /// Why writes are held (not fenced for good), if they are.
-    held: Mutex<Option<String>>,
-    /// Whether `held` is set: the write path looks here, not at the lock.
+    /// Why writes are held (not fenced for good), if they are: by the
+    /// migration protocol (`[MIGRATION]`: a source restarted mid-migration,
+    /// until the destination answers) and by the cluster's directory
+    /// (`[CLUSTER]`: not re-confirmed yet, stale, orphan). Two slots, each
+    /// lifted only by what set it: an answer about a migration never lifts
+    /// the directory's hold, nor the other way round.
+    held: Mutex<[Option<String>; 2]>,
+    /// Whether any slot of `held` is set: the write path looks here, not
+    /// at the lock.
     is_held: AtomicBool,
     /// Cluster mode: the node's lease, which every write must be inside.
     lease: std::sync::OnceLock<Arc<crate::cluster::LeaseClock>>,
@@ -107,22 +117,50 @@ impl Fence {
         }
     }
 
-    /// Refuses writes until [`Fence::release_hold`], saying `why`.
+    /// Refuses writes until [`Fence::release_hold`], saying `why` (the
+    /// migration protocol's hold).
     pub fn hold(&self, why: String) {
-        *self.held.lock().unwrap() = Some(why);
-        self.is_held.store(true, Ordering::SeqCst);
+        self.set_hold(MIGRATION, Some(why));
     }
 
-    /// Lifts a hold (writes go through again unless fenced).
+    /// Lifts the migration protocol's hold (writes go through again unless
+    /// fenced or held by the cluster).
     pub fn release_hold(&self) {
-        let mut held = self.held.lock().unwrap();
-        self.is_held.store(false, Ordering::SeqCst);
-        *held = None;
+        self.set_hold(MIGRATION, None);
     }
 
-    /// Why writes are held, if they are.
+    /// Refuses writes until [`Fence::release_cluster_hold`], saying `why`
+    /// (the cluster directory's hold).
+    pub fn hold_cluster(&self, why: String) {
+        self.set_hold(CLUSTER, Some(why));
+    }
+
+    /// Lifts the cluster directory's hold.
+    pub fn release_cluster_hold(&self) {
+        self.set_hold(CLUSTER, None);
+    }
+
+    fn set_hold(&self, slot: usize, why: Option<String>) {
+        let mut held = self.held.lock().unwrap();
+        held[slot] = why;
+        self.is_held
+            .store(held.iter().any(Option::is_some), Ordering::SeqCst);
+    }
+
+    /// Why writes are held, if they are (the directory's reason first).
     pub fn held(&self) -> Option<String> {
-        self.held.lock().unwrap().clone()
+        let held = self.held.lock().unwrap();
+        held[CLUSTER].clone().or_else(|| held[MIGRATION].clone())
+    }
+
+    /// Why the migration protocol holds writes, if it does.
+    pub fn held_for_migration(&self) -> Option<String> {
+        self.held.lock().unwrap()[MIGRATION].clone()
+    }
+
+    /// Why the cluster's directory holds writes, if it does.
+    pub fn held_by_cluster(&self) -> Option<String> {
+        self.held.lock().unwrap()[CLUSTER].clone()
     }
 
     /// Refuses writes from now on (for migration `id`), waits for admitted
@@ -147,8 +185,8 @@ impl Fence {
             )));
         }
         if self.is_held.load(Ordering::SeqCst) {
-            if let Some(why) = &*self.held.lock().unwrap() {
-                return Err(BlockError::Fenced(why.clone()));
+            if let Some(why) = self.held() {
+                return Err(BlockError::Fenced(why));
             }
         }
         self.check_lease()?;
@@ -313,6 +351,31 @@ mod tests {
         let gate = FenceGate::new(t, f.clone());
         let e = gate.write(0, b"x", false).await.unwrap_err();
         assert_eq!(e.nbd_errno(), crate::nbd::proto::errno::EIO, "{e}");
+    }
+
+    /// An answer about a migration lifts only the migration's hold: a
+    /// copy the cluster's directory holds (stale, not re-confirmed) stays
+    /// held, and the other way round.
+    #[tokio::test]
+    async fn each_hold_is_lifted_only_by_what_set_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t: Arc<dyn BlockTarget> =
+            Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let gate = FenceGate::new(t, f.clone());
+        f.hold("writes held: migration".into());
+        f.hold_cluster("writes refused: stale".into());
+        f.release_hold();
+        let e = gate.write(0, b"x", false).await.unwrap_err();
+        assert!(e.to_string().contains("stale"), "{e}");
+        assert_eq!(f.held_for_migration(), None);
+        f.hold("writes held: migration".into());
+        f.release_cluster_hold();
+        let e = gate.write(0, b"x", false).await.unwrap_err();
+        assert!(e.to_string().contains("migration"), "{e}");
+        f.release_hold();
+        gate.write(0, b"x", false).await.unwrap();
+        assert_eq!(f.held(), None);
     }
 
     #[tokio::test]

@@ -308,7 +308,9 @@ pub fn resume_all(state: &Arc<NodeState>) {
             // Held since the store loaded it (before any listener); a
             // rollback is not held (see `store::load_volume`) but is still
             // settled with the node it goes to.
-            if v.fence.held().is_some() || (out.rollback_of.is_some() && !v.fence.is_fenced()) {
+            if v.fence.held_for_migration().is_some()
+                || (out.rollback_of.is_some() && !v.fence.is_fenced())
+            {
                 spawn_reconcile(state.clone(), v.name.clone(), out.id.clone());
             }
         }
