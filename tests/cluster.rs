@@ -810,7 +810,9 @@ async fn a_stale_copy_is_held_and_a_peer_mode_volume_is_not() {
     let c = common::client(&n2, "x").await;
     let e = c.write(0, &[1u8; 512], false).await.unwrap_err();
     assert_eq!(common::errno_of(e), 1, "EPERM: the copy is stale");
-    assert_eq!(c.read(0, 512).await.unwrap(), vec![0u8; 512]);
+    // Nor read: n1's x is the volume now.
+    let e = c.read(0, 512).await.unwrap_err();
+    assert_eq!(common::errno_of(e), 5, "EIO: the copy is stale");
     drop(c);
     let p = common::client(&n2, "p").await;
     p.write(0, &[2u8; 512], false).await.unwrap();
@@ -1154,6 +1156,13 @@ async fn a_dead_source_is_taken_over_without_force_and_fenced_when_it_returns() 
         .await
         .expect_err("the returning source took a write");
     assert!(matches!(common::errno_of(e), 1 | 5), "EPERM or EIO");
+    // Nor does it serve its stale data to a client (n2 acknowledged a
+    // newer region 0).
+    let e = c1
+        .read(0, 4096)
+        .await
+        .expect_err("the returning source served a stale read");
+    assert_eq!(common::errno_of(e), 5, "EIO: a stale copy");
     drop(c1);
     cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
     n2.wait_phase("v", "complete", 60);

@@ -53,6 +53,12 @@ pub struct Fence {
     /// Whether any slot of `held` is set: the write path looks here, not
     /// at the lock.
     is_held: AtomicBool,
+    /// The cluster's directory says this copy is stale (another node owns
+    /// the volume, or nobody does): clients' reads are refused too, since
+    /// they would see data older than what the owner acknowledged. A
+    /// migration's origin link reads the volume's own target, not through
+    /// this gate, and is unaffected.
+    stale: AtomicBool,
     /// Cluster mode: the node's lease, which every write must be inside.
     lease: std::sync::OnceLock<Arc<crate::cluster::LeaseClock>>,
 }
@@ -137,7 +143,26 @@ impl Fence {
 
     /// Lifts the cluster directory's hold.
     pub fn release_cluster_hold(&self) {
+        self.stale.store(false, Ordering::SeqCst);
         self.set_hold(CLUSTER, None);
+    }
+
+    /// The cluster directory's hold for a stale copy: writes and clients'
+    /// reads are refused, saying `why`.
+    pub fn hold_stale(&self, why: String) {
+        self.stale.store(true, Ordering::SeqCst);
+        self.set_hold(CLUSTER, Some(why));
+    }
+
+    /// Err (EIO) if this copy is stale (see [`Fence::hold_stale`]).
+    fn check_fresh(&self) -> BlockResult<()> {
+        if self.stale.load(Ordering::SeqCst) {
+            return Err(BlockError::Io(std::io::Error::other(format!(
+                "read refused: {}",
+                self.held().unwrap_or_else(|| "this copy is stale".into())
+            ))));
+        }
+        Ok(())
     }
 
     fn set_hold(&self, slot: usize, why: Option<String>) {
@@ -222,6 +247,7 @@ impl BlockTarget for FenceGate {
         self.inner.capabilities()
     }
     async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.fence.check_fresh()?;
         self.inner.read(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
@@ -243,9 +269,11 @@ impl BlockTarget for FenceGate {
         self.fence.check_lease()
     }
     async fn block_status(&self, offset: u64, len: u64) -> BlockResult<Vec<Extent>> {
+        self.fence.check_fresh()?;
         self.inner.block_status(offset, len).await
     }
     async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.fence.check_fresh()?;
         self.inner.cache(offset, len).await
     }
     fn allocated_bytes(&self) -> u64 {

@@ -439,7 +439,7 @@ impl Node {
                     let arriving = v.clone_target().is_some_and(|c| !c.is_handed_off());
                     if v.fence.is_lease_bound() && !ours && !arriving {
                         warn!(volume = %v.name, "the cluster's directory no longer gives this volume to this node: writes refused");
-                        v.fence.hold_cluster(format!(
+                        v.fence.hold_stale(format!(
                             "writes refused: the cluster's directory no longer gives volume {} \
                              to this node (found when its lease was replaced); this copy is stale \
                              (`volume rm` deletes it)",
@@ -572,7 +572,7 @@ async fn adopt(
                 }
                 other => {
                     warn!(volume = %v.name, "stale clone: the cluster's directory no longer records its migration to this node");
-                    v.fence.hold_cluster(format!(
+                    v.fence.hold_stale(format!(
                         "writes refused: the cluster's directory no longer records migration {}                          of volume {} to this node{}; this copy is stale",
                         cl.migration_id(),
                         v.name,
@@ -596,7 +596,7 @@ async fn adopt(
             // the operator decides.
             Some((_, rg)) => {
                 warn!(volume = %v.name, local = g, record = rg, "stale copy: the directory's record of this volume has another generation");
-                v.fence.hold_cluster(format!(
+                v.fence.hold_stale(format!(
                     "writes refused: this copy of volume {} is of generation {g}, the \
                      cluster's directory gives it to this node at generation {rg}; this copy \
                      is stale",
@@ -613,7 +613,7 @@ async fn adopt(
             }
             Some((r, _)) => {
                 warn!(volume = %v.name, owner = %r.owner, "stale copy: the cluster gives this volume to another node");
-                v.fence.hold_cluster(format!(
+                v.fence.hold_stale(format!(
                     "writes refused: the cluster's directory gives volume {} to node {} \
                      (generation {}); this copy is stale",
                     v.name, r.owner, r.generation
@@ -624,7 +624,7 @@ async fn adopt(
             // confirms it is ours, and the name may be created elsewhere.
             None if v.table().generation > 0 => {
                 warn!(volume = %v.name, "orphan copy: made in the cluster, but the directory has no record of it");
-                v.fence.hold_cluster(format!(
+                v.fence.hold_stale(format!(
                     "writes refused: volume {} was made in the cluster (generation {}) but the \
                      cluster's directory has no record of it; this copy is an orphan \
                      (`volume rm` deletes it)",
