@@ -2287,3 +2287,43 @@ async fn a_migration_completing_with_etcd_down_releases_the_source_only_after_th
     });
     model.check_as(&c2, "after completing with etcd down").await;
 }
+
+/// A clone left on a destination by a migration the directory no longer
+/// records (here: `cancel --force` while the destination was down, so its
+/// drop went unanswered) does not block the volume's next migration there:
+/// that prepare drops it (it never took a write) and the new migration
+/// hands off and completes. The left-over clone could never take the
+/// volume meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_left_over_clone_does_not_block_the_next_migration() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node_with(&tmp.path().join("n1"), "n1", &["--source-timeout", "1"]);
+    let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let mut model = common::Model::new(1 << 20);
+    let c1 = common::client(&n1, "v").await;
+    model.write(&c1, 0, &common::pattern(1 << 20, 31)).await;
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let old = record(&etcd, "v")["migration"]["id"].clone();
+    n2.kill();
+    cli_ok(&n1, &["migration", "cancel", "v", "--force"]);
+    n2.restart();
+    assert!(record(&etcd, "v")["migration"].is_null());
+    assert!(has_copy(&tmp.path().join("n2"), "v"), "the clone was left");
+    // It cannot take the volume: its claim names a migration the
+    // directory forgot.
+    let e = cli_err(&n2, &["migration", "handoff", "v"]);
+    assert!(matches!(e["http_status"].as_u64(), Some(409 | 503)), "{e}");
+    assert_eq!(record(&etcd, "v")["owner"], "n1");
+    model.write(&c1, 0, b"n1 still writes").await;
+
+    cli_ok(&n1, &["migrate", "v", "--to", "n2"]);
+    let r = record(&etcd, "v");
+    assert_ne!(r["migration"]["id"], old, "{r}");
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"n2 now").await;
+    assert_eq!(record(&etcd, "v")["generation"], 2);
+    n2.wait_phase("v", "complete", 60);
+    model.check_as(&c2, "after the left-over clone").await;
+}

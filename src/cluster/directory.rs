@@ -170,23 +170,35 @@ impl Cluster {
     /// comparing its revision and that `nodes/NAME` is under `lease`.
     /// Returns the names this node owns.
     pub async fn rebind_owned(&self, lease: i64) -> Result<Vec<(String, u64)>, ClusterError> {
-        let names = self.owned().await?;
         let mut owned = Vec::new();
-        for name in names {
-            let Some((mut rec, rev)) = self.record(&name).await? else {
-                continue; // an index entry whose record went: nothing to own
+        for name in self.owned().await? {
+            if let Some(g) = self.rebind_one(&name, lease).await? {
+                owned.push((name, g));
+            }
+        }
+        Ok(owned)
+    }
+
+    /// Rebinds `name`'s record to `lease` if this node owns it; its
+    /// generation, or `None` if the record is gone or names another node.
+    /// A record that changed between the read and the transaction (this
+    /// node's own migration start or clear, racing a lost lease's
+    /// rebinding; a takeover) is read again, a few times.
+    async fn rebind_one(&self, name: &str, lease: i64) -> Result<Option<u64>, ClusterError> {
+        let (vkey, nkey) = (volume_key(name), node_key(&self.name));
+        for _ in 0..5 {
+            let Some((mut rec, rev)) = self.record(name).await? else {
+                return Ok(None); // an index entry whose record went
             };
             if rec.owner != self.name {
-                continue;
+                return Ok(None); // moved while this node was away
             }
-            owned.push((name.clone(), rec.generation));
             if rec.owner_lease == lease {
-                continue;
+                return Ok(Some(rec.generation));
             }
             rec.owner_lease = lease;
             rec.changed = super::now_rfc3339();
             let value = serde_json::to_string(&rec).expect("record serialises");
-            let (vkey, nkey) = (volume_key(&name), node_key(&self.name));
             let r = self
                 .etcd
                 .call("rebind volume record", CALL_TIMEOUT, |mut c| {
@@ -199,23 +211,11 @@ impl Cluster {
                     async move { c.txn(txn).await }
                 })
                 .await?;
-            if !r.succeeded() {
-                // Read again: a retry whose first try was applied is fine;
-                // a record that moved meanwhile (a takeover while this node
-                // was away) is not ours any more.
-                match self.record(&name).await? {
-                    Some((now, _)) if now.owner == self.name && now.owner_lease == lease => {}
-                    Some((now, _)) if now.owner != self.name => {
-                        owned.pop();
-                    }
-                    None => {
-                        owned.pop();
-                    }
-                    _ => return Err(ClusterError::Conflict(format!("rebinding {vkey}"))),
-                }
+            if r.succeeded() {
+                return Ok(Some(rec.generation));
             }
         }
-        Ok(owned)
+        Err(ClusterError::Conflict(format!("rebinding {vkey}")))
     }
 
     /// Every record, [`PAGE`] per request, all pages at one revision (one

@@ -688,7 +688,27 @@ mod cluster {
         name: &str,
         mut req: MigrateRequest,
     ) -> Result<MigrationStatus, ApiError> {
-        match s.store.get(name) {
+        let here = s.store.get(name);
+        // A cluster copy here that the directory gives to another node (a
+        // stale copy) is not the volume: ask its owner, as from a node
+        // without a copy.
+        let owner_elsewhere = match &here {
+            Ok(v) if v.table().generation > 0 => c
+                .record(name)
+                .await?
+                .map(|(r, _)| r.owner)
+                .filter(|o| *o != c.name),
+            _ => None,
+        };
+        if let Some(owner) = owner_elsewhere {
+            let peer = peer_of(s, c, &owner).await?;
+            let path = format!("/v1/volumes/{}/migrate", encode_segment(name));
+            return peer
+                .post(&path, &req)
+                .await
+                .map_err(|e| forwarded(&owner, e));
+        }
+        match here {
             Ok(v) if v.table().generation == 0 => Ok(migration::migrate(s, name, req, None).await?),
             Ok(_) => {
                 let to = req.to.clone();

@@ -358,7 +358,8 @@ pub async fn migrate(
         }
         if to_node.is_some() {
             return Err(MigrationError::Conflict(format!(
-                "volume {name:?} is still copying in from its previous migration ({}); in                  cluster mode it can migrate on once that completes",
+                "volume {name:?} is still copying in from its previous migration ({}); in \
+                 cluster mode it can migrate on once that completes",
                 c.migration_id()
             )));
         }
@@ -445,7 +446,8 @@ pub async fn migrate(
             if generation.is_some() {
                 if let Err(f) = super::cluster_migration::forget(state, name, &id).await {
                     return Err(MigrationError::Peer(format!(
-                        "{e}; the migration could not be forgotten in the cluster's directory                          ({f}), so it stays recorded: `dlsm migration cancel {name}` ends it"
+                        "{e}; the migration could not be forgotten in the cluster's directory \
+                         ({f}), so it stays recorded: `dlsm migration cancel {name}` ends it"
                     )));
                 }
             }
@@ -489,6 +491,9 @@ pub async fn prepare(
         Some(g) => Some(super::cluster_migration::check_prepare(state, &req, g).await?),
         None => None,
     };
+    if cluster.is_some() {
+        drop_stale_clone(state, &req.name, &req.id).await?;
+    }
     // Create, start and supervise in a task of its own: if the caller
     // goes away mid-way (its future dropped), the clone still gets its
     // hydrator and supervisor instead of idling until a restart.
@@ -524,6 +529,49 @@ pub async fn prepare(
     });
     task.await
         .map_err(|e| MigrationError::Peer(e.to_string()))?
+}
+
+/// Destination, cluster mode, preparing migration `id` that the directory
+/// records to this node: a clone here of another migration of the volume,
+/// not handed off (a prepare whose answer was lost, a cancel whose drop
+/// went unanswered), can never be handed off any more (its claim would
+/// fail) and holds nothing the volume needs (it took no write: writes hand
+/// off first), so it is dropped instead of blocking the prepare.
+async fn drop_stale_clone(
+    state: &Arc<NodeState>,
+    name: &str,
+    id: &str,
+) -> Result<(), MigrationError> {
+    let Ok(vol) = state.store.get(name) else {
+        return Ok(());
+    };
+    let Some(c) = vol
+        .clone_target()
+        .filter(|c| c.migration_id() != id && c.rollback_of().is_none())
+    else {
+        return Ok(());
+    };
+    if !c.cancel_before_handoff().await {
+        return Ok(()); // handed off: the store's refusal says so
+    }
+    warn!(
+        volume = name,
+        stale = c.migration_id(),
+        migration = id,
+        event = "cancelled",
+        "dropping a clone of a migration the cluster's directory no longer records"
+    );
+    let mut ended = c.status();
+    ended.phase = Phase::Cancelled;
+    state.history.record(
+        ended,
+        "dropped: the cluster's directory records a newer migration of the volume to this node",
+    );
+    let store = state.store.clone();
+    tokio::task::spawn_blocking(move || store.remove_volume(&vol, RemoveMode::Cancelled))
+        .await
+        .map_err(|e| MigrationError::Peer(e.to_string()))??;
+    Ok(())
 }
 
 /// Source: fences the volume for migration `id` (writes refused from now
@@ -872,12 +920,26 @@ pub async fn cancel(
     // (false: it was handed off already; the destination says so below).
     if super::cluster_migration::is_cluster_volume(state, &vol) {
         let r = super::cluster_migration::forget(state, name, &out.id).await;
+        if let Err(e) = r {
+            // The clear may have been applied with its answer lost: then
+            // no clone can claim the volume any more, and a fence for it
+            // would leave no writer. So the cancel stays recorded (this
+            // node refuses that fence) until a retry settles it.
+            return Err(MigrationError::Cluster(
+                crate::cluster::ClusterError::Unavailable(format!(
+                    "{e}; the cancel stays recorded here (this node will not hand the volume \
+                     off for this migration): run `dlsm migration cancel {name}` again once \
+                     the cluster answers"
+                )),
+            ));
+        }
         if !matches!(r, Ok(true)) {
             let _own = vol.ownership.lock().await;
             mark_cancelling(&vol, &out.id, false)?;
             return Err(r.err().unwrap_or_else(|| {
                 MigrationError::Conflict(format!(
-                    "volume {name:?}: the cluster's directory gives it to another node now                      (migration {} was handed off): it cannot be cancelled; it comes back by                      `dlsm migrate {name} --to NODE`",
+                    "volume {name:?}: the cluster's directory gives it to another node now \
+                     (migration {} was handed off): it cannot be cancelled; it comes back by                      `dlsm migrate {name} --to NODE`",
                     out.id
                 ))
             }));
@@ -923,7 +985,8 @@ pub async fn cancel(
             }
             if super::cluster_migration::is_cluster_volume(state, &vol) {
                 return Err(MigrationError::Conflict(format!(
-                    "volume {name:?} was handed off already ({e}): it is on the destination                      now; in cluster mode it comes back by `dlsm migrate {name} --to NODE`"
+                    "volume {name:?} was handed off already ({e}): it is on the destination \
+                     now; in cluster mode it comes back by `dlsm migrate {name} --to NODE`"
                 )));
             }
             // A rollback: the destination migrates it back here. Asked
