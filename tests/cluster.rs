@@ -2327,3 +2327,30 @@ async fn a_left_over_clone_does_not_block_the_next_migration() {
     n2.wait_phase("v", "complete", 60);
     model.check_as(&c2, "after the left-over clone").await;
 }
+
+/// A node started on a cluster data directory without `--cluster-etcd`
+/// cannot vouch for its cluster copies (another node may own them since,
+/// and there is no lease to bind writes to): they refuse writes and
+/// reads, saying why, and cannot be migrated the peer-mode way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_copies_are_held_on_a_node_started_outside_its_cluster() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let mut n1 = etcd.node(&dir, "n1");
+    n1.create("v", "1M");
+    assert!(n1.stop());
+    let alone = NodeProc::start_in(&dir);
+    let c = common::client(&alone, "v").await;
+    let e = c.write(0, b"no lease", false).await.unwrap_err();
+    assert_eq!(common::errno_of(e), 1, "EPERM: held");
+    let e = c.read(0, 512).await.unwrap_err();
+    assert_eq!(common::errno_of(e), 5, "EIO: not vouched for");
+    let other = NodeProc::start();
+    let e = cli_err(&alone, &["migrate", "v", "--to", &other.api]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("--cluster-etcd"),
+        "{e}"
+    );
+}

@@ -311,6 +311,19 @@ impl Node {
             for v in store.list() {
                 v.fence.hold_cluster(CLUSTER_HOLD.into());
             }
+        } else {
+            // A cluster copy on a node started without its cluster: nothing
+            // here can say whether it is still the volume (another node may
+            // own it since), and writes would be bound to no lease.
+            for v in store.list().iter().filter(|v| v.table().generation > 0) {
+                let g = v.table().generation;
+                warn!(volume = %v.name, generation = g, "a cluster copy on a node not in a cluster: held");
+                v.fence.hold_stale(format!(
+                    "writes and reads refused: volume {} is a cluster volume (generation {g}) \
+                     and this node was started without --cluster-etcd; start it in its cluster",
+                    v.name
+                ));
+            }
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         let registry: Arc<dyn ExportRegistry> = Arc::new(Registry(store.clone()));
