@@ -1007,6 +1007,7 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     let r = record(&etcd, "v");
     assert_eq!(r["owner"], "n1", "{r}");
     assert_eq!(r["generation"], 1, "{r}");
+    assert_eq!(r["table"]["kind"], "local", "{r}");
     let m = &r["migration"];
     assert_eq!(
         (m["from"].as_str(), m["to"].as_str(), m["phase"].as_str()),
@@ -1030,6 +1031,8 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     assert_eq!(r["generation"], 2, "{r}");
     assert_eq!(r["migration"]["phase"], "hydrating", "{r}");
     assert_eq!(r["migration"]["source_fenced"], true, "{r}");
+    assert_eq!(r["table"]["kind"], "clone", "{r}");
+    assert_eq!(r["table"]["region_size"], 65536, "{r}");
     assert_eq!(index_of(&etcd, "v"), vec!["n2=2".to_owned()]);
     let e = c1
         .write(0, b"late", false)
@@ -1047,6 +1050,7 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     wait_until("the directory forgets the migration", 15, || {
         record(&etcd, "v")["migration"].is_null()
     });
+    assert_eq!(record(&etcd, "v")["table"]["kind"], "local");
     wait_until("n1's copy is released", 15, || {
         !has_copy(&tmp.path().join("n1"), "v")
     });

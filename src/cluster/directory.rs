@@ -43,6 +43,7 @@ impl Cluster {
             generation: 1,
             id: crate::node::store::new_migration_id(),
             migration: None,
+            table: Some(super::TableSummary::local()),
             created: now.clone(),
             changed: now,
         };

@@ -222,8 +222,32 @@ pub struct VolumeRecord {
     /// completion or by a cancel).
     #[serde(default)]
     pub migration: Option<MigrationRecord>,
+    /// What the owner's table is, in short (the stack itself stays on the
+    /// node): written at create, handoff and completion.
+    #[serde(default)]
+    pub table: Option<TableSummary>,
     pub created: String,
     pub changed: String,
+}
+
+/// [`VolumeRecord::table`]: the kind of the owner's top target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableSummary {
+    /// `local` (a file on the owner) or `clone` (hydrating from the
+    /// migration's source).
+    pub kind: String,
+    /// A clone's region size, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region_size: Option<u64>,
+}
+
+impl TableSummary {
+    pub fn local() -> Self {
+        TableSummary {
+            kind: "local".into(),
+            region_size: None,
+        }
+    }
 }
 
 /// The `migration` of a [`VolumeRecord`]: the one migration of the volume

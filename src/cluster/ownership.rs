@@ -102,6 +102,9 @@ impl Cluster {
         if rec.migration.as_ref().is_none_or(|m| m.id != id) {
             return Ok(true); // already cleared (or never recorded)
         }
+        if rec.migration.as_ref().is_some_and(|m| m.to == self.name) {
+            rec.table = Some(super::TableSummary::local()); // completed here
+        }
         rec.migration = None;
         self.swap("clear migration", &rec, rev, &[], Vec::new())
             .await?;
@@ -114,7 +117,13 @@ impl Cluster {
     /// `nodes/` key is still not under the lease the record names).
     /// Returns the new generation. Refused if the record does not name
     /// this migration to this node at the generation it started from.
-    pub async fn claim(&self, name: &str, id: &str, takeover: bool) -> Result<u64, ClusterError> {
+    pub async fn claim(
+        &self,
+        name: &str,
+        id: &str,
+        takeover: bool,
+        region_size: u64,
+    ) -> Result<u64, ClusterError> {
         let Some((mut rec, rev)) = self.record(name).await? else {
             return Err(ClusterError::NoSuchVolume(name.into()));
         };
@@ -145,6 +154,10 @@ impl Cluster {
         rec.owner = self.name.clone();
         rec.owner_lease = lease;
         rec.generation += 1;
+        rec.table = Some(super::TableSummary {
+            kind: "clone".into(),
+            region_size: Some(region_size),
+        });
         rec.migration = Some(MigrationRecord {
             phase: "hydrating".into(),
             source_fenced: !takeover,

@@ -236,11 +236,18 @@ impl MigrationHooks for NodeHooks {
         let Some((c, name, id)) = self.cluster_clone() else {
             return Ok(());
         };
-        let gen = c.claim(&name, &id, takeover).await.map_err(|e| {
-            FenceError::Unreachable(format!(
-                "the cluster's directory did not give the volume to this node: {e}"
-            ))
-        })?;
+        let region_size = match &self.table.lock().unwrap().target {
+            TargetSpec::Clone { region_size, .. } => *region_size,
+            _ => 0,
+        };
+        let gen = c
+            .claim(&name, &id, takeover, region_size)
+            .await
+            .map_err(|e| {
+                FenceError::Unreachable(format!(
+                    "the cluster's directory did not give the volume to this node: {e}"
+                ))
+            })?;
         crate::crash::point("after-claim");
         // Durable before any write is taken: a restart finds the copy at
         // the record's generation.
