@@ -10,5 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 DLSM_HANDOFF_ROUNDS=${1:-20} cargo test --release --features cluster --test cluster \
-  -- --ignored handoff_time_in_cluster_mode_beside_peer_mode --nocapture 2>/dev/null \
-  | grep '^handoff:' | tee bench/out/cluster-handoff.txt
+  -- --ignored handoff_time_in_cluster_mode_beside_peer_mode --nocapture 2>&1 \
+  | grep -E '^handoff:|panicked|^test result' | tee bench/out/cluster-handoff.txt
+grep -q '^handoff: cluster / peer' bench/out/cluster-handoff.txt

@@ -10,5 +10,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 DLSM_SCALE_VOLUMES=${1:-200} DLSM_SCALE_NODES=${2:-5} cargo test --release --features cluster \
-  --test cluster -- scale_volumes_over_nodes_migrating_at_once --nocapture 2>/dev/null \
-  | grep '^scale:' | tee bench/out/cluster-scale.txt
+  --test cluster -- scale_volumes_over_nodes_migrating_at_once --nocapture 2>&1 \
+  | grep -E '^scale:|panicked|^test result' | tee bench/out/cluster-scale.txt
+grep -q '^scale: etcd' bench/out/cluster-scale.txt

@@ -1839,7 +1839,10 @@ async fn handoff_time_in_cluster_mode_beside_peer_mode() {
             let _ = dst.cli(&["migration", "set-rate", &vol, "0"]);
             dst.wait_phase(&vol, "complete", 60);
             drop(b);
-            cli_ok(dst, &["volume", "rm", &vol]);
+            // (The node sees the client go a moment later.)
+            wait_until("the volume removed", 10, || {
+                dst.cli(&["volume", "rm", &vol]).status.success()
+            });
         }
     }
     let median = |v: &Vec<f64>| {
