@@ -1,0 +1,1109 @@
+//! One seeded etcd-nemesis run: a 3-member etcd, 3 cluster-mode nodes each
+//! behind its own proxies to etcd, a verifying client per volume, faults at
+//! random moments, and the checks (see `tests/chaos_etcd.rs`).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use nix::sys::signal::Signal;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::common::etcd::{health, Etcd};
+use crate::common::{require, DLSM};
+use crate::node::ENode;
+use crate::proxy::{Mode, Proxy};
+use crate::worker::{Ack, NodeStat, Nodes, Shared, Worker};
+
+const MIB: u64 = 1 << 20;
+/// An acknowledged write's request left the harness at least this long
+/// after the node's lease deadline before it counts as a violation (the
+/// harness notes a fault's time only after it took effect; this covers
+/// its own scheduling).
+const SLACK: Duration = Duration::from_millis(300);
+/// An etcd leader cut from its quorum may renew leases until it notices
+/// (CheckQuorum: within two election timeouts, 1 s each by default).
+const LEADER_GRACE: Duration = Duration::from_secs(2);
+/// Writes to a volume must be acknowledged again this long after the last
+/// fault that could stop them healed.
+const RESUME: Duration = Duration::from_secs(15);
+
+pub struct Config {
+    pub seed: u64,
+    pub steps: u64,
+    pub vols: usize,
+    pub vol_mib: u64,
+    pub ttl: u64,
+    /// Fault kinds not to use (`DLSM_CHAOS_NO=etcd-all-down,node-kill`).
+    pub no: Vec<String>,
+    pub verbose: bool,
+    /// `model`, `owner` or `lease`: break one check on purpose.
+    pub sabotage: Option<String>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    pub steps: u64,
+    pub faults: BTreeMap<&'static str, u64>,
+    pub acked: u64,
+    pub refused: BTreeMap<u32, u64>,
+    pub lost: u64,
+    pub reads: u64,
+    pub flushes: u64,
+    pub probes: u64,
+    pub bytes_checked: u64,
+    pub resume_max: Duration,
+    pub record_checks: u64,
+    /// Windows in which a node could hold no lease that lasted past their
+    /// start (so writes had to be refused), and their total length.
+    pub lease_windows: u64,
+    pub window_time: Duration,
+    pub violations: Vec<String>,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.steps += o.steps;
+        for (k, v) in &o.faults {
+            *self.faults.entry(k).or_default() += v;
+        }
+        self.acked += o.acked;
+        for (k, v) in &o.refused {
+            *self.refused.entry(*k).or_default() += v;
+        }
+        self.lost += o.lost;
+        self.reads += o.reads;
+        self.flushes += o.flushes;
+        self.probes += o.probes;
+        self.bytes_checked += o.bytes_checked;
+        self.resume_max = self.resume_max.max(o.resume_max);
+        self.record_checks += o.record_checks;
+        self.lease_windows += o.lease_windows;
+        self.window_time += o.window_time;
+        self.violations.extend(o.violations.iter().cloned());
+    }
+
+    pub fn line(&self) -> String {
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect();
+        let refused: Vec<String> = self
+            .refused
+            .iter()
+            .map(|(e, n)| format!("errno{e}:{n}"))
+            .collect();
+        format!(
+            "steps={} faults={} writes=acked:{},refused:{}[{}],unanswered:{} reads={} flushes={} probes={} record_checks={} lease_windows={}({:.0}s) resume_max_ms={} bytes_checked={} violations={}",
+            self.steps,
+            faults.join(","),
+            self.acked,
+            self.refused.values().sum::<u64>(),
+            refused.join(","),
+            self.lost,
+            self.reads,
+            self.flushes,
+            self.probes,
+            self.record_checks,
+            self.lease_windows,
+            self.window_time.as_secs_f64(),
+            self.resume_max.as_millis(),
+            self.bytes_checked,
+            self.violations.len()
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    EtcdFreeze(usize),
+    EtcdKill(usize),
+    EtcdAllDown,
+    /// Two members frozen: the one left has no quorum.
+    EtcdQuorumFreeze(usize),
+    NodeCut(usize, Mode),
+    NodeCutOne(usize, usize),
+    NodeFreeze(usize),
+    NodeKill(usize),
+}
+
+impl Fault {
+    fn kind(&self) -> &'static str {
+        match self {
+            Fault::EtcdFreeze(_) => "etcd-freeze",
+            Fault::EtcdKill(_) => "etcd-kill",
+            Fault::EtcdAllDown => "etcd-all-down",
+            Fault::EtcdQuorumFreeze(_) => "etcd-quorum-freeze",
+            Fault::NodeCut(_, Mode::Reset) => "node-cut-reset",
+            Fault::NodeCut(..) => "node-cut-blackhole",
+            Fault::NodeCutOne(..) => "node-cut-one",
+            Fault::NodeFreeze(_) => "node-freeze",
+            Fault::NodeKill(_) => "node-kill",
+        }
+    }
+
+    fn node(&self) -> Option<usize> {
+        match self {
+            Fault::NodeCut(n, _)
+            | Fault::NodeCutOne(n, _)
+            | Fault::NodeFreeze(n)
+            | Fault::NodeKill(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Whether it may stop writes to volumes owned by `n`.
+    fn affects(&self, n: usize) -> bool {
+        self.node().is_none_or(|m| m == n)
+    }
+}
+
+/// Fault kinds the nemesis picks from (evenly, then a target).
+const KINDS: &[&str] = &[
+    "etcd-freeze",
+    "etcd-kill",
+    "etcd-all-down",
+    "etcd-quorum-freeze",
+    "lease-revoke",
+    "node-cut-blackhole",
+    "node-cut-reset",
+    "node-cut-one",
+    "node-freeze",
+    "node-kill",
+];
+
+/// A time during which a node cannot hold a valid lease: from the last
+/// moment its deadline can reach, to when the fault healed.
+struct Window {
+    node: Option<usize>,
+    from: Instant,
+    to: Option<Instant>,
+    why: String,
+}
+
+struct Vol {
+    name: String,
+    owner: usize,
+    generation: u64,
+    /// Since when no fault that could stop its writes is active.
+    clear_since: Option<Instant>,
+    /// A heal whose first acknowledged write has not been seen yet.
+    resume_pending: Option<Instant>,
+    /// The owner's node: the latest acknowledgement's end, per node.
+    last_acked: Vec<Option<Instant>>,
+}
+
+pub struct Run {
+    cfg: Config,
+    rng: StdRng,
+    pub stats: Stats,
+    trust: Duration,
+    etcd: Etcd,
+    etcd_down: Vec<bool>,
+    etcd_frozen: Vec<bool>,
+    nodes: Vec<ENode>,
+    stat: Nodes,
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+    vols: Vec<Vol>,
+    workers: Vec<tokio::task::JoinHandle<Worker>>,
+    active: Vec<(Fault, Instant)>,
+    windows: Vec<Window>,
+    acks_checked: usize,
+    worker_violations_seen: usize,
+    step: u64,
+    history: Vec<String>,
+    t0: Instant,
+    dir: Option<tempfile::TempDir>,
+    // Last: proxies and clients die before their runtime.
+    rt: tokio::runtime::Runtime,
+}
+
+impl Run {
+    pub fn new(cfg: Config) -> Run {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("dlsm-chaos-etcd-{}-", cfg.seed))
+            .tempdir()
+            .unwrap();
+        require("etcdctl");
+        let etcd = Etcd::start_members(3);
+        let t = cfg.ttl;
+        let m = (t / 5).max(1);
+        let trust = Duration::from_secs(t - m);
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let proxies = etcd
+                .urls
+                .iter()
+                .map(|u| rt.block_on(Proxy::start(u.trim_start_matches("http://").to_owned())))
+                .collect();
+            let mut n = ENode::new(
+                i,
+                dir.path().join(format!("n{i}")),
+                dir.path().join(format!("n{i}.log")),
+                proxies,
+                t,
+            );
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match n.start(true) {
+                    Ok(()) => break,
+                    Err(e) if attempt < 4 => eprintln!("n{i} did not start ({e}); new ports"),
+                    Err(e) => panic!("n{i} did not start: {e}"),
+                }
+            }
+            nodes.push(n);
+        }
+        let stat = Arc::new(Mutex::new(
+            nodes
+                .iter()
+                .map(|n| NodeStat {
+                    inc: 0,
+                    running: true,
+                    since: Instant::now(),
+                    nbd: n.nbd.clone(),
+                })
+                .collect(),
+        ));
+        Run {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            cfg,
+            stats: Stats::default(),
+            trust,
+            etcd,
+            etcd_down: vec![false; 3],
+            etcd_frozen: vec![false; 3],
+            nodes,
+            stat,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            stop: Arc::new(AtomicBool::new(false)),
+            vols: Vec::new(),
+            workers: Vec::new(),
+            active: Vec::new(),
+            windows: Vec::new(),
+            acks_checked: 0,
+            worker_violations_seen: 0,
+            step: 0,
+            history: Vec::new(),
+            t0: Instant::now(),
+            dir: Some(dir),
+            rt,
+        }
+    }
+
+    fn log(&mut self, s: String) {
+        let line = format!(
+            "[{:7.2}s step {}] {s}",
+            self.t0.elapsed().as_secs_f64(),
+            self.step
+        );
+        if self.cfg.verbose {
+            eprintln!("{line}");
+        }
+        if let Some(d) = &self.dir {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.path().join("events.log"))
+            {
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        self.history.push(line);
+    }
+
+    fn violation(&mut self, kind: &str, msg: String) {
+        let s = format!("seed={} step={} {kind}: {msg}", self.cfg.seed, self.step);
+        self.log(format!("VIOLATION {s}"));
+        eprintln!("CHAOS VIOLATION {s}");
+        self.stats.violations.push(s);
+    }
+
+    pub fn failed(&self) -> bool {
+        !self.stats.violations.is_empty()
+    }
+
+    // ---------------------------------------------------------------
+    // etcd, as the harness sees it (directly, not through the proxies)
+
+    /// `etcdctl ARGS` against the members that are up; stdout.
+    fn etcdctl(&self, args: &[&str]) -> Result<String, String> {
+        let eps: Vec<&str> = (0..3)
+            .filter(|&i| !self.etcd_down[i] && !self.etcd_frozen[i])
+            .map(|i| self.etcd.urls[i].as_str())
+            .collect();
+        if eps.is_empty() {
+            return Err("no member up".into());
+        }
+        let o = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", eps.join(",")))
+            .args(["--dial-timeout=2s", "--command-timeout=3s"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).trim().to_owned())
+        }
+    }
+
+    /// Every key under `/dlsm/v1/`, by key (without the prefix): the value
+    /// (JSON) and the lease.
+    fn etcd_keys(&self) -> Result<BTreeMap<String, (Value, i64)>, String> {
+        let out = self.etcdctl(&["get", "--prefix", "/dlsm/v1/", "-w", "json"])?;
+        let v: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut keys = BTreeMap::new();
+        for kv in v["kvs"].as_array().cloned().unwrap_or_default() {
+            let k = b64.decode(kv["key"].as_str().unwrap_or("")).unwrap();
+            let k = String::from_utf8_lossy(&k)
+                .trim_start_matches("/dlsm/v1/")
+                .to_owned();
+            let val = b64.decode(kv["value"].as_str().unwrap_or("")).unwrap();
+            let val = serde_json::from_slice(&val).unwrap_or(Value::Null);
+            keys.insert(k, (val, kv["lease"].as_i64().unwrap_or(0)));
+        }
+        Ok(keys)
+    }
+
+    fn etcd_fault_active(&self) -> bool {
+        self.active.iter().any(|(f, _)| f.node().is_none())
+    }
+
+    fn wait_members_healthy(&mut self, which: &[usize]) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for &i in which {
+            while !health(&self.etcd.health[i]) {
+                if let Ok(Some(st)) = self.etcd.members[i].try_wait() {
+                    self.violation("etcd", format!("member m{i} exited at restart ({st})"));
+                    return;
+                }
+                if Instant::now() > deadline {
+                    self.violation(
+                        "etcd",
+                        format!("member m{i} not healthy 30 s after restart"),
+                    );
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn etcd_spawn(&mut self, i: usize) {
+        self.etcd.members[i] = self.etcd.commands[i].spawn().expect("spawn etcd");
+        self.etcd_down[i] = false;
+    }
+
+    // ---------------------------------------------------------------
+    // Setup
+
+    pub fn setup(&mut self) {
+        for v in 0..self.cfg.vols {
+            let name = format!("v{v}");
+            let owner = v % 3;
+            let at = self.rng.gen_range(0..3);
+            let o = Command::new(DLSM)
+                .args(["--api", &self.nodes[at].api, "volume", "create", &name])
+                .args(["--size", &format!("{}M", self.cfg.vol_mib)])
+                .args(["--on", &format!("n{owner}")])
+                .env("RUST_LOG", "error")
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "volume create {name} --on n{owner} at n{at}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            self.vols.push(Vol {
+                name,
+                owner,
+                generation: 0,
+                clear_since: Some(Instant::now()),
+                resume_pending: None,
+                last_acked: vec![None; 3],
+            });
+        }
+        let keys = self.etcd_keys().expect("read the directory");
+        for vol in &mut self.vols {
+            let (rec, _) = &keys[&format!("volumes/{}", vol.name)];
+            assert_eq!(rec["owner"], format!("n{}", vol.owner).as_str(), "{rec}");
+            vol.generation = rec["generation"].as_u64().unwrap();
+        }
+        {
+            let mut sh = self.shared.lock().unwrap();
+            sh.stats = vec![Default::default(); self.vols.len()];
+        }
+        for (v, vol) in self.vols.iter().enumerate() {
+            let w = Worker::new(
+                v,
+                vol.name.clone(),
+                vol.owner,
+                self.cfg.vol_mib * MIB,
+                self.cfg.seed.wrapping_mul(31).wrapping_add(v as u64 + 1),
+                self.stat.clone(),
+                self.shared.clone(),
+                self.stop.clone(),
+            );
+            self.workers.push(self.rt.spawn(w.run()));
+        }
+        self.log(format!(
+            "setup: etcd {}, nodes {}, volumes {}",
+            self.etcd.url,
+            self.nodes
+                .iter()
+                .map(|n| format!("n{} nbd={} api={}", n.idx, n.nbd, n.api))
+                .collect::<Vec<_>>()
+                .join("; "),
+            self.vols
+                .iter()
+                .map(|v| format!("{} on n{} gen {}", v.name, v.owner, v.generation))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+
+    // ---------------------------------------------------------------
+    // The nemesis
+
+    fn node_busy(&self, n: usize) -> bool {
+        self.active.iter().any(|(f, _)| f.node() == Some(n))
+    }
+
+    /// A fault of `kind` that can start now, with its target.
+    fn candidate(&mut self, kind: &str) -> Option<Fault> {
+        let etcd_free = !self.etcd_fault_active();
+        let free_nodes: Vec<usize> = (0..3).filter(|&n| !self.node_busy(n)).collect();
+        let member = self.rng.gen_range(0..3);
+        let node =
+            (!free_nodes.is_empty()).then(|| free_nodes[self.rng.gen_range(0..free_nodes.len())]);
+        match kind {
+            "etcd-freeze" if etcd_free => Some(Fault::EtcdFreeze(member)),
+            "etcd-kill" if etcd_free => Some(Fault::EtcdKill(member)),
+            "etcd-all-down" if etcd_free => Some(Fault::EtcdAllDown),
+            "etcd-quorum-freeze" if etcd_free => Some(Fault::EtcdQuorumFreeze(member)),
+            "node-cut-blackhole" => node.map(|n| Fault::NodeCut(n, Mode::Blackhole)),
+            "node-cut-reset" => node.map(|n| Fault::NodeCut(n, Mode::Reset)),
+            "node-cut-one" => node.map(|n| Fault::NodeCutOne(n, member)),
+            "node-freeze" => node.map(Fault::NodeFreeze),
+            "node-kill" => node.map(Fault::NodeKill),
+            _ => None,
+        }
+    }
+
+    fn allowed(&self, kind: &str) -> bool {
+        !self.cfg.no.iter().any(|s| s == kind)
+    }
+
+    fn act(&mut self) {
+        let r = self.rng.gen_range(0..100);
+        let n = self.active.len();
+        if n > 0 && (r < 30 || n >= 2) {
+            let i = self.rng.gen_range(0..n);
+            // A dead node restarts only once etcd is whole.
+            for k in 0..n {
+                let (f, _) = self.active[(i + k) % n];
+                if matches!(f, Fault::NodeKill(_)) && self.etcd_fault_active() {
+                    continue;
+                }
+                self.heal((i + k) % n);
+                return;
+            }
+            return;
+        }
+        if r >= 85 {
+            self.log("quiet".into());
+            return;
+        }
+        let kinds: Vec<&str> = KINDS.iter().copied().filter(|k| self.allowed(k)).collect();
+        for _ in 0..6 {
+            let kind = kinds[self.rng.gen_range(0..kinds.len())];
+            if kind == "lease-revoke" {
+                if self.lease_revoke() {
+                    return;
+                }
+                continue;
+            }
+            if let Some(f) = self.candidate(kind) {
+                self.start(f);
+                return;
+            }
+        }
+    }
+
+    fn window(&mut self, node: Option<usize>, from: Instant, why: String) {
+        self.windows.push(Window {
+            node,
+            from,
+            to: None,
+            why,
+        });
+    }
+
+    fn close_windows(&mut self, node: Option<usize>) {
+        let now = Instant::now();
+        for w in &mut self.windows {
+            if w.node == node && w.to.is_none() {
+                w.to = Some(now);
+                if now > w.from {
+                    self.stats.lease_windows += 1;
+                    self.stats.window_time += now - w.from;
+                }
+            }
+        }
+    }
+
+    fn set_stat(&self, n: usize, f: impl FnOnce(&mut NodeStat)) {
+        f(&mut self.stat.lock().unwrap()[n]);
+    }
+
+    fn start(&mut self, f: Fault) {
+        *self.stats.faults.entry(f.kind()).or_default() += 1;
+        match f {
+            Fault::EtcdFreeze(i) => {
+                self.etcd.signal(i, Signal::SIGSTOP);
+                self.etcd_frozen[i] = true;
+            }
+            Fault::EtcdKill(i) => {
+                self.etcd.kill(i);
+                self.etcd_down[i] = true;
+            }
+            Fault::EtcdAllDown => {
+                for i in 0..3 {
+                    self.etcd.kill(i);
+                    self.etcd_down[i] = true;
+                }
+                let from = Instant::now() + self.trust + SLACK;
+                self.window(None, from, "every etcd member killed".into());
+            }
+            Fault::EtcdQuorumFreeze(keep) => {
+                for i in (0..3).filter(|&i| i != keep) {
+                    self.etcd.signal(i, Signal::SIGSTOP);
+                    self.etcd_frozen[i] = true;
+                }
+                let from = Instant::now() + self.trust + LEADER_GRACE + SLACK;
+                self.window(
+                    None,
+                    from,
+                    format!("two etcd members frozen (m{keep} left)"),
+                );
+            }
+            Fault::NodeCut(n, m) => {
+                self.nodes[n].set_links(m);
+                let from = Instant::now() + self.trust + SLACK;
+                self.window(Some(n), from, format!("n{n} cut from etcd ({m:?})"));
+            }
+            Fault::NodeCutOne(n, m) => self.nodes[n].proxies[m].set(Mode::Blackhole),
+            Fault::NodeFreeze(n) => {
+                self.nodes[n].signal(Signal::SIGSTOP);
+                self.set_stat(n, |s| s.running = false);
+            }
+            Fault::NodeKill(n) => {
+                self.nodes[n].kill9();
+                self.set_stat(n, |s| {
+                    s.running = false;
+                    s.inc += 1;
+                });
+            }
+        }
+        let now = Instant::now();
+        self.active.push((f, now));
+        for vol in &mut self.vols {
+            if f.affects(vol.owner) {
+                vol.clear_since = None;
+            }
+        }
+        self.log(format!("fault {f:?} starts"));
+    }
+
+    fn heal(&mut self, i: usize) {
+        let (f, since) = self.active.remove(i);
+        match f {
+            Fault::EtcdFreeze(m) => {
+                self.etcd.signal(m, Signal::SIGCONT);
+                self.etcd_frozen[m] = false;
+            }
+            Fault::EtcdKill(m) => {
+                self.etcd_spawn(m);
+                self.wait_members_healthy(&[m]);
+            }
+            Fault::EtcdAllDown => {
+                self.close_windows(None);
+                for m in 0..3 {
+                    self.etcd_spawn(m);
+                }
+                self.wait_members_healthy(&[0, 1, 2]);
+            }
+            Fault::EtcdQuorumFreeze(_) => {
+                self.close_windows(None);
+                for m in 0..3 {
+                    if self.etcd_frozen[m] {
+                        self.etcd.signal(m, Signal::SIGCONT);
+                        self.etcd_frozen[m] = false;
+                    }
+                }
+            }
+            Fault::NodeCut(n, _) => {
+                self.close_windows(Some(n));
+                self.nodes[n].set_links(Mode::Up);
+            }
+            Fault::NodeCutOne(n, m) => self.nodes[n].proxies[m].set(Mode::Up),
+            Fault::NodeFreeze(n) => {
+                self.nodes[n].signal(Signal::SIGCONT);
+                self.set_stat(n, |s| {
+                    s.running = true;
+                    s.since = Instant::now();
+                });
+            }
+            Fault::NodeKill(n) => {
+                let mut ok = false;
+                for attempt in 0..3 {
+                    match self.nodes[n].start(attempt > 0) {
+                        Ok(()) => {
+                            ok = true;
+                            break;
+                        }
+                        Err(e) => self.log(format!("n{n} restart failed: {e}")),
+                    }
+                }
+                if !ok {
+                    let msg = format!(
+                        "n{n} did not restart (3 tries); see {}",
+                        self.nodes[n].log.display()
+                    );
+                    self.violation("restart", msg);
+                    return;
+                }
+                let nbd = self.nodes[n].nbd.clone();
+                self.set_stat(n, |s| {
+                    s.running = true;
+                    s.since = Instant::now();
+                    s.nbd = nbd;
+                });
+            }
+        }
+        self.log(format!(
+            "fault {f:?} healed after {:.1} s",
+            since.elapsed().as_secs_f64()
+        ));
+        self.update_clear();
+    }
+
+    /// Marks every volume no active fault may stop as clear (from now).
+    fn update_clear(&mut self) {
+        let now = Instant::now();
+        for v in 0..self.vols.len() {
+            let owner = self.vols[v].owner;
+            let affected = self.active.iter().any(|(f, _)| f.affects(owner));
+            let vol = &mut self.vols[v];
+            if !affected && vol.clear_since.is_none() {
+                vol.clear_since = Some(now);
+                vol.resume_pending = Some(now);
+            }
+        }
+    }
+
+    /// `etcdctl lease revoke` of a node's lease (the one `nodes/NAME` is
+    /// under). The node learns of it at its next renewal and re-registers.
+    fn lease_revoke(&mut self) -> bool {
+        if self.etcd_fault_active() {
+            return false;
+        }
+        let n = self.rng.gen_range(0..3);
+        if self.node_busy(n) {
+            return false;
+        }
+        let Ok(keys) = self.etcd_keys() else {
+            return false;
+        };
+        let Some((_, lease)) = keys.get(&format!("nodes/n{n}")) else {
+            return false;
+        };
+        let lease = *lease;
+        *self.stats.faults.entry("lease-revoke").or_default() += 1;
+        match self.etcdctl(&["lease", "revoke", &format!("{lease:x}")]) {
+            Ok(_) => self.log(format!("lease {lease:x} of n{n} revoked")),
+            Err(e) => self.log(format!("lease {lease:x} of n{n}: revoke failed: {e}")),
+        }
+        let now = Instant::now();
+        for vol in &mut self.vols {
+            if vol.owner == n {
+                vol.clear_since = Some(now);
+                vol.resume_pending = Some(now);
+            }
+        }
+        true
+    }
+
+    // ---------------------------------------------------------------
+    // Checks
+
+    fn check_processes(&mut self) {
+        for n in 0..3 {
+            if let Some(p) = self.nodes[n].new_panics().first() {
+                self.violation("panic", format!("n{n}: {p}"));
+            }
+            if let Some(st) = self.nodes[n].exited() {
+                self.violation("node-exited", format!("n{n} exited by itself ({st})"));
+            }
+        }
+        for m in 0..3 {
+            if !self.etcd_down[m] {
+                if let Ok(Some(st)) = self.etcd.members[m].try_wait() {
+                    self.etcd_down[m] = true;
+                    self.violation("etcd", format!("member m{m} exited by itself ({st})"));
+                }
+            }
+        }
+    }
+
+    /// Every acknowledgement since the last look: from the owner only, in
+    /// no other node's interval, outside every window in which its node
+    /// could not hold a lease; and the first after a heal (resume time).
+    fn check_acks(&mut self) {
+        let (acks, wv): (Vec<Ack>, Vec<String>) = {
+            let sh = self.shared.lock().unwrap();
+            (
+                sh.acks[self.acks_checked..].to_vec(),
+                sh.violations[self.worker_violations_seen..].to_vec(),
+            )
+        };
+        self.acks_checked += acks.len();
+        self.worker_violations_seen += wv.len();
+        for v in wv {
+            let (kind, msg) = v.split_once(": ").unwrap_or(("worker", &v));
+            self.violation(kind, msg.to_owned());
+        }
+        for a in acks {
+            let (name, owner) = (self.vols[a.vol].name.clone(), self.vols[a.vol].owner);
+            if a.node != owner {
+                let msg = format!(
+                    "{name}: n{} acknowledged a write of [{}, +{}) but the directory names n{}",
+                    a.node, a.off, a.len, owner
+                );
+                self.violation("non-owner-ack", msg);
+            }
+            let last_acked = self.vols[a.vol].last_acked.clone();
+            for (b, end) in last_acked.iter().enumerate() {
+                if b != a.node && end.is_some_and(|e| e > a.sent) {
+                    let msg = format!(
+                        "{name}: n{} acknowledged a write in [{:.3}, {:.3}] s while n{b} acknowledged one until {:.3} s",
+                        a.node,
+                        (a.sent - self.t0).as_secs_f64(),
+                        (a.acked - self.t0).as_secs_f64(),
+                        (end.unwrap() - self.t0).as_secs_f64()
+                    );
+                    self.violation("two-writers", msg);
+                }
+            }
+            let e = &mut self.vols[a.vol].last_acked[a.node];
+            *e = Some(e.map_or(a.acked, |x| x.max(a.acked)));
+            for w in &self.windows {
+                if w.node.is_some_and(|n| n != a.node) {
+                    continue;
+                }
+                if a.sent > w.from && w.to.is_none_or(|t| a.sent < t) {
+                    let msg = format!(
+                        "{name}: n{} acknowledged a write of [{}, +{}) sent at {:.3} s, {:.3} s after its lease could last ({}; window [{:.3}, {}])",
+                        a.node,
+                        a.off,
+                        a.len,
+                        (a.sent - self.t0).as_secs_f64(),
+                        (a.sent - w.from + SLACK).as_secs_f64(),
+                        w.why,
+                        (w.from - self.t0).as_secs_f64(),
+                        w.to.map_or("open".into(), |t| format!("{:.3}", (t - self.t0).as_secs_f64()))
+                    );
+                    self.violation("ack-without-lease", msg);
+                    break;
+                }
+            }
+            let vol = &mut self.vols[a.vol];
+            if let Some(t) = vol.resume_pending {
+                if a.sent >= t {
+                    let took = a.acked - t;
+                    vol.resume_pending = None;
+                    self.stats.resume_max = self.stats.resume_max.max(took);
+                }
+            }
+        }
+    }
+
+    /// Writes flow again within [`RESUME`] after the faults that could stop
+    /// them healed.
+    fn check_resume(&mut self) {
+        for v in 0..self.vols.len() {
+            let Some(since) = self.vols[v].clear_since else {
+                continue;
+            };
+            if since.elapsed() < RESUME {
+                continue;
+            }
+            let last = self.shared.lock().unwrap().stats[v].last_ack;
+            if last.is_none_or(|l| l < since) {
+                let msg = format!(
+                    "{}: no write acknowledged at n{} in the {} s since the last fault that could stop it healed (at {:.3} s)",
+                    self.vols[v].name,
+                    self.vols[v].owner,
+                    RESUME.as_secs(),
+                    (since - self.t0).as_secs_f64()
+                );
+                self.violation("no-resume", msg);
+            }
+        }
+    }
+
+    /// etcd's record of each volume names its owner at the generation it
+    /// was created with; with `strict` (everything healed a while), it is
+    /// bound to the owner's current lease, and every node is up.
+    fn check_records(&mut self, strict: bool) {
+        if self.etcd_fault_active() {
+            return;
+        }
+        let keys = match self.etcd_keys() {
+            Ok(k) => k,
+            Err(e) => {
+                if strict {
+                    self.violation("etcd", format!("cannot read the directory: {e}"));
+                } else {
+                    self.log(format!("directory not read: {e}"));
+                }
+                return;
+            }
+        };
+        self.stats.record_checks += 1;
+        for v in 0..self.vols.len() {
+            let (name, owner, generation) = (
+                self.vols[v].name.clone(),
+                self.vols[v].owner,
+                self.vols[v].generation,
+            );
+            let Some((rec, _)) = keys.get(&format!("volumes/{name}")) else {
+                self.violation("record", format!("{name}: no record in etcd"));
+                continue;
+            };
+            if rec["owner"] != format!("n{owner}").as_str()
+                || rec["generation"].as_u64() != Some(generation)
+            {
+                let msg = format!("{name}: the record changed: {rec} (created on n{owner} at generation {generation})");
+                self.violation("record", msg);
+                continue;
+            }
+            if strict {
+                let node = keys.get(&format!("nodes/n{owner}"));
+                let lease = node.map(|n| n.1);
+                if lease != rec["owner_lease"].as_i64() {
+                    let msg = format!(
+                        "{name}: owner_lease {} but nodes/n{owner} is under lease {lease:?} (records not rebound)",
+                        rec["owner_lease"]
+                    );
+                    self.violation("record", msg);
+                }
+            }
+        }
+        if strict {
+            for n in 0..3 {
+                if !keys.contains_key(&format!("nodes/n{n}")) {
+                    self.violation("record", format!("nodes/n{n} missing: n{n} not up"));
+                }
+            }
+        }
+    }
+
+    fn collect_worker_stats(&mut self) {
+        let sh = self.shared.lock().unwrap();
+        let mut s = Stats::default();
+        for v in &sh.stats {
+            s.acked += v.acked;
+            for (k, n) in &v.refused {
+                *s.refused.entry(*k).or_default() += n;
+            }
+            s.lost += v.lost;
+            s.reads += v.reads;
+            s.flushes += v.flushes;
+            s.probes += v.probes;
+            s.bytes_checked += v.bytes_read_checked;
+        }
+        drop(sh);
+        self.stats.acked = s.acked;
+        self.stats.refused = s.refused;
+        self.stats.lost = s.lost;
+        self.stats.reads = s.reads;
+        self.stats.flushes = s.flushes;
+        self.stats.probes = s.probes;
+        self.stats.bytes_checked = s.bytes_checked;
+    }
+
+    pub fn step(&mut self, step: u64) {
+        self.step = step;
+        self.act();
+        let ms = self.rng.gen_range(800..3500);
+        std::thread::sleep(Duration::from_millis(ms));
+        self.check_processes();
+        self.check_acks();
+        self.check_resume();
+        self.check_records(false);
+        self.collect_worker_stats();
+        self.stats.steps += 1;
+    }
+
+    // ---------------------------------------------------------------
+    // The end: every fault heals, writes resume, every byte matches.
+
+    pub fn settle_and_check(&mut self) {
+        self.step = self.cfg.steps;
+        self.log("end: healing every fault".into());
+        // etcd first: a dead node restarts only with etcd whole.
+        while let Some(i) = self
+            .active
+            .iter()
+            .position(|(f, _)| f.node().is_none())
+            .or((!self.active.is_empty()).then_some(0))
+        {
+            self.heal(i);
+        }
+        let healed = Instant::now();
+        match self.cfg.sabotage.as_deref() {
+            Some("owner") => {
+                // A write "acknowledged" by another node inside the last
+                // real acknowledgement's interval.
+                let mut sh = self.shared.lock().unwrap();
+                if let Some(a) = sh.acks.last().cloned() {
+                    sh.acks.push(Ack {
+                        node: (a.node + 1) % 3,
+                        ..a
+                    });
+                }
+            }
+            Some("lease") => {
+                let owner = self.vols[0].owner;
+                self.windows.push(Window {
+                    node: Some(owner),
+                    from: healed,
+                    to: None,
+                    why: "sabotage: a made-up window".into(),
+                });
+            }
+            _ => {}
+        }
+        // Writes resume.
+        let deadline = healed + Duration::from_secs(30);
+        loop {
+            self.check_acks();
+            let sh = self.shared.lock().unwrap();
+            let waiting: Vec<usize> = (0..self.vols.len())
+                .filter(|&v| sh.stats[v].last_ack.is_none_or(|l| l < healed))
+                .collect();
+            drop(sh);
+            if waiting.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                for v in waiting {
+                    let msg = format!(
+                        "{}: no write acknowledged at n{} within 30 s after every fault healed",
+                        self.vols[v].name, self.vols[v].owner
+                    );
+                    self.violation("no-resume", msg);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // A little more traffic with everything healed, then the workers stop.
+        std::thread::sleep(Duration::from_secs(2));
+        self.stop.store(true, Ordering::Relaxed);
+        let handles = std::mem::take(&mut self.workers);
+        let mut workers: Vec<Worker> = handles
+            .into_iter()
+            .map(|h| self.rt.block_on(h).expect("worker task"))
+            .collect();
+        self.check_acks();
+        self.check_processes();
+        // Records: rebound to the owner's current lease within RESUME.
+        let deadline = Instant::now() + RESUME;
+        loop {
+            let before = self.stats.violations.len();
+            self.check_records(true);
+            if self.stats.violations.len() == before || Instant::now() > deadline {
+                break;
+            }
+            // Not yet: drop what this look found and look again.
+            self.stats.violations.truncate(before);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if self.cfg.sabotage.as_deref() == Some("model") {
+            if let Some(p) = workers[0].model.sabotage() {
+                self.log(format!("sabotage: v0's model byte {p} flipped"));
+            }
+        }
+        // Every byte of every volume, at its owner.
+        let mut checked = 0;
+        for w in &mut workers {
+            let addr = self.nodes[w.owner].nbd.clone();
+            match self.rt.block_on(w.final_check(&addr)) {
+                Ok(n) => checked += n,
+                Err(e) => {
+                    let kind = if e.starts_with("byte ") {
+                        "final-mismatch"
+                    } else {
+                        "final-read"
+                    };
+                    let msg = format!("{} at n{}: {e}", w.name, w.owner);
+                    self.violation(kind, msg);
+                }
+            }
+        }
+        self.collect_worker_stats();
+        self.stats.bytes_checked += checked;
+        self.check_processes();
+    }
+
+    /// Keeps the run's directory (node logs, data, events, etcd's logs) and
+    /// returns its path.
+    pub fn keep_dir(&mut self) -> String {
+        let Some(d) = self.dir.take() else {
+            return String::new();
+        };
+        let etcd_logs = d.path().join("etcd");
+        let _ = std::fs::create_dir_all(&etcd_logs);
+        for m in 0..3 {
+            let _ = std::fs::copy(
+                self.etcd._dir.path().join(format!("m{m}.log")),
+                etcd_logs.join(format!("m{m}.log")),
+            );
+        }
+        d.keep().display().to_string()
+    }
+
+    pub fn history_tail(&self, n: usize) -> String {
+        let s = self.history.len().saturating_sub(n);
+        self.history[s..].join("\n")
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for m in 0..3 {
+            if self.etcd_frozen[m] {
+                self.etcd.signal(m, Signal::SIGCONT);
+            }
+        }
+    }
+}
