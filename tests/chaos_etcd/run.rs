@@ -185,6 +185,8 @@ struct Window {
     from: Instant,
     to: Option<Instant>,
     why: String,
+    /// A violation in it was reported (one is enough).
+    reported: bool,
 }
 
 struct Vol {
@@ -328,8 +330,11 @@ impl Run {
     fn violation(&mut self, kind: &str, msg: String) {
         let s = format!("seed={} step={} {kind}: {msg}", self.cfg.seed, self.step);
         self.log(format!("VIOLATION {s}"));
-        eprintln!("CHAOS VIOLATION {s}");
-        self.stats.violations.push(s);
+        // The first 20 are enough to read; the rest go to events.log.
+        if self.stats.violations.len() < 20 {
+            eprintln!("CHAOS VIOLATION {s}");
+            self.stats.violations.push(s);
+        }
     }
 
     pub fn failed(&self) -> bool {
@@ -552,6 +557,7 @@ impl Run {
             from,
             to: None,
             why,
+            reported: false,
         });
     }
 
@@ -813,8 +819,9 @@ impl Run {
             }
             let e = &mut self.vols[a.vol].last_acked[a.node];
             *e = Some(e.map_or(a.acked, |x| x.max(a.acked)));
-            for w in &self.windows {
-                if w.node.is_some_and(|n| n != a.node) {
+            for wi in 0..self.windows.len() {
+                let w = &self.windows[wi];
+                if w.reported || w.node.is_some_and(|n| n != a.node) {
                     continue;
                 }
                 if a.sent > w.from && w.to.is_none_or(|t| a.sent < t) {
@@ -829,6 +836,7 @@ impl Run {
                         (w.from - self.t0).as_secs_f64(),
                         w.to.map_or("open".into(), |t| format!("{:.3}", (t - self.t0).as_secs_f64()))
                     );
+                    self.windows[wi].reported = true;
                     self.violation("ack-without-lease", msg);
                     break;
                 }
@@ -997,6 +1005,7 @@ impl Run {
                     from: healed,
                     to: None,
                     why: "sabotage: a made-up window".into(),
+                    reported: false,
                 });
             }
             _ => {}
