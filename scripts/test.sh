@@ -62,6 +62,11 @@ cargo test --all-targets -- --test-threads="${DLSM_TEST_THREADS:-2}" --skip chao
 # run above built without it).
 echo "== cluster tests (--features cluster)"
 cargo test --features cluster --test cluster -- --test-threads="${DLSM_TEST_THREADS:-2}"
+# The etcd nemesis: cluster-mode nodes under etcd member, lease, link and
+# node faults, on its own so its summary line shows; a failing seed prints
+# the command that reruns it.
+echo "== etcd nemesis (--features cluster; one random seed; DLSM_CHAOS_SEED=S to pick one)"
+cargo test --features cluster --test chaos_etcd -- --nocapture
 # The randomized fault-and-operator harness on its own, so its summary line
 # (seed, faults by kind, bytes checked, violations) shows in the log; a
 # failing seed prints the one-line command that reruns it.
