@@ -215,7 +215,8 @@ pub struct Run {
     stop: Arc<AtomicBool>,
     vols: Vec<Vol>,
     workers: Vec<tokio::task::JoinHandle<Worker>>,
-    active: Vec<(Fault, Instant)>,
+    /// Active faults: since when, and the first step they may heal at.
+    active: Vec<(Fault, Instant, u64)>,
     windows: Vec<Window>,
     acks_checked: usize,
     worker_violations_seen: usize,
@@ -387,7 +388,7 @@ impl Run {
     }
 
     fn etcd_fault_active(&self) -> bool {
-        self.active.iter().any(|(f, _)| f.node().is_none())
+        self.active.iter().any(|(f, ..)| f.node().is_none())
     }
 
     fn wait_members_healthy(&mut self, which: &[usize]) {
@@ -487,7 +488,7 @@ impl Run {
     // The nemesis
 
     fn node_busy(&self, n: usize) -> bool {
-        self.active.iter().any(|(f, _)| f.node() == Some(n))
+        self.active.iter().any(|(f, ..)| f.node() == Some(n))
     }
 
     /// A fault of `kind` that can start now, with its target.
@@ -518,17 +519,25 @@ impl Run {
     fn act(&mut self) {
         let r = self.rng.gen_range(0..100);
         let n = self.active.len();
-        if n > 0 && (r < 30 || n >= 2) {
-            let i = self.rng.gen_range(0..n);
-            // A dead node restarts only once etcd is whole.
-            for k in 0..n {
-                let (f, _) = self.active[(i + k) % n];
-                if matches!(f, Fault::NodeKill(_)) && self.etcd_fault_active() {
-                    continue;
-                }
-                self.heal((i + k) % n);
-                return;
-            }
+        // Faults that may heal now (a dead node restarts only while etcd
+        // has a quorum: it must join; one member frozen or dead is fine).
+        let no_quorum = self
+            .active
+            .iter()
+            .any(|(f, ..)| matches!(f, Fault::EtcdAllDown | Fault::EtcdQuorumFreeze(_)));
+        let due: Vec<usize> = (0..n)
+            .filter(|&i| {
+                let (f, _, until) = self.active[i];
+                self.step >= until && !(matches!(f, Fault::NodeKill(_)) && no_quorum)
+            })
+            .collect();
+        if !due.is_empty() && (r < 60 || n >= 2) {
+            let i = due[self.rng.gen_range(0..due.len())];
+            self.heal(i);
+            return;
+        }
+        if n >= 2 {
+            self.log("quiet (two faults active)".into());
             return;
         }
         if r >= 85 {
@@ -628,7 +637,15 @@ impl Run {
             }
         }
         let now = Instant::now();
-        self.active.push((f, now));
+        // How many steps it lasts at least: the ones that take the lease
+        // away longer, so that many outlast the lease (T - m).
+        let steps = match f {
+            Fault::NodeCut(..) | Fault::EtcdAllDown | Fault::EtcdQuorumFreeze(_) => {
+                self.rng.gen_range(1..=6)
+            }
+            _ => self.rng.gen_range(1..=4),
+        };
+        self.active.push((f, now, self.step + steps));
         for vol in &mut self.vols {
             if f.affects(vol.owner) {
                 vol.clear_since = None;
@@ -638,7 +655,7 @@ impl Run {
     }
 
     fn heal(&mut self, i: usize) {
-        let (f, since) = self.active.remove(i);
+        let (f, since, _) = self.active.remove(i);
         match f {
             Fault::EtcdFreeze(m) => {
                 self.etcd.signal(m, Signal::SIGCONT);
@@ -715,7 +732,7 @@ impl Run {
         let now = Instant::now();
         for v in 0..self.vols.len() {
             let owner = self.vols[v].owner;
-            let affected = self.active.iter().any(|(f, _)| f.affects(owner));
+            let affected = self.active.iter().any(|(f, ..)| f.affects(owner));
             let vol = &mut self.vols[v];
             if !affected && vol.clear_since.is_none() {
                 vol.clear_since = Some(now);
@@ -877,8 +894,9 @@ impl Run {
     }
 
     /// etcd's record of each volume names its owner at the generation it
-    /// was created with; with `strict` (everything healed a while), it is
-    /// bound to the owner's current lease, and every node is up.
+    /// was created with; once no fault stopped the owner for [`RESUME`]
+    /// (and with `strict`, at the end), it is bound to the owner's current
+    /// lease; with `strict`, every node is up.
     fn check_records(&mut self, strict: bool) {
         if self.etcd_fault_active() {
             return;
@@ -912,7 +930,12 @@ impl Run {
                 self.violation("record", msg);
                 continue;
             }
-            if strict {
+            // Bound to the owner's lease once nothing stops the owner
+            // for a while (a lost lease replaced, the records rebound).
+            let settled = self.vols[v]
+                .clear_since
+                .is_some_and(|t| t.elapsed() > RESUME);
+            if strict || settled {
                 let node = keys.get(&format!("nodes/n{owner}"));
                 let lease = node.map(|n| n.1);
                 if lease != rec["owner_lease"].as_i64() {
@@ -980,7 +1003,7 @@ impl Run {
         while let Some(i) = self
             .active
             .iter()
-            .position(|(f, _)| f.node().is_none())
+            .position(|(f, ..)| f.node().is_none())
             .or((!self.active.is_empty()).then_some(0))
         {
             self.heal(i);
