@@ -63,6 +63,10 @@ pub struct Stats {
     /// start (so writes had to be refused), and their total length.
     pub lease_windows: u64,
     pub window_time: Duration,
+    /// Refused writes by what explains them: a fault that takes the
+    /// owner's lease away (or the owner itself down), one that only
+    /// degrades etcd (a member, one link), or none.
+    pub refused_why: BTreeMap<&'static str, u64>,
     pub violations: Vec<String>,
 }
 
@@ -85,6 +89,9 @@ impl Stats {
         self.record_checks += o.record_checks;
         self.lease_windows += o.lease_windows;
         self.window_time += o.window_time;
+        for (k, v) in &o.refused_why {
+            *self.refused_why.entry(k).or_default() += v;
+        }
         self.violations.extend(o.violations.iter().cloned());
     }
 
@@ -100,12 +107,17 @@ impl Stats {
             .map(|(e, n)| format!("errno{e}:{n}"))
             .collect();
         format!(
-            "steps={} faults={} writes=acked:{},refused:{}[{}],unanswered:{} reads={} flushes={} probes={} record_checks={} lease_windows={}({:.0}s) resume_max_ms={} bytes_checked={} violations={}",
+            "steps={} faults={} writes=acked:{},refused:{}[{}][{}],unanswered:{} reads={} flushes={} probes={} record_checks={} lease_windows={}({:.0}s) resume_max_ms={} bytes_checked={} violations={}",
             self.steps,
             faults.join(","),
             self.acked,
             self.refused.values().sum::<u64>(),
             refused.join(","),
+            self.refused_why
+                .iter()
+                .map(|(k, v)| format!("{k}:{v}"))
+                .collect::<Vec<_>>()
+                .join(","),
             self.lost,
             self.reads,
             self.flushes,
@@ -164,6 +176,15 @@ impl Fault {
     }
 }
 
+/// Whether a fault only degrades etcd (a member or one link gone, the
+/// quorum whole): writes may go on through it.
+fn degrades(f: &Fault) -> bool {
+    matches!(
+        f,
+        Fault::EtcdFreeze(_) | Fault::EtcdKill(_) | Fault::NodeCutOne(..)
+    )
+}
+
 /// Fault kinds the nemesis picks from (evenly, then a target).
 const KINDS: &[&str] = &[
     "etcd-freeze",
@@ -217,6 +238,8 @@ pub struct Run {
     workers: Vec<tokio::task::JoinHandle<Worker>>,
     /// Active faults: since when, and the first step they may heal at.
     active: Vec<(Fault, Instant, u64)>,
+    /// Healed faults (and lease revocations): what, since, until.
+    past: Vec<(Option<Fault>, Option<usize>, Instant, Instant)>,
     windows: Vec<Window>,
     acks_checked: usize,
     worker_violations_seen: usize,
@@ -295,6 +318,7 @@ impl Run {
             vols: Vec::new(),
             workers: Vec::new(),
             active: Vec::new(),
+            past: Vec::new(),
             windows: Vec::new(),
             acks_checked: 0,
             worker_violations_seen: 0,
@@ -656,6 +680,7 @@ impl Run {
 
     fn heal(&mut self, i: usize) {
         let (f, since, _) = self.active.remove(i);
+        self.past.push((Some(f), f.node(), since, Instant::now()));
         match f {
             Fault::EtcdFreeze(m) => {
                 self.etcd.signal(m, Signal::SIGCONT);
@@ -764,6 +789,7 @@ impl Run {
             Err(e) => self.log(format!("lease {lease:x} of n{n}: revoke failed: {e}")),
         }
         let now = Instant::now();
+        self.past.push((None, Some(n), now, now));
         for vol in &mut self.vols {
             if vol.owner == n {
                 vol.clear_since = Some(now);
@@ -956,6 +982,70 @@ impl Run {
         }
     }
 
+    /// Sorts the refused writes by what explains them (see
+    /// [`Stats::refused_why`]): a fault on the owner or on etcd's quorum,
+    /// or a lease revocation, up to [`EXPLAINS`] after it ended; else one
+    /// that only degrades etcd; else nothing (logged).
+    fn classify_refusals(&mut self) {
+        const EXPLAINS: Duration = Duration::from_secs(8);
+        let refusals = self.shared.lock().unwrap().refusals.clone();
+        let now = Instant::now();
+        let mut spans: Vec<(bool, Option<usize>, Instant, Instant)> = self
+            .past
+            .iter()
+            .map(|(f, n, a, b)| (f.is_some_and(|f| degrades(&f)), *n, *a, *b))
+            .collect();
+        spans.extend(
+            self.active
+                .iter()
+                .map(|(f, a, _)| (degrades(f), f.node(), *a, now)),
+        );
+        let mut why = BTreeMap::new();
+        let mut unexplained = Vec::new();
+        let mut degraded: Vec<(usize, usize, Instant)> = Vec::new();
+        for (v, node, t) in refusals {
+            let covers = |deg: bool| {
+                spans.iter().any(|(d, n, a, b)| {
+                    *d == deg && n.is_none_or(|n| n == node) && *a <= t && t <= *b + EXPLAINS
+                })
+            };
+            let k = if covers(false) {
+                "lease-fault"
+            } else if covers(true) {
+                degraded.push((v, node, t));
+                "etcd-degraded"
+            } else {
+                unexplained.push((v, node, t));
+                "unexplained"
+            };
+            *why.entry(k).or_default() += 1;
+        }
+        self.stats.refused_why = why;
+        for (what, list) in [
+            ("with no fault to explain them", &unexplained),
+            ("while etcd only had a member or a link down", &degraded),
+        ] {
+            // Each run of refusals (a gap of 1 s ends one): where and when.
+            let mut runs: Vec<String> = Vec::new();
+            let mut last: Option<Instant> = None;
+            for (v, n, t) in list.iter() {
+                if last.is_none_or(|l| *t > l + Duration::from_secs(1)) {
+                    runs.push(format!(
+                        "{} at n{n} from {:.3} s",
+                        self.vols[*v].name,
+                        (*t - self.t0).as_secs_f64()
+                    ));
+                }
+                last = Some(*t);
+            }
+            if !list.is_empty() {
+                let msg = format!("{} writes refused {what}: {}", list.len(), runs.join("; "));
+                eprintln!("chaos_etcd seed {}: {msg}", self.cfg.seed);
+                self.log(msg);
+            }
+        }
+    }
+
     fn collect_worker_stats(&mut self) {
         let sh = self.shared.lock().unwrap();
         let mut s = Stats::default();
@@ -1102,6 +1192,7 @@ impl Run {
             }
         }
         self.collect_worker_stats();
+        self.classify_refusals();
         self.stats.bytes_checked += checked;
         self.check_processes();
     }

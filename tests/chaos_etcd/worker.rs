@@ -67,12 +67,13 @@ pub struct VolStats {
     pub bytes_read_checked: u64,
     pub probes: u64,
     pub last_ack: Option<Instant>,
-    pub last_refusal: Option<Instant>,
 }
 
 #[derive(Default)]
 pub struct Shared {
     pub acks: Vec<Ack>,
+    /// Writes answered with an error: volume, node, when sent.
+    pub refusals: Vec<(usize, usize, Instant)>,
     pub stats: Vec<VolStats>,
     pub violations: Vec<String>,
 }
@@ -445,9 +446,8 @@ impl Worker {
             Ok(Err(ClientError::Server { errno, .. })) => {
                 self.model.unknown(off, data);
                 let mut sh = self.stats();
-                let s = &mut sh.stats[self.vol];
-                *s.refused.entry(errno).or_default() += 1;
-                s.last_refusal = Some(acked);
+                sh.refusals.push((self.vol, self.owner, sent));
+                *sh.stats[self.vol].refused.entry(errno).or_default() += 1;
             }
             Ok(Err(_)) | Err(()) => {
                 // Never answered: it may land later, while this process lives.
