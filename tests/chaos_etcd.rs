@@ -51,6 +51,7 @@
 //! in a debug build given no STEPS), `DLSM_CHAOS_TTL` (lease TTL, 4),
 //! `DLSM_CHAOS_VOLS` (4), `DLSM_CHAOS_NO=etcd-all-down,node-kill,...` (fault
 //! kinds to leave out), `DLSM_CHAOS_VERBOSE=1` (print every event),
+//! `DLSM_CHAOS_KEEP=1` (keep the run's directory even if it passed),
 //! `DLSM_CHAOS_SABOTAGE=model` (flip a byte of the model), `=owner` (log a
 //! made-up acknowledgement by another node) or `=lease` (a made-up window
 //! without a lease at the end): the run must then fail, which
@@ -139,6 +140,9 @@ fn one(seed: u64, steps: u64, budget: Option<u64>, no: &[String], sabotage: Opti
         t.elapsed().as_secs_f64()
     );
     println!("{line}");
+    if !r.failed() && env::<u8>("DLSM_CHAOS_KEEP").unwrap_or(0) > 0 {
+        eprintln!("--- seed {seed}: logs and data kept in {}", r.keep_dir());
+    }
     if r.failed() {
         let dir = r.keep_dir();
         eprintln!(
