@@ -147,6 +147,20 @@ impl Etcd {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        // A port taken in between may be one another process answers
+        // `/health` on (another test's etcd), while the member that could
+        // not bind it exits: every member must still run.
+        std::thread::sleep(Duration::from_millis(100));
+        for i in 0..n {
+            if let Some(st) = e.members[i].try_wait().unwrap() {
+                let log = e._dir.path().join(format!("m{i}.log"));
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                return Err(format!(
+                    "member {i} exited ({st}) after the cluster looked healthy: {tail:?}"
+                ));
+            }
+        }
         Ok(e)
     }
 
