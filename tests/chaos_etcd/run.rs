@@ -612,6 +612,9 @@ impl Run {
     }
 
     fn start(&mut self, f: Fault) {
+        // Before it takes effect: a write sent just before it may still be
+        // refused because of it.
+        let begun = Instant::now();
         *self.stats.faults.entry(f.kind()).or_default() += 1;
         match f {
             Fault::EtcdFreeze(i) => {
@@ -660,7 +663,6 @@ impl Run {
                 });
             }
         }
-        let now = Instant::now();
         // How many steps it lasts at least: the ones that take the lease
         // away longer, so that many outlast the lease (T - m).
         let steps = match f {
@@ -669,7 +671,7 @@ impl Run {
             }
             _ => self.rng.gen_range(1..=4),
         };
-        self.active.push((f, now, self.step + steps));
+        self.active.push((f, begun, self.step + steps));
         for vol in &mut self.vols {
             if f.affects(vol.owner) {
                 vol.clear_since = None;
@@ -784,12 +786,13 @@ impl Run {
         };
         let lease = *lease;
         *self.stats.faults.entry("lease-revoke").or_default() += 1;
+        let begun = Instant::now();
         match self.etcdctl(&["lease", "revoke", &format!("{lease:x}")]) {
             Ok(_) => self.log(format!("lease {lease:x} of n{n} revoked")),
             Err(e) => self.log(format!("lease {lease:x} of n{n}: revoke failed: {e}")),
         }
         let now = Instant::now();
-        self.past.push((None, Some(n), now, now));
+        self.past.push((None, Some(n), begun, now));
         for vol in &mut self.vols {
             if vol.owner == n {
                 vol.clear_since = Some(now);
@@ -802,7 +805,47 @@ impl Run {
     // ---------------------------------------------------------------
     // Checks
 
+    /// The harness's own check that what it froze stays frozen: a stopped
+    /// process continued by someone else would make the lease windows
+    /// wrong. (The kernel does it: SIGHUP and SIGCONT to every process of
+    /// a stopped process group that becomes orphaned, e.g. when the shell
+    /// that started the test in the background exits. Start it from a
+    /// shell that waits, or under `setsid`.)
+    fn check_frozen(&mut self) {
+        let state = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim().chars().next()))
+                .flatten()
+        };
+        let mut running = Vec::new();
+        for m in 0..3 {
+            if self.etcd_frozen[m] {
+                let st = state(self.etcd.members[m].id());
+                if st.is_some_and(|c| c != 'T' && c != 't') {
+                    running.push(format!("etcd member m{m} (state {st:?})"));
+                }
+            }
+        }
+        for (f, ..) in &self.active {
+            if let Fault::NodeFreeze(n) = f {
+                let st = self.nodes[*n].pid().and_then(|p| state(p.as_raw() as u32));
+                if st.is_some_and(|c| c != 'T' && c != 't') {
+                    running.push(format!("n{n} (state {st:?})"));
+                }
+            }
+        }
+        if !running.is_empty() {
+            let msg = format!(
+                "{} should be stopped (SIGSTOP) but run: something else sent SIGCONT (an orphaned process group? see check_frozen); this run proves nothing",
+                running.join(", ")
+            );
+            self.violation("harness", msg);
+        }
+    }
+
     fn check_processes(&mut self) {
+        self.check_frozen();
         for n in 0..3 {
             if let Some(p) = self.nodes[n].new_panics().first() {
                 self.violation("panic", format!("n{n}: {p}"));
@@ -1005,8 +1048,13 @@ impl Run {
         let mut degraded: Vec<(usize, usize, Instant)> = Vec::new();
         for (v, node, t) in refusals {
             let covers = |deg: bool| {
+                // A write sent just before a fault began may be refused
+                // because of it.
                 spans.iter().any(|(d, n, a, b)| {
-                    *d == deg && n.is_none_or(|n| n == node) && *a <= t && t <= *b + EXPLAINS
+                    *d == deg
+                        && n.is_none_or(|n| n == node)
+                        && t + Duration::from_millis(500) >= *a
+                        && t <= *b + EXPLAINS
                 })
             };
             let k = if covers(false) {
