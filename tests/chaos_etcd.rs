@@ -37,11 +37,21 @@
 //! - etcd's record of each volume names its owner at the generation it
 //!   was created with; at the end it is bound to the owner's current lease
 //!   (rebound after a lost lease) and every node is up;
-//! - no panic in any node's log, no node or etcd member exiting by itself.
+//! - no panic in any node's log, no node or etcd member exiting by itself;
+//! - (the harness itself) what it froze stays frozen: the kernel sends
+//!   SIGCONT to a stopped process group that becomes orphaned, e.g. when
+//!   the shell that started the test in the background exits, which
+//!   would make the lease windows wrong. Run it from a shell that waits,
+//!   or under `setsid`.
 //!
-//! One line per seed sums it up (faults by kind, writes acknowledged,
-//! refused by errno, unanswered, bytes checked, the longest time writes
-//! took to resume, violations); a failing seed prints its last events,
+//! One line per seed sums it up: faults by kind; writes acknowledged,
+//! refused (by errno, and by what explains the refusal: `lease-fault`, a
+//! fault that takes the owner's lease away or the owner down;
+//! `etcd-degraded`, one that only took a member or one link away, which
+//! the events log and stderr then date; `unexplained`), unanswered; reads,
+//! flushes, probes; record checks; the lease-less windows that outlasted
+//! `T - m` and their length; the longest time writes took to resume;
+//! bytes checked; violations. A failing seed prints its last events,
 //! keeps its directory (node and etcd logs, events.log) and prints the
 //! command that reruns it.
 //!
@@ -220,5 +230,81 @@ fn sabotaged_checks_fail() {
             s.violations
         );
         eprintln!("sabotage {sabotage}: failed as it must: {:?}", s.violations);
+    }
+}
+
+/// What the nemesis found about etcd itself (seeds 303 and 304: "etcd no
+/// longer knows this node's lease" within 0.5 s after a frozen member was
+/// continued, with only that member ever frozen): etcd 3.4.23 (Debian's
+/// `etcd-server`) revokes live leases when a leader that was stopped while
+/// the others elected a new one comes back (here: in 2 runs of up to 5
+/// rounds, at rounds 5 and 3; the lease had 3 s of its TTL left). The
+/// likely mechanism, not traced in etcd's source: its lessor still counts
+/// itself primary for a moment, finds every lease "expired" by its stale
+/// clock, and proposes their revocation, which reaches the new leader once
+/// it has stepped down and is applied. A lease renewed well within its TTL is then gone
+/// early, so DESIGN's "etcd expires a lease no earlier than r + T" does not
+/// hold on this etcd: a takeover must wait `T` after it first sees the
+/// owner's lease gone, whatever removed it (as for a lease revoked by hand).
+/// dlsm copes: the node refuses writes for a moment, registers again and
+/// rebinds its records. Ignored because it fails (reproduces) on 3.4.23:
+/// `cargo test --features cluster --test chaos_etcd -- --ignored a_thawed --nocapture`.
+#[test]
+#[ignore]
+fn a_thawed_stale_etcd_leader_does_not_revoke_live_leases() {
+    use nix::sys::signal::Signal;
+    use serde_json::Value;
+    use std::time::Duration;
+
+    let etcd = common::etcd::Etcd::start_members(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = etcd.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let _nodes: Vec<common::NodeProc> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| common::NodeProc::start_named(&tmp.path().join(n), n, &flags))
+        .collect();
+    let etcdctl = common::require("etcdctl");
+    let ctl = |urls: &str, args: &[&str]| -> Value {
+        let out = common::run_ok(
+            std::process::Command::new(&etcdctl)
+                .env("ETCDCTL_API", "3")
+                .arg(format!("--endpoints={urls}"))
+                .args(["--dial-timeout=2s", "--command-timeout=3s", "-w", "json"])
+                .args(args),
+        );
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    // A race (the stale leader's lease sweep against its stepping down):
+    // a few rounds, each freezing the leader of the moment.
+    for round in 0..5 {
+        let leader = (0..3)
+            .find(|&i| {
+                let s = ctl(&etcd.urls[i], &["endpoint", "status"]);
+                s[0]["Status"]["leader"] == s[0]["Status"]["header"]["member_id"]
+            })
+            .expect("a leader");
+        let others: Vec<&str> = (0..3)
+            .filter(|&i| i != leader)
+            .map(|i| etcd.urls[i].as_str())
+            .collect();
+        let others = others.join(",");
+        let lease_of_n1 =
+            || ctl(&others, &["get", "/dlsm/v1/nodes/n1"])["kvs"][0]["lease"].as_i64();
+
+        // The other two elect a leader, which n1 renews its lease at.
+        etcd.signal(leader, Signal::SIGSTOP);
+        std::thread::sleep(Duration::from_secs(10));
+        let before = lease_of_n1().expect("n1 is up");
+        let ttl = ctl(&others, &["lease", "timetolive", &format!("{before:x}")]);
+        eprintln!("round {round}: before m{leader} is continued: n1's lease {before:x}: {ttl}");
+        etcd.signal(leader, Signal::SIGCONT);
+        std::thread::sleep(Duration::from_secs(3));
+        let after = lease_of_n1();
+        assert_eq!(
+            after,
+            Some(before),
+            "round {round}: n1's live lease {before:x} ({ttl}) was revoked when the old leader m{leader} was continued; nodes/n1 is now under {after:x?}"
+        );
     }
 }
