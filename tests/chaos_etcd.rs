@@ -65,7 +65,8 @@
 //! `DLSM_CHAOS_SABOTAGE=model` (flip a byte of the model), `=owner` (log a
 //! made-up acknowledgement by another node) or `=lease` (a made-up window
 //! without a lease at the end): the run must then fail, which
-//! `sabotaged_checks_fail` shows (`--ignored`, it runs three seeds).
+//! `sabotaged_checks_fail` shows (`-- --ignored sabotaged --nocapture`,
+//! about a minute).
 //!
 //! Rerun a seed:
 //! `DLSM_CHAOS_SEED=S DLSM_CHAOS_STEPS=N cargo test --features cluster --test chaos_etcd -- --nocapture`
@@ -214,7 +215,7 @@ fn chaos_etcd() {
 
 /// Each sabotage must make a short run fail with the violation it aims
 /// at: the checks can fail. (`cargo test --features cluster --test
-/// chaos_etcd -- --ignored --nocapture`; about a minute.)
+/// chaos_etcd -- --ignored sabotaged --nocapture`; about a minute.)
 #[test]
 #[ignore]
 fn sabotaged_checks_fail() {
