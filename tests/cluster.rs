@@ -737,6 +737,23 @@ fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
         .collect()
 }
 
+/// Volume `vol` of `mib` MiB created on `node` and filled through an NBD
+/// client with pattern `seed`: that client, and the model of what it wrote.
+async fn filled(
+    node: &NodeProc,
+    vol: &str,
+    mib: u64,
+    seed: u64,
+) -> (dlsm::nbd::client::NbdClient, common::Model) {
+    node.create(vol, &format!("{mib}M"));
+    let mut model = common::Model::new(mib << 20);
+    let c = common::client(node, vol).await;
+    model
+        .write(&c, 0, &common::pattern((mib << 20) as usize, seed))
+        .await;
+    (c, model)
+}
+
 /// Whether node data directory `dir` holds a copy of `vol`.
 fn has_copy(dir: &Path, vol: &str) -> bool {
     dir.join("volumes").join(vol).join("table.json").exists()
@@ -754,10 +771,7 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node(&tmp.path().join("n2"), "n2");
     let n3 = etcd.node(&tmp.path().join("n3"), "n3");
-    n1.create("v", "4M");
-    let mut model = common::Model::new(4 << 20);
-    let c1 = common::client(&n1, "v").await;
-    model.write(&c1, 0, &common::pattern(4 << 20, 7)).await;
+    let (c1, mut model) = filled(&n1, "v", 4, 7).await;
 
     assert!(has_copy(&tmp.path().join("n1"), "v"));
     // Asked of n3, which has no copy: forwarded to the owner.
@@ -882,13 +896,9 @@ async fn a_dead_source_is_taken_over_without_force_and_fenced_when_it_returns() 
     let tmp = tempfile::tempdir().unwrap();
     let mut n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node_with(&tmp.path().join("n2"), "n2", &["--source-timeout", "2"]);
-    n1.create("v", "2M");
-    let mut model = common::Model::new(2 << 20);
-    {
-        let c1 = common::client(&n1, "v").await;
-        model.write(&c1, 0, &common::pattern(2 << 20, 3)).await;
-        c1.flush().await.unwrap();
-    }
+    let (c1, mut model) = filled(&n1, "v", 2, 3).await;
+    c1.flush().await.unwrap();
+    drop(c1);
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
     n1.kill();
     // Refused while the lease lives would be a wait; here the call itself
@@ -1130,10 +1140,7 @@ async fn an_owner_frozen_in_passthrough_is_taken_over_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node_with(&tmp.path().join("n2"), "n2", &["--source-timeout", "2"]);
-    n1.create("v", "2M");
-    let mut model = common::Model::new(2 << 20);
-    let c1 = common::client(&n1, "v").await;
-    model.write(&c1, 0, &common::pattern(2 << 20, 11)).await;
+    let (c1, mut model) = filled(&n1, "v", 2, 11).await;
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
     model
         .write(&c1, 100_000, b"acknowledged in passthrough")
@@ -1195,12 +1202,8 @@ async fn an_owner_frozen_in_hydration_resumes_by_itself() {
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node(&tmp.path().join("n2"), "n2");
-    n1.create("v", "2M");
-    let mut model = common::Model::new(2 << 20);
-    {
-        let c1 = common::client(&n1, "v").await;
-        model.write(&c1, 0, &common::pattern(2 << 20, 12)).await;
-    }
+    let (c1, mut model) = filled(&n1, "v", 2, 12).await;
+    drop(c1);
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
     let c2 = common::client(&n2, "v").await;
     model.write(&c2, 4096, b"handoff").await;
@@ -1260,10 +1263,7 @@ async fn an_owner_cut_off_from_etcd_stops_writes_at_its_deadline_and_resumes() {
         ],
     );
     let n2 = etcd.node(&tmp.path().join("n2"), "n2");
-    n1.create("v", "1M");
-    let mut model = common::Model::new(1 << 20);
-    let c1 = common::client(&n1, "v").await;
-    model.write(&c1, 0, &common::pattern(1 << 20, 13)).await;
+    let (c1, mut model) = filled(&n1, "v", 1, 13).await;
 
     link.set(proxy::Mode::Blackhole);
     let cut = Instant::now();
@@ -1783,13 +1783,9 @@ async fn takeover_claimed_but_not_persisted(
 ) -> (NodeProc, NodeProc, common::Model) {
     let mut n1 = etcd.node(&tmp.join("n1"), "n1");
     let mut n2 = etcd.node_with(&tmp.join("n2"), "n2", &["--source-timeout", "2"]);
-    n1.create("v", "1M");
-    let mut model = common::Model::new(1 << 20);
-    {
-        let c1 = common::client(&n1, "v").await;
-        model.write(&c1, 0, &common::pattern(1 << 20, 5)).await;
-        c1.flush().await.unwrap();
-    }
+    let (c1, model) = filled(&n1, "v", 1, 5).await;
+    c1.flush().await.unwrap();
+    drop(c1);
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "1"]);
     n1.kill();
     let crash = crash_at_rename_from(n2.pid(), &tmp.join("n2").join("volumes/v/table.tmp"));
@@ -2026,12 +2022,8 @@ async fn a_migration_completing_with_etcd_down_releases_the_source_only_after_th
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node(&tmp.path().join("n1"), "n1");
     let n2 = etcd.node(&tmp.path().join("n2"), "n2");
-    n1.create("v", "4M");
-    let mut model = common::Model::new(4 << 20);
-    {
-        let c1 = common::client(&n1, "v").await;
-        model.write(&c1, 0, &common::pattern(4 << 20, 13)).await;
-    }
+    let (c1, mut model) = filled(&n1, "v", 4, 13).await;
+    drop(c1);
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
     let c2 = common::client(&n2, "v").await;
     model.write(&c2, 0, b"at n2").await;
@@ -2066,10 +2058,7 @@ async fn a_left_over_clone_does_not_block_the_next_migration() {
     let tmp = tempfile::tempdir().unwrap();
     let n1 = etcd.node_with(&tmp.path().join("n1"), "n1", &["--source-timeout", "1"]);
     let mut n2 = etcd.node(&tmp.path().join("n2"), "n2");
-    n1.create("v", "1M");
-    let mut model = common::Model::new(1 << 20);
-    let c1 = common::client(&n1, "v").await;
-    model.write(&c1, 0, &common::pattern(1 << 20, 31)).await;
+    let (c1, mut model) = filled(&n1, "v", 1, 31).await;
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
     let old = record(&etcd, "v")["migration"]["id"].clone();
     n2.kill();

@@ -568,6 +568,20 @@ mod cluster {
         .into()
     }
 
+    /// The directory gives `name` to this node, which has no copy of it
+    /// (a create that crashed between its record and its copy, a copy
+    /// removed by hand).
+    fn missing_here(c: &Cluster, name: &str) -> ApiError {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "volume {name:?}: the cluster's directory says it is on this node ({}), which \
+                 has no copy of it",
+                c.name
+            ),
+        )
+    }
+
     /// The API of live node `name`, or why there is none.
     async fn peer_of(s: &NodeState, c: &Cluster, name: &str) -> Result<Peer, ApiError> {
         match c.live_node(name).await? {
@@ -664,14 +678,7 @@ mod cluster {
                     let path = format!("/v1/volumes/{name}");
                     peer.get(&path).await.map_err(|e| forwarded(&r.owner, e))
                 }
-                Some(_) => Err(ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "volume {name:?}: the cluster's directory says it is on this node ({}), \
-                         which has no copy of it",
-                        c.name
-                    ),
-                )),
+                Some(_) => Err(missing_here(c, name)),
                 None => Err(ClusterError::NoSuchVolume(name.into()).into()),
             },
             Err(e) => Err(e.into()),
@@ -743,14 +750,7 @@ mod cluster {
                         .await
                         .map_err(|e| forwarded(&r.owner, e))
                 }
-                Some(_) => Err(ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "volume {name:?}: the cluster's directory says it is on this node ({}), \
-                         which has no copy of it",
-                        c.name
-                    ),
-                )),
+                Some(_) => Err(missing_here(c, name)),
                 None => Err(ClusterError::NoSuchVolume(name.into()).into()),
             },
             Err(e) => Err(e.into()),
