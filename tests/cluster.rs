@@ -305,8 +305,24 @@ fn a_node_without_a_cluster_says_so() {
     );
 }
 
+/// Sends `sig` to node `n`; for SIGSTOP, returns once every thread of it
+/// is stopped (a signal is delivered asynchronously: a request sent just
+/// after `kill` returns could otherwise still be answered).
 fn signal(n: &NodeProc, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(n.pid()), sig).unwrap();
+    if sig == nix::sys::signal::Signal::SIGSTOP {
+        let stopped = || {
+            std::fs::read_dir(format!("/proc/{}/task", n.pid()))
+                .unwrap()
+                .all(|t| {
+                    let stat =
+                        std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+        };
+        wait_until("every thread of the node stopped", 5, stopped);
+    }
 }
 
 /// A node frozen longer than its lease acknowledges no write when it
