@@ -848,8 +848,11 @@ async fn a_cluster_volume_migrates_by_node_name_and_the_directory_follows() {
     assert_eq!(shown["node"], "n2", "{shown}");
     assert_eq!(volume_list(&n1)[0]["state"], "ok");
     model.check_as(&c2, "after the cluster migration").await;
-    // And back, asked of the new owner.
-    cli_ok(&n2, &["migrate", "v", "--to", "n1"]);
+    // And back, asked of the new owner (once n1 has let go of its old
+    // copy entirely: its directory may go a moment before its entry).
+    wait_until("migrating back", 10, || {
+        n2.cli(&["migrate", "v", "--to", "n1"]).status.success()
+    });
     let c1 = common::client(&n1, "v").await;
     model.write(&c1, 0, b"home again").await;
     assert_eq!(record(&etcd, "v")["generation"], 3);
