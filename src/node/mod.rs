@@ -140,8 +140,15 @@ impl ExportRegistry for Registry {
         // real client leaves), and served only while ID is this volume's
         // outgoing migration: a clone left over from an older or abandoned
         // migration gets "no such export", never this incarnation's data.
-        if let Some((vol, id)) = name.split_once(store::ORIGIN_MARK) {
+        if let Some((vol, rest)) = name.split_once(store::ORIGIN_MARK) {
+            let (id, generation) = store::parse_origin(rest);
             let v = self.0.get(vol).ok()?;
+            // Cluster mode: a link from behind this copy's generation is
+            // stale, whatever its migration id.
+            if generation.is_some_and(|g| g < v.table().generation) {
+                debug!(export = name, "origin link refused: stale generation");
+                return None;
+            }
             // A rollback clone not handed off yet: its local file is this
             // node's copy from migration `id`, which the destination of
             // `id` still reads the regions it lacks from (it wrote none

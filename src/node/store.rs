@@ -399,9 +399,24 @@ pub fn validate_name(name: &str) -> Result<(), StoreError> {
 /// migration is its outgoing one.
 pub const ORIGIN_MARK: &str = "@origin:";
 
-/// The export name of `volume`'s origin link for migration `id`.
-pub fn origin_export(volume: &str, id: &str) -> String {
-    format!("{volume}{ORIGIN_MARK}{id}")
+/// The export name of `volume`'s origin link for migration `id`; in
+/// cluster mode with the destination's `generation` (the fencing token:
+/// the source refuses a link whose generation is behind its copy's).
+pub fn origin_export(volume: &str, id: &str, generation: u64) -> String {
+    if generation > 0 {
+        format!("{volume}{ORIGIN_MARK}{id}:{generation}")
+    } else {
+        format!("{volume}{ORIGIN_MARK}{id}")
+    }
+}
+
+/// The migration id and generation (if any) of an origin link's name,
+/// the part after [`ORIGIN_MARK`] (see [`origin_export`]).
+pub fn parse_origin(rest: &str) -> (&str, Option<u64>) {
+    match rest.split_once(':') {
+        Some((id, g)) => (id, g.parse().ok()),
+        None => (rest, None),
+    }
 }
 
 /// Refuses a size no volume can have (checked before anything is made, in
@@ -968,7 +983,7 @@ fn open_target(
             let origin = Arc::new(
                 RemoteTarget::lazy(
                     addr,
-                    &origin_export(export, migration),
+                    &origin_export(export, migration, table.generation),
                     table.size,
                     env.origin_connections,
                     env.source_timeout,
@@ -1187,6 +1202,15 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_origin_link_name_carries_the_generation_in_cluster_mode() {
+        assert_eq!(origin_export("vm1", "ab12", 0), "vm1@origin:ab12");
+        assert_eq!(origin_export("vm1", "ab12", 7), "vm1@origin:ab12:7");
+        let rest = |n: &str| n.split_once(ORIGIN_MARK).unwrap().1.to_owned();
+        assert_eq!(parse_origin(&rest("vm1@origin:ab12")), ("ab12", None));
+        assert_eq!(parse_origin(&rest("vm1@origin:ab12:7")), ("ab12", Some(7)));
+    }
 
     struct NoHooks;
     #[async_trait::async_trait]
