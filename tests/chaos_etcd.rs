@@ -17,26 +17,51 @@
 //! members (no quorum); `etcdctl lease revoke` a node's lease (the one its
 //! `nodes/NAME` key is under); blackhole or reset all of a node's etcd
 //! proxies, or blackhole one; SIGSTOP/SIGCONT a node; kill -9 a node and
-//! restart it.
+//! restart it; and `migrate` a volume with no migration in progress to
+//! another node by name (`dlsm --api ANY migrate VOL --to NODE`, half of
+//! them at `--rate 1M` so that faults meet them hydrating), its source and
+//! destination up at that moment. When the call returns, the volume's
+//! client follows it as a VM would: it reconnects at the destination, and
+//! its first write there hands off. One migration in four is cancelled
+//! instead (`migration cancel` at the source) before the client moves; a
+//! migrate call that fails is cancelled too, again at later steps until
+//! the cancel succeeds (or, 30 s on, the record shows it never started).
+//! The worker's model follows its writes per node (what a killed node had
+//! not made durable is forgotten, whichever end of a migration it was).
 //!
 //! Checked while it runs and at the end with every fault healed:
 //! - every read matches the byte model of acknowledged writes (a write
 //!   answered with an error, or not at all, may or may not have happened:
 //!   both are allowed until a read or a later write settles it); at the
-//!   end every byte of every volume is read and checked;
+//!   end every byte of every volume is read and checked, at its owner
+//!   (where its last migration went);
 //! - only the owner the directory names acknowledges writes for a volume
 //!   (the probes at other nodes must not be), and no two nodes acknowledge
 //!   writes for one volume in overlapping intervals (every acknowledgement
-//!   is logged with node, volume, and the interval it happened in);
+//!   is logged with node, volume, and the interval it happened in). The
+//!   harness follows the owner and generation: they change only when a
+//!   write is acknowledged at the destination of a migration the client
+//!   follows, or the record shows that handoff (destination, generation +
+//!   1); from then on the old owner must acknowledge nothing (probes go to
+//!   it once the client saw its first acknowledgement at the destination,
+//!   never to a destination the client does not follow yet);
 //! - no write is acknowledged when the node cannot hold a lease: a write
 //!   sent more than `T - m` (+ 0.3 s of the harness's own slack) after the
 //!   node was cut from etcd, after every member died, or (+ 2 s for an
 //!   isolated leader) after two members froze, while that fault lasts;
 //! - writes resume by themselves: within 15 s after the last fault that
-//!   could stop a volume's writes healed, and within 30 s at the end;
-//! - etcd's record of each volume names its owner at the generation it
-//!   was created with; at the end it is bound to the owner's current lease
-//!   (rebound after a lost lease) and every node is up;
+//!   could stop a volume's writes healed (one on its owner, or on either
+//!   end of its migration until it completes, or on etcd), and within 30 s
+//!   at the end;
+//! - etcd's record of each volume names the owner at the generation the
+//!   harness expects (created with, + 1 per handoff), and a migration
+//!   only while one the harness started is in progress, with its source
+//!   and destination; a migration the client follows does not leave the
+//!   record before its handoff. At the end, with every fault healed,
+//!   every migration completes (or is cancelled) within 60 s, each record
+//!   is bound to the owner's current lease (rebound after a lost lease),
+//!   names no migration, and only the owner holds a copy (the sources
+//!   released theirs); every node is up;
 //! - no panic in any node's log, no node or etcd member exiting by itself;
 //! - (the harness itself) what it froze stays frozen: the kernel sends
 //!   SIGCONT to a stopped process group that becomes orphaned, e.g. when
@@ -49,8 +74,9 @@
 //! fault that takes the owner's lease away or the owner down;
 //! `etcd-degraded`, one that only took a member or one link away, which
 //! the events log and stderr then date; `unexplained`), unanswered; reads,
-//! flushes, probes; record checks; the lease-less windows that outlasted
-//! `T - m` and their length; the longest time writes took to resume;
+//! flushes, probes; record checks; migrations started, handed off,
+//! completed, cancelled (or never started); the lease-less windows that
+//! outlasted `T - m` and their length; the longest time writes took to resume;
 //! bytes checked; violations. A failing seed prints its last events,
 //! keeps its directory (node and etcd logs, events.log) and prints the
 //! command that reruns it.
@@ -59,8 +85,8 @@
 //! (seeds from it), `DLSM_CHAOS_STEPS` (steps per seed; 60 by default),
 //! `DLSM_CHAOS_BUDGET_SECS` (end a seed's fault phase after this long; 100
 //! in a debug build given no STEPS), `DLSM_CHAOS_TTL` (lease TTL, 4),
-//! `DLSM_CHAOS_VOLS` (4), `DLSM_CHAOS_NO=etcd-all-down,node-kill,...` (fault
-//! kinds to leave out), `DLSM_CHAOS_VERBOSE=1` (print every event),
+//! `DLSM_CHAOS_VOLS` (4), `DLSM_CHAOS_NO=etcd-all-down,node-kill,migrate,...`
+//! (fault kinds to leave out), `DLSM_CHAOS_VERBOSE=1` (print every event),
 //! `DLSM_CHAOS_KEEP=1` (keep the run's directory even if it passed),
 //! `DLSM_CHAOS_SABOTAGE=model` (flip a byte of the model), `=owner` (log a
 //! made-up acknowledgement by another node) or `=lease` (a made-up window

@@ -59,6 +59,9 @@ pub struct Stats {
     pub bytes_checked: u64,
     pub resume_max: Duration,
     pub record_checks: u64,
+    /// Migrations the harness started, handed off, completed, cancelled
+    /// (or that never started).
+    pub migrations: [u64; 4],
     /// Windows in which a node could hold no lease that lasted past their
     /// start (so writes had to be refused), and their total length.
     pub lease_windows: u64,
@@ -87,6 +90,9 @@ impl Stats {
         self.bytes_checked += o.bytes_checked;
         self.resume_max = self.resume_max.max(o.resume_max);
         self.record_checks += o.record_checks;
+        for i in 0..4 {
+            self.migrations[i] += o.migrations[i];
+        }
         self.lease_windows += o.lease_windows;
         self.window_time += o.window_time;
         for (k, v) in &o.refused_why {
@@ -107,7 +113,7 @@ impl Stats {
             .map(|(e, n)| format!("errno{e}:{n}"))
             .collect();
         format!(
-            "steps={} faults={} writes=acked:{},refused:{}[{}][{}],unanswered:{} reads={} flushes={} probes={} record_checks={} lease_windows={}({:.0}s) resume_max_ms={} bytes_checked={} violations={}",
+            "steps={} faults={} writes=acked:{},refused:{}[{}][{}],unanswered:{} reads={} flushes={} probes={} record_checks={} migrations=started:{},handed_off:{},completed:{},cancelled:{} lease_windows={}({:.0}s) resume_max_ms={} bytes_checked={} violations={}",
             self.steps,
             faults.join(","),
             self.acked,
@@ -123,6 +129,10 @@ impl Stats {
             self.flushes,
             self.probes,
             self.record_checks,
+            self.migrations[0],
+            self.migrations[1],
+            self.migrations[2],
+            self.migrations[3],
             self.lease_windows,
             self.window_time.as_secs_f64(),
             self.resume_max.as_millis(),
@@ -169,11 +179,6 @@ impl Fault {
             _ => None,
         }
     }
-
-    /// Whether it may stop writes to volumes owned by `n`.
-    fn affects(&self, n: usize) -> bool {
-        self.node().is_none_or(|m| m == n)
-    }
 }
 
 /// Whether a fault only degrades etcd (a member or one link gone, the
@@ -197,7 +202,22 @@ const KINDS: &[&str] = &[
     "node-cut-one",
     "node-freeze",
     "node-kill",
+    "migrate",
 ];
+
+/// A migration the harness started.
+#[derive(Clone, Copy, Debug)]
+struct Mig {
+    from: usize,
+    to: usize,
+    /// The client follows it (its first write at `to` hands off).
+    switched: bool,
+    /// To be cancelled (chosen, or the migrate call failed).
+    cancel: bool,
+    /// A cancel was answered with success.
+    cancelled: bool,
+    since: Instant,
+}
 
 /// A time during which a node cannot hold a valid lease: from the last
 /// moment its deadline can reach, to when the fault healed.
@@ -220,6 +240,20 @@ struct Vol {
     resume_pending: Option<Instant>,
     /// The owner's node: the latest acknowledgement's end, per node.
     last_acked: Vec<Option<Instant>>,
+    /// The migration in progress, if any.
+    mig: Option<Mig>,
+}
+
+impl Vol {
+    /// Whether node `n` can stop its writes: the owner, or either end of
+    /// its migration until it completes.
+    fn involves(&self, n: usize) -> bool {
+        self.owner == n || self.mig.is_some_and(|m| m.from == n || m.to == n)
+    }
+
+    fn hit_by(&self, f: &Fault) -> bool {
+        f.node().is_none_or(|n| self.involves(n))
+    }
 }
 
 pub struct Run {
@@ -467,6 +501,7 @@ impl Run {
                 clear_since: Some(Instant::now()),
                 resume_pending: None,
                 last_acked: vec![None; 3],
+                mig: None,
             });
         }
         let keys = self.etcd_keys().expect("read the directory");
@@ -478,6 +513,8 @@ impl Run {
         {
             let mut sh = self.shared.lock().unwrap();
             sh.stats = vec![Default::default(); self.vols.len()];
+            sh.route = self.vols.iter().map(|v| v.owner).collect();
+            sh.no_probe = vec![None; self.vols.len()];
         }
         for (v, vol) in self.vols.iter().enumerate() {
             let w = Worker::new(
@@ -573,6 +610,12 @@ impl Run {
             let kind = kinds[self.rng.gen_range(0..kinds.len())];
             if kind == "lease-revoke" {
                 if self.lease_revoke() {
+                    return;
+                }
+                continue;
+            }
+            if kind == "migrate" {
+                if self.migrate() {
                     return;
                 }
                 continue;
@@ -673,7 +716,7 @@ impl Run {
         };
         self.active.push((f, begun, self.step + steps));
         for vol in &mut self.vols {
-            if f.affects(vol.owner) {
+            if vol.hit_by(&f) {
                 vol.clear_since = None;
             }
         }
@@ -758,8 +801,7 @@ impl Run {
     fn update_clear(&mut self) {
         let now = Instant::now();
         for v in 0..self.vols.len() {
-            let owner = self.vols[v].owner;
-            let affected = self.active.iter().any(|(f, ..)| f.affects(owner));
+            let affected = self.active.iter().any(|(f, ..)| self.vols[v].hit_by(f));
             let vol = &mut self.vols[v];
             if !affected && vol.clear_since.is_none() {
                 vol.clear_since = Some(now);
@@ -793,8 +835,11 @@ impl Run {
         }
         let now = Instant::now();
         self.past.push((None, Some(n), begun, now));
-        for vol in &mut self.vols {
-            if vol.owner == n {
+        for v in 0..self.vols.len() {
+            // (Another fault may still stop it: its other migration end.)
+            let hit = self.active.iter().any(|(f, ..)| self.vols[v].hit_by(f));
+            let vol = &mut self.vols[v];
+            if vol.involves(n) && !hit {
                 vol.clear_since = Some(now);
                 vol.resume_pending = Some(now);
             }
@@ -883,7 +928,12 @@ impl Run {
         }
         for a in acks {
             let (name, owner) = (self.vols[a.vol].name.clone(), self.vols[a.vol].owner);
-            if a.node != owner {
+            let handoff = self.vols[a.vol]
+                .mig
+                .is_some_and(|m| m.switched && m.from == owner && m.to == a.node);
+            if handoff {
+                self.handed_off(a.vol, format!("a write acknowledged at n{}", a.node));
+            } else if a.node != owner {
                 let msg = format!(
                     "{name}: n{} acknowledged a write of [{}, +{}) but the directory names n{}",
                     a.node, a.off, a.len, owner
@@ -983,21 +1033,78 @@ impl Run {
         };
         self.stats.record_checks += 1;
         for v in 0..self.vols.len() {
-            let (name, owner, generation) = (
-                self.vols[v].name.clone(),
-                self.vols[v].owner,
-                self.vols[v].generation,
-            );
+            let name = self.vols[v].name.clone();
             let Some((rec, _)) = keys.get(&format!("volumes/{name}")) else {
                 self.violation("record", format!("{name}: no record in etcd"));
                 continue;
             };
-            if rec["owner"] != format!("n{owner}").as_str()
-                || rec["generation"].as_u64() != Some(generation)
-            {
-                let msg = format!("{name}: the record changed: {rec} (created on n{owner} at generation {generation})");
+            let names = |n: usize, g: u64| {
+                rec["owner"] == format!("n{n}").as_str() && rec["generation"].as_u64() == Some(g)
+            };
+            let (owner, generation) = (self.vols[v].owner, self.vols[v].generation);
+            let mig = self.vols[v].mig;
+            // Handed off (the first write at the destination may not have
+            // been acknowledged): the destination, one generation later.
+            if mig.is_some_and(|m| m.switched && m.from == owner && names(m.to, generation + 1)) {
+                self.handed_off(v, "the record".into());
+            } else if !names(owner, generation) {
+                let msg = format!("{name}: the record changed: {rec} (the harness expects n{owner} at generation {generation}; its migration: {mig:?})");
                 self.violation("record", msg);
                 continue;
+            }
+            let (owner, generation) = (self.vols[v].owner, self.vols[v].generation);
+            let rm = &rec["migration"];
+            match mig {
+                None if !rm.is_null() => {
+                    let msg = format!("{name}: a migration the harness did not start: {rec}");
+                    self.violation("record", msg);
+                    continue;
+                }
+                Some(m)
+                    if !rm.is_null()
+                        && (rm["from"] != format!("n{}", m.from).as_str()
+                            || rm["to"] != format!("n{}", m.to).as_str()) =>
+                {
+                    let msg = format!("{name}: the record's migration is not the one the harness started ({m:?}): {rec}");
+                    self.violation("record", msg);
+                    continue;
+                }
+                None => {}
+                // In progress.
+                Some(_) if !rm.is_null() => {}
+                Some(m) if owner == m.to => {
+                    self.stats.migrations[2] += 1;
+                    self.end_migration(
+                        v,
+                        format!(
+                            "n{} -> n{} complete (generation {generation}) after {:.1} s",
+                            m.from,
+                            m.to,
+                            m.since.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
+                // Cancelled, or the migrate call failed before it recorded
+                // anything (given time to be sure).
+                Some(m)
+                    if !m.switched
+                        && (m.cancelled || m.since.elapsed() > Duration::from_secs(30)) =>
+                {
+                    self.stats.migrations[3] += 1;
+                    self.end_migration(
+                        v,
+                        format!(
+                            "n{} -> n{} not in the record: cancelled or never started",
+                            m.from, m.to
+                        ),
+                    );
+                }
+                Some(m) if !m.switched => {}
+                Some(m) => {
+                    let msg = format!("{name}: the migration n{} -> n{} the client follows left the record before its handoff: {rec}", m.from, m.to);
+                    self.violation("record", msg);
+                    continue;
+                }
             }
             // Bound to the owner's lease once nothing stops the owner
             // for a while (a lost lease replaced, the records rebound).
@@ -1020,6 +1127,176 @@ impl Run {
             for n in 0..3 {
                 if !keys.contains_key(&format!("nodes/n{n}")) {
                     self.violation("record", format!("nodes/n{n} missing: n{n} not up"));
+                }
+            }
+            // The owner holds the only copy: every migration's source
+            // released its own.
+            for v in 0..self.vols.len() {
+                let owner = self.vols[v].owner;
+                for n in (0..3).filter(|&n| n != owner) {
+                    let name = &self.vols[v].name;
+                    let table = self.nodes[n]
+                        .data_dir
+                        .join("volumes")
+                        .join(name)
+                        .join("table.json");
+                    if table.exists() {
+                        let msg = format!(
+                            "{name}: n{n} still holds a copy (the owner is n{})",
+                            self.vols[v].owner
+                        );
+                        self.violation("copy-left", msg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A migration's handoff seen (by `how`): the destination owns the
+    /// volume, one generation later.
+    fn handed_off(&mut self, v: usize, how: String) {
+        let vol = &mut self.vols[v];
+        let m = vol.mig.expect("a migration");
+        vol.owner = m.to;
+        vol.generation += 1;
+        let msg = format!(
+            "{}: handed off n{} -> n{} (generation {}), seen by {how}",
+            vol.name, m.from, m.to, vol.generation
+        );
+        self.stats.migrations[1] += 1;
+        self.log(msg);
+    }
+
+    fn end_migration(&mut self, v: usize, msg: String) {
+        self.vols[v].mig = None;
+        self.shared.lock().unwrap().no_probe[v] = None;
+        let msg = format!("{}: migration {msg}", self.vols[v].name);
+        self.log(msg);
+        self.update_clear();
+    }
+
+    /// `dlsm --api (node at) ARGS`, given 20 s.
+    fn cli(&self, at: usize, args: &[&str]) -> Result<String, String> {
+        let o = Command::new("timeout")
+            .args(["20", DLSM, "--api", &self.nodes[at].api])
+            .args(args)
+            .env("RUST_LOG", "error")
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        } else {
+            Err(format!(
+                "{} {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+
+    /// Migrates a volume with no migration in progress to another node, by
+    /// name, asked of any node: then the client follows it (its first write
+    /// hands off), or (one in four) the harness cancels it at the source.
+    fn migrate(&mut self) -> bool {
+        let free: Vec<usize> = (0..self.vols.len())
+            .filter(|&v| self.vols[v].mig.is_none() && !self.node_busy(self.vols[v].owner))
+            .collect();
+        if free.is_empty() {
+            return false;
+        }
+        let v = free[self.rng.gen_range(0..free.len())];
+        let from = self.vols[v].owner;
+        let to = (from + self.rng.gen_range(1..3)) % 3;
+        if self.node_busy(to) {
+            return false;
+        }
+        let ups: Vec<usize> = (0..3).filter(|&n| !self.node_busy(n)).collect();
+        let at = ups[self.rng.gen_range(0..ups.len())];
+        let cancel = self.rng.gen_bool(0.25);
+        let slow = self.rng.gen_bool(0.5);
+        let name = self.vols[v].name.clone();
+        *self.stats.faults.entry("migrate").or_default() += 1;
+        self.stats.migrations[0] += 1;
+        self.shared.lock().unwrap().no_probe[v] = Some(to);
+        self.vols[v].mig = Some(Mig {
+            from,
+            to,
+            switched: false,
+            cancel: true,
+            cancelled: false,
+            since: Instant::now(),
+        });
+        let dest = format!("n{to}");
+        let mut args = vec!["migrate", &name, "--to", &dest];
+        if slow {
+            args.extend(["--rate", "1M"]);
+        }
+        match self.cli(at, &args) {
+            Ok(_) if !cancel => {
+                self.shared.lock().unwrap().route[v] = to;
+                let m = self.vols[v].mig.as_mut().unwrap();
+                m.switched = true;
+                m.cancel = false;
+                self.log(format!(
+                    "{name}: migrate n{from} -> n{to} (asked of n{at}{}) prepared; the client follows",
+                    if slow { ", 1M/s" } else { "" }
+                ));
+            }
+            Ok(_) => {
+                *self.stats.faults.entry("migrate-cancel").or_default() += 1;
+                self.log(format!(
+                    "{name}: migrate n{from} -> n{to} (asked of n{at}) prepared; cancelling it"
+                ));
+                self.cancel_migration(v);
+            }
+            Err(e) => {
+                self.log(format!(
+                    "{name}: migrate n{from} -> n{to} (asked of n{at}) failed: {e}; cancelling it"
+                ));
+                self.cancel_migration(v);
+            }
+        }
+        true
+    }
+
+    /// `migration cancel` at the source of a migration the client does not
+    /// follow.
+    fn cancel_migration(&mut self, v: usize) {
+        let Some(m) = self.vols[v].mig else { return };
+        if m.switched || m.cancelled {
+            return;
+        }
+        let name = self.vols[v].name.clone();
+        match self.cli(m.from, &["migration", "cancel", &name]) {
+            Ok(_) => {
+                self.vols[v].mig.as_mut().unwrap().cancelled = true;
+                self.log(format!(
+                    "{name}: migration n{} -> n{} cancelled",
+                    m.from, m.to
+                ));
+            }
+            // The source knows of no migration: nothing to cancel (the
+            // record then shows none, or the check says what it shows).
+            Err(e) if e.contains("(HTTP 404)") => {
+                self.vols[v].mig.as_mut().unwrap().cancelled = true;
+                self.log(format!(
+                    "{name}: migration cancel at n{}: {e}; nothing to cancel",
+                    m.from
+                ));
+            }
+            Err(e) => self.log(format!("{name}: migration cancel at n{}: {e}", m.from)),
+        }
+    }
+
+    /// Cancels what is to be cancelled, when its nodes and etcd are whole.
+    fn tend_migrations(&mut self) {
+        if self.etcd_fault_active() {
+            return;
+        }
+        for v in 0..self.vols.len() {
+            if let Some(m) = self.vols[v].mig {
+                if m.cancel && !m.cancelled && !self.node_busy(m.from) && !self.node_busy(m.to) {
+                    self.cancel_migration(v);
                 }
             }
         }
@@ -1127,6 +1404,7 @@ impl Run {
         self.check_acks();
         self.check_resume();
         self.check_records(false);
+        self.tend_migrations();
         self.collect_worker_stats();
         self.stats.steps += 1;
     }
@@ -1195,6 +1473,29 @@ impl Run {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Every migration completes (or is cancelled) with the faults healed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            self.check_acks();
+            self.check_records(false);
+            self.tend_migrations();
+            if self.vols.iter().all(|v| v.mig.is_none()) || self.failed() {
+                break;
+            }
+            if Instant::now() > deadline {
+                for v in 0..self.vols.len() {
+                    if let Some(m) = self.vols[v].mig {
+                        let msg = format!(
+                            "{}: migration {m:?} not finished 60 s after every fault healed",
+                            self.vols[v].name
+                        );
+                        self.violation("migration-pending", msg);
+                    }
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
         // A little more traffic with everything healed, then the workers stop.
         std::thread::sleep(Duration::from_secs(2));
         self.stop.store(true, Ordering::Relaxed);
@@ -1225,7 +1526,16 @@ impl Run {
         // Every byte of every volume, at its owner.
         let mut checked = 0;
         for w in &mut workers {
-            let addr = self.nodes[w.owner].nbd.clone();
+            let owner = self.vols[w.vol].owner;
+            if w.owner != owner {
+                let msg = format!(
+                    "{}: the client is at n{} but n{owner} owns it",
+                    w.name, w.owner
+                );
+                self.violation("harness", msg);
+            }
+            let w_owner = owner;
+            let addr = self.nodes[w_owner].nbd.clone();
             match self.rt.block_on(w.final_check(&addr)) {
                 Ok(n) => checked += n,
                 Err(e) => {
@@ -1234,7 +1544,7 @@ impl Run {
                     } else {
                         "final-read"
                     };
-                    let msg = format!("{} at n{}: {e}", w.name, w.owner);
+                    let msg = format!("{} at n{w_owner}: {e}", w.name);
                     self.violation(kind, msg);
                 }
             }

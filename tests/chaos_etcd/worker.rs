@@ -1,7 +1,10 @@
 //! The verifying client of one volume: NBD writes of random data at random
 //! offsets through the volume's owner, reads checked against a byte model,
 //! flushes, and now and then a probe at a node that does not own the
-//! volume. Runs as a task beside the nemesis until told to stop.
+//! volume. Runs as a task beside the nemesis until told to stop. It
+//! follows the volume as a VM would: when the nemesis migrates it and
+//! points [`Shared::route`] at the destination, the worker drops its
+//! connection and goes on there (its first write hands off).
 //!
 //! The model ([`Model`]) keeps, per byte, the last acknowledged value. A
 //! write answered with an error, or never answered, is *unknown*: the byte
@@ -72,6 +75,13 @@ pub struct VolStats {
 #[derive(Default)]
 pub struct Shared {
     pub acks: Vec<Ack>,
+    /// Per volume: the node its client writes through (the nemesis moves
+    /// it to a migration's destination).
+    pub route: Vec<usize>,
+    /// Per volume: a node not to probe (a migration's destination while
+    /// the nemesis has not pointed the client there: a write there would
+    /// hand off).
+    pub no_probe: Vec<Option<usize>>,
     /// Writes answered with an error: volume, node, when sent.
     pub refusals: Vec<(usize, usize, Instant)>,
     pub stats: Vec<VolStats>,
@@ -223,6 +233,7 @@ impl Model {
 }
 
 struct Unflushed {
+    node: usize,
     off: u64,
     len: u64,
     inc: u64,
@@ -230,6 +241,7 @@ struct Unflushed {
 }
 
 struct Doubt {
+    node: usize,
     off: u64,
     len: u64,
     inc: u64,
@@ -246,10 +258,16 @@ pub struct Worker {
     nodes: Nodes,
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
+    /// The connection, the incarnation of its node it reached.
     client: Option<(NbdClient, u64)>,
     unflushed: Vec<Unflushed>,
     doubts: Vec<Doubt>,
-    seen_inc: u64,
+    /// Per node: the incarnation last seen.
+    seen_inc: Vec<u64>,
+    /// The node the volume was routed to before the current one, until
+    /// the first write acknowledged at the current one (the handoff
+    /// happened): not probed meanwhile (it is still the owner).
+    prev: Option<usize>,
     /// Recently acknowledged ranges (read back now and then).
     recent: Vec<(u64, u64)>,
     ops: u64,
@@ -273,7 +291,7 @@ impl Worker {
         shared: Arc<Mutex<Shared>>,
         stop: Arc<AtomicBool>,
     ) -> Worker {
-        let seen_inc = nodes.lock().unwrap()[owner].inc;
+        let seen_inc = nodes.lock().unwrap().iter().map(|n| n.inc).collect();
         Worker {
             vol,
             name,
@@ -288,6 +306,7 @@ impl Worker {
             unflushed: Vec::new(),
             doubts: Vec::new(),
             seen_inc,
+            prev: None,
             recent: Vec::new(),
             ops: 0,
         }
@@ -314,12 +333,12 @@ impl Worker {
         );
     }
 
-    /// The owner was killed since we last looked: what it had not made
+    /// Node `node` was killed since we last looked: what it had not made
     /// durable is forgotten, and what it never answered can no longer land.
-    fn on_restart(&mut self, inc: u64) {
+    fn on_restart(&mut self, node: usize, inc: u64) {
         let mut forget = Vec::new();
         self.unflushed.retain(|u| {
-            if u.inc < inc {
+            if u.node == node && u.inc < inc {
                 forget.push((u.off, u.len));
                 false
             } else {
@@ -329,11 +348,11 @@ impl Worker {
         for (o, l) in forget {
             self.model.forget(o, l);
         }
-        self.doubts.retain(|d| d.inc >= inc);
-        if self.client.as_ref().is_some_and(|c| c.1 < inc) {
+        self.doubts.retain(|d| d.node != node || d.inc >= inc);
+        if node == self.owner && self.client.as_ref().is_some_and(|c| c.1 < inc) {
             self.client = None;
         }
-        self.seen_inc = inc;
+        self.seen_inc[node] = inc;
     }
 
     fn overlaps_doubt(&self, off: u64, len: u64) -> bool {
@@ -343,14 +362,24 @@ impl Worker {
     }
 
     async fn one(&mut self) {
-        let st = self.nodes.lock().unwrap()[self.owner].clone();
-        if st.inc != self.seen_inc {
-            self.on_restart(st.inc);
+        let route = self.stats().route[self.vol];
+        if route != self.owner {
+            // Migrated: follow it (the first write there hands off).
+            self.prev = Some(self.owner);
+            self.owner = route;
+            self.client = None;
         }
-        if st.running {
-            let settled = |d: &Doubt| d.at.max(st.since).elapsed() >= DOUBT_SETTLE;
-            self.doubts.retain(|d| !settled(d));
+        let all = self.nodes.lock().unwrap().clone();
+        for (n, s) in all.iter().enumerate() {
+            if s.inc != self.seen_inc[n] {
+                self.on_restart(n, s.inc);
+            }
         }
+        self.doubts.retain(|d| {
+            let s = &all[d.node];
+            !(s.running && d.at.max(s.since).elapsed() >= DOUBT_SETTLE)
+        });
+        let st = all[self.owner].clone();
         self.ops += 1;
         if self.ops.is_multiple_of(97) {
             self.model.gc();
@@ -424,8 +453,15 @@ impl Worker {
             Ok(Ok(())) => {
                 let seq = self.model.ack(off, &data);
                 if !fua {
-                    self.unflushed.push(Unflushed { off, len, inc, seq });
+                    self.unflushed.push(Unflushed {
+                        node: self.owner,
+                        off,
+                        len,
+                        inc,
+                        seq,
+                    });
                 }
+                self.prev = None;
                 self.recent.push((off, len));
                 if self.recent.len() > 16 {
                     self.recent.remove(0);
@@ -453,6 +489,7 @@ impl Worker {
                 // Never answered: it may land later, while this process lives.
                 self.model.unknown(off, data);
                 self.doubts.push(Doubt {
+                    node: self.owner,
                     off,
                     len,
                     inc,
@@ -479,6 +516,7 @@ impl Worker {
                         if let Some((o, l)) = decided {
                             let seq = self.model.next - 1;
                             self.unflushed.push(Unflushed {
+                                node: self.owner,
                                 off: o,
                                 len: l,
                                 inc,
@@ -505,7 +543,9 @@ impl Worker {
         let (c, inc) = self.client.clone().unwrap();
         let before = self.model.next;
         if let Ok(Ok(())) = timed(c.flush()).await {
-            self.unflushed.retain(|u| !(u.inc == inc && u.seq < before));
+            let node = self.owner;
+            self.unflushed
+                .retain(|u| !(u.node == node && u.inc == inc && u.seq < before));
             self.stats().stats[self.vol].flushes += 1;
         }
     }
@@ -517,7 +557,8 @@ impl Worker {
         let n = self.nodes.lock().unwrap().len();
         let other = (self.owner + self.rng.gen_range(1..n)) % n;
         let st = self.nodes.lock().unwrap()[other].clone();
-        if !st.running {
+        if !st.running || self.prev == Some(other) || self.stats().no_probe[self.vol] == Some(other)
+        {
             return;
         }
         self.stats().stats[self.vol].probes += 1;
