@@ -36,6 +36,7 @@ fn env() -> &'static Env {
                 "127.0.0.1:1".into(),
                 Duration::from_millis(100),
                 Default::default(),
+                Default::default(),
             ),
         };
         let store = Arc::new(VolumeStore::open(dir.path(), env).unwrap());
