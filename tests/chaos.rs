@@ -142,11 +142,7 @@ fn chaos() {
     if !total.violations.is_empty() {
         let mut msg = String::from("chaos harness found violations:\n");
         for v in &total.violations {
-            let seed: u64 = v
-                .strip_prefix("seed=")
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
+            let seed = common::seed_of(v);
             msg += &format!("  {v}\n    rerun: {}\n", rerun_cmd(seed, steps, &no));
         }
         panic!("{msg}");

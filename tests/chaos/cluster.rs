@@ -4,7 +4,7 @@
 //! SIGSTOP/SIGCONT, and optionally its data directory on a small tmpfs that
 //! can be filled.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::proxy::Proxy;
-use crate::common::Tmpfs;
+use crate::common::{ready_line, Tmpfs};
 
 pub const DLSM: &str = env!("CARGO_BIN_EXE_dlsm");
 
@@ -48,13 +48,7 @@ pub struct Node {
     pub tmpfs: Option<Tmpfs>,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use crate::common::free_port;
 
 /// The outcome of one CLI call.
 pub struct Out {
@@ -334,24 +328,5 @@ impl Drop for Node {
         self.kill9();
         self.free_disk();
         // tmpfs unmounted after the process is gone (field drop).
-    }
-}
-
-fn ready_line(child: &mut Child, timeout: Duration) -> Result<String, String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(out);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep draining so the node never blocks on stdout.
-        let mut sink = Vec::new();
-        let _ = r.read_to_end(&mut sink);
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(line) if line.contains(" ready ") => Ok(line),
-        Ok(line) => Err(format!("exited without ready line {line:?}")),
-        Err(_) => Err("no ready line in time".into()),
     }
 }

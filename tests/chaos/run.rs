@@ -289,14 +289,7 @@ impl Run {
             eprintln!("{line}");
         }
         if let Some(d) = &self.dir {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(d.path().join("events.log"))
-            {
-                let _ = writeln!(f, "{line}");
-            }
+            crate::common::append_event(d.path(), &line);
         }
         self.history.push(line);
     }

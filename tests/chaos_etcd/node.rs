@@ -2,7 +2,6 @@
 //! own fault-injecting proxies (one per etcd member), with its log in a
 //! file (scanned for panics). Clients and the harness reach it directly.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -10,8 +9,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::common::etcd::free_port;
-use crate::common::DLSM;
+use crate::common::{free_port, ready_line, DLSM};
 use crate::proxy::{Mode, Proxy};
 
 pub struct ENode {
@@ -96,7 +94,7 @@ impl ENode {
             .spawn()
             .expect("spawn dlsm serve");
         match ready_line(&mut child, Duration::from_secs(20)) {
-            Ok(()) => {
+            Ok(_) => {
                 self.child = Some(child);
                 Ok(())
             }
@@ -163,24 +161,5 @@ impl Drop for ENode {
     fn drop(&mut self) {
         self.signal(Signal::SIGCONT);
         self.kill9();
-    }
-}
-
-fn ready_line(child: &mut Child, timeout: Duration) -> Result<(), String> {
-    let out = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(out);
-        let mut line = String::new();
-        let _ = r.read_line(&mut line);
-        let _ = tx.send(line);
-        // Keep draining so the node never blocks on stdout.
-        let mut sink = Vec::new();
-        let _ = r.read_to_end(&mut sink);
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(line) if line.contains(" ready ") => Ok(()),
-        Ok(line) => Err(format!("exited without a ready line {line:?}")),
-        Err(_) => Err("no ready line in time".into()),
     }
 }

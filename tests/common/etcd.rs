@@ -27,13 +27,7 @@ pub struct Etcd {
     pub _dir: tempfile::TempDir,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use super::free_port;
 
 impl Etcd {
     /// One member.

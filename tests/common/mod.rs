@@ -369,6 +369,62 @@ pub fn errno_of(e: dlsm::nbd::client::ClientError) -> u32 {
     }
 }
 
+/// A loopback port free now (the caller binds it soon after; another
+/// process may take it in between, which callers that care retry).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits up to `timeout` for `dlsm serve`'s first stdout line, which must
+/// say it is ready (returned); then keeps draining its stdout in a thread,
+/// so the node never blocks on it. Used by the chaos harnesses, which
+/// start nodes on ports they chose.
+pub fn ready_line(child: &mut Child, timeout: Duration) -> Result<String, String> {
+    use std::io::Read;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink);
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(line) if line.contains(" ready ") => Ok(line),
+        Ok(line) => Err(format!("exited without a ready line {line:?}")),
+        Err(_) => Err("no ready line in time".into()),
+    }
+}
+
+/// Appends `line` to a chaos run's `events.log` in `dir` (best effort:
+/// the log is for reading after a failure, never a reason for one).
+pub fn append_event(dir: &Path, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("events.log"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// The seed a chaos harness's violation line names (`seed=S ...`; 0 if
+/// none), for its rerun command.
+pub fn seed_of(violation: &str) -> u64 {
+    violation
+        .strip_prefix("seed=")
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Polls `cond` every 50 ms until it holds; panics naming `what` after
 /// `secs` seconds. The one deadline-poll loop of the integration tests.
 pub fn wait_until(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
