@@ -87,18 +87,34 @@ pub struct NodeHooks {
     pub cluster: super::ClusterSlot,
 }
 
+/// What the directory's steps of a clone's handoff need to know of it.
+#[cfg(feature = "cluster")]
+struct ClusterClone {
+    cluster: Arc<crate::cluster::Cluster>,
+    name: String,
+    migration: String,
+    region_size: u64,
+}
+
 impl NodeHooks {
     /// Cluster mode, a cluster volume: the node's membership, and the
     /// volume's name, migration and generation (0: a peer-mode volume,
     /// which never touches the directory).
     #[cfg(feature = "cluster")]
-    fn cluster_clone(&self) -> Option<(Arc<crate::cluster::Cluster>, String, String)> {
-        let c = self.cluster.get()?.clone();
+    fn cluster_clone(&self) -> Option<ClusterClone> {
+        let cluster = self.cluster.get()?.clone();
         let t = self.table.lock().unwrap();
         match &t.target {
-            TargetSpec::Clone { migration, .. } if t.generation > 0 => {
-                Some((c, t.name.clone(), migration.clone()))
-            }
+            TargetSpec::Clone {
+                migration,
+                region_size,
+                ..
+            } if t.generation > 0 => Some(ClusterClone {
+                cluster,
+                name: t.name.clone(),
+                migration: migration.clone(),
+                region_size: *region_size,
+            }),
             _ => None,
         }
     }
@@ -200,7 +216,13 @@ impl MigrationHooks for NodeHooks {
 
     #[cfg(feature = "cluster")]
     async fn may_take_over(&self) -> Result<bool, FenceError> {
-        let Some((c, name, id)) = self.cluster_clone() else {
+        let Some(ClusterClone {
+            cluster: c,
+            name,
+            migration: id,
+            ..
+        }) = self.cluster_clone()
+        else {
             return Ok(false);
         };
         let ask = || async {
@@ -233,12 +255,14 @@ impl MigrationHooks for NodeHooks {
 
     #[cfg(feature = "cluster")]
     async fn claim_ownership(&self, takeover: bool) -> Result<(), FenceError> {
-        let Some((c, name, id)) = self.cluster_clone() else {
+        let Some(ClusterClone {
+            cluster: c,
+            name,
+            migration: id,
+            region_size,
+        }) = self.cluster_clone()
+        else {
             return Ok(());
-        };
-        let region_size = match &self.table.lock().unwrap().target {
-            TargetSpec::Clone { region_size, .. } => *region_size,
-            _ => 0,
         };
         let gen = c
             .claim(&name, &id, takeover, region_size)
@@ -1789,7 +1813,8 @@ pub async fn rollback(
     let vol = state.store.get(name)?;
     if super::cluster_migration::is_cluster_volume(state, &vol) {
         return Err(MigrationError::Conflict(format!(
-            "volume {name:?} is a cluster volume: rollback is not built for cluster mode;              it goes back by `dlsm migrate {name} --to NODE` once this migration completes"
+            "volume {name:?} is a cluster volume: rollback is not built for cluster mode; \
+             it goes back by `dlsm migrate {name} --to NODE` once this migration completes"
         )));
     }
     let _own = vol.ownership.lock().await;

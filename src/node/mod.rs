@@ -593,7 +593,8 @@ async fn adopt(
                 other => {
                     warn!(volume = %v.name, "stale clone: the cluster's directory no longer records its migration to this node");
                     v.fence.hold_stale(format!(
-                        "writes refused: the cluster's directory no longer records migration {}                          of volume {} to this node{}; this copy is stale",
+                        "writes refused: the cluster's directory no longer records migration {} \
+                         of volume {} to this node{}; this copy is stale",
                         cl.migration_id(),
                         v.name,
                         other.map_or(String::new(), |(r, _)| format!(
