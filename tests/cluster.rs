@@ -421,7 +421,10 @@ async fn a_restarted_node_writes_its_own_volumes_and_its_peer_mode_ones() {
 /// endpoint; the node's client does both. With the member it uses frozen
 /// (its connections stay up, its calls hang), the node keeps its lease
 /// and acknowledges every write; a node whose first endpoint is frozen
-/// still joins.
+/// still joins. The frozen member is the raft leader, the harder case:
+/// the others need an election (about 1-2 s with etcd's default 1 s
+/// election timeout) before any renewal can succeed, so the node must
+/// leave the hung member and retry quickly within its lease's trusted life.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_rides_out_a_frozen_etcd_member() {
     use nix::sys::signal::Signal;
@@ -433,6 +436,7 @@ async fn a_node_rides_out_a_frozen_etcd_member() {
     c.write(0, &[1u8; 512], false).await.unwrap();
 
     // n1 uses the first endpoint (the first that answered).
+    etcd.make_leader(0);
     etcd.signal(0, Signal::SIGSTOP);
     let t = Instant::now();
     let mut writes = 0u32;

@@ -191,6 +191,13 @@ impl Etcd {
             // failed may keep failing (or back off) after the member is
             // back, and a hung one keeps hanging.
             *self.clients[i].lock().expect("etcd client lock") = None;
+            // And the next call starts elsewhere: a hung member would cost
+            // every call its whole timeout before the others are tried (a
+            // lease renewal cannot afford that twice). Only if no other
+            // call has moved the pin meanwhile.
+            let _ =
+                self.pinned
+                    .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
         }
         Err(ClusterError::Unavailable(format!(
             "{what}: {}",

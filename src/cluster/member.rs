@@ -482,6 +482,15 @@ impl Cluster {
 /// Renews the lease every `(T - m) / 4` until [`Cluster::leave`]. A lease
 /// etcd no longer knows (expired while the node was frozen or cut off, or
 /// revoked by hand) stops counting at once and is replaced.
+///
+/// A failed renewal is retried after [`RETRY_AFTER_FAILURE`], not after a
+/// whole period: when the etcd leader freezes, the surviving members need
+/// an election (one to two election timeouts) before any renewal can
+/// succeed, and a round that first waited out the hung member can leave
+/// less than a period of the lease's trusted life.
+/// The pause before retrying a failed renewal.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(200);
+
 async fn keep_alive(c: Arc<Cluster>) {
     let mut stop = c.stop.subscribe();
     let mut failures = 0u32;
@@ -491,8 +500,13 @@ async fn keep_alive(c: Arc<Cluster>) {
         if *stop.borrow_and_update() {
             return;
         }
+        let pause = if failures == 0 {
+            c.clock.renew_every()
+        } else {
+            c.clock.renew_every().min(RETRY_AFTER_FAILURE)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(c.clock.renew_every()) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
         }
         let lease = c.lease();

@@ -189,6 +189,38 @@ impl Etcd {
         nix::sys::signal::kill(pid, sig).unwrap();
     }
 
+    /// Makes member `i` the raft leader (`etcdctl move-leader`) and waits
+    /// until it says so: tests that freeze a member pick whether the
+    /// cluster must elect a new leader.
+    pub fn make_leader(&self, i: usize) {
+        let etcdctl = require("etcdctl");
+        let status = |ep: &str| -> (u64, u64) {
+            let o = Command::new(&etcdctl)
+                .args(["--endpoints", ep, "endpoint", "status", "-w", "json"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let s = &v[0]["Status"];
+            (
+                s["header"]["member_id"].as_u64().expect("member_id"),
+                s["leader"].as_u64().expect("leader"),
+            )
+        };
+        let (id, leader) = status(&self.urls[i]);
+        if id != leader {
+            let o = Command::new(&etcdctl)
+                .args(["--endpoints", &self.url, "move-leader", &format!("{id:x}")])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        wait_until("the member to lead", 10, || {
+            let (id, leader) = status(&self.urls[i]);
+            id == leader
+        });
+    }
+
     /// `serve` flags joining this etcd.
     pub fn flags(&self) -> Vec<String> {
         vec![
