@@ -5,6 +5,12 @@
 //! writes (e.g. `after-claim`: the destination's directory claim done, its
 //! table not yet told). A point costs one lock-free load; points sit on
 //! control paths only, never on the data path.
+//!
+//! Pause points (`dlsm serve --pause-at NAME:MS`, hidden) make the node
+//! wait MS milliseconds when it passes point `NAME`: they hold a race
+//! window open so a test can drive the other side of the race into it
+//! (e.g. `rm-after-read`: `volume rm` has read the directory record and
+//! not yet acted on it).
 
 use std::sync::OnceLock;
 
@@ -21,5 +27,27 @@ pub fn point(name: &str) {
     if armed == name {
         eprintln!("crash point {name}: aborting here");
         std::process::abort();
+    }
+}
+
+static PAUSE: OnceLock<(String, u64)> = OnceLock::new();
+
+/// Arms pause point `spec` (`NAME:MS`) for this process.
+pub fn arm_pause(spec: &str) -> Result<(), String> {
+    let (name, ms) = spec
+        .rsplit_once(':')
+        .and_then(|(n, ms)| Some((n, ms.parse::<u64>().ok()?)))
+        .ok_or_else(|| format!("--pause-at wants NAME:MILLISECONDS, not {spec:?}"))?;
+    let _ = PAUSE.set((name.to_owned(), ms));
+    Ok(())
+}
+
+/// Waits here if this pause point is armed.
+pub async fn pause(name: &str) {
+    if let Some((armed, ms)) = PAUSE.get() {
+        if armed == name {
+            tracing::warn!("pause point {name}: waiting {ms} ms");
+            tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
+        }
     }
 }

@@ -48,7 +48,9 @@
 //! - no write is acknowledged when the node cannot hold a lease: a write
 //!   sent more than `T - m` (+ 0.3 s of the harness's own slack) after the
 //!   node was cut from etcd, after every member died, or (+ 2 s for an
-//!   isolated leader) after two members froze, while that fault lasts;
+//!   isolated leader) after two members froze, and acknowledged before
+//!   that fault healed (a write that waited for the lease may be
+//!   acknowledged after the heal, once the node renewed);
 //! - writes resume by themselves: within 15 s after the last fault that
 //!   could stop a volume's writes healed (one on its owner, or on either
 //!   end of its migration until it completes, or on etcd), and within 30 s

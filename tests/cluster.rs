@@ -327,7 +327,9 @@ fn signal(n: &NodeProc, sig: nix::sys::signal::Signal) {
 
 /// A node frozen longer than its lease acknowledges no write when it
 /// wakes, whatever its runtime runs first, until it has renewed (here: a
-/// new lease, since etcd dropped the old one, and its record rebound).
+/// new lease, since etcd dropped the old one, and its record rebound). The
+/// write that waited in its socket waits for that (or is refused once it
+/// has waited a TTL); it is never acknowledged under the lapsed lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_frozen_past_its_lease_acknowledges_no_write_until_it_renews() {
     use nix::sys::signal::Signal;
@@ -345,6 +347,7 @@ async fn a_node_frozen_past_its_lease_acknowledges_no_write_until_it_renews() {
         s["generation"].clone()
     };
 
+    let old_lease = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
     signal(&n2, Signal::SIGSTOP);
     // Longer than the TTL: etcd drops the lease, n2 shows down.
     wait_until("n2 shows down while frozen", TTL + 3, || {
@@ -357,11 +360,17 @@ async fn a_node_frozen_past_its_lease_acknowledges_no_write_until_it_renews() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&n2, Signal::SIGCONT);
-    let e = w
-        .await
-        .unwrap()
-        .expect_err("a write was acknowledged after the lease lapsed");
-    assert_eq!(common::errno_of(e), 5, "EIO");
+    match w.await.unwrap() {
+        // Acknowledged only once n2 re-confirmed: its record is bound to
+        // the new lease by then (rebinding comes before the new lease
+        // counts), never under the old one etcd dropped.
+        Ok(()) => {
+            let now = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+            assert_ne!(now, old_lease, "acknowledged under the lapsed lease");
+            assert_eq!(c.read(4096, 4096).await.unwrap(), vec![2u8; 4096]);
+        }
+        Err(e) => assert_eq!(common::errno_of(e), 5, "EIO"),
+    }
 
     // It renews (a new lease, its record rebound), then writes flow.
     let t = Instant::now();
@@ -522,6 +531,13 @@ fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
             .arg(format!("--endpoints={}", etcd.url))
             .args(args),
     )
+}
+
+/// Whether etcd has `key`.
+fn etcd_has(etcd: &Etcd, key: &str) -> bool {
+    !etcdctl(etcd, &["get", key, "--keys-only"])
+        .trim()
+        .is_empty()
 }
 
 /// A volume's directory record, read with etcdctl.
@@ -689,12 +705,16 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
     // The node says so.
     let info: Value = serde_json::from_str(&n1.cli_ok(&["node", "info", "--json"])).unwrap();
     assert_eq!(info["cluster"]["lease_valid"], false, "{info}");
-    // Held, not lost: reads go on, every write is refused.
+    // Held, not lost: reads go on, writes are refused (each after waiting
+    // a TTL for a renewal).
     assert_eq!(c.read(0, 512).await.unwrap(), vec![1u8; 512]);
-    for _ in 0..5 {
-        assert!(c.write(1024, &[3u8; 512], false).await.is_err());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let t = Instant::now();
+    assert!(c.write(1024, &[3u8; 512], false).await.is_err());
+    assert!(
+        t.elapsed() >= Duration::from_secs(TTL - 1),
+        "refused after {:?}: a write waits up to a TTL for the lease",
+        t.elapsed()
+    );
 
     etcd.restart(0);
     let t = Instant::now();
@@ -711,6 +731,41 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
         (list[0]["node"].as_str(), list[0]["generation"].as_u64()),
         (Some("n1"), Some(1))
     );
+}
+
+/// A write that arrives while the node's lease is unconfirmed (etcd frozen
+/// past the lease's trusted life) waits, and is acknowledged once etcd is
+/// back and the lease renewed, instead of failing the guest's I/O over a
+/// blip; it is not acknowledged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_in_a_lease_lapse_waits_for_the_renewal() {
+    use nix::sys::signal::Signal;
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let c = common::client(&n1, "v").await;
+    c.write(0, &[1u8; 512], false).await.unwrap();
+
+    etcd.signal(0, Signal::SIGSTOP);
+    wait_until("n1's lease lapses", TTL, || {
+        let info: Value = serde_json::from_str(&n1.cli_ok(&["node", "info", "--json"])).unwrap();
+        info["cluster"]["lease_valid"] == false
+    });
+    let w = {
+        let c = c.clone();
+        tokio::spawn(async move { c.write(0, &[2u8; 512], false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let early = w.is_finished();
+    etcd.signal(0, Signal::SIGCONT);
+    assert!(!early, "answered while etcd was frozen: {:?}", w.await);
+    tokio::time::timeout(Duration::from_secs(TTL + 2), w)
+        .await
+        .expect("no answer")
+        .unwrap()
+        .expect("refused: the write should have waited for the renewal");
+    assert_eq!(c.read(0, 512).await.unwrap(), vec![2u8; 512]);
 }
 
 /// A cluster copy whose record is gone when its node restarts (deleted
@@ -1267,7 +1322,8 @@ async fn an_owner_frozen_in_hydration_resumes_by_itself() {
 
 /// Failure matrix: the owner is cut off from etcd (a blackholed link) but
 /// not from its clients. Its writes are acknowledged until its lease
-/// deadline and refused after (EIO), reads still served; when the link
+/// deadline and refused after (EIO, once each has waited a TTL for a
+/// renewal), reads still served; when the link
 /// comes back it registers again, rebinds its record, and writes resume,
 /// the owner and generation unchanged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1777,15 +1833,22 @@ async fn a_destination_crashing_after_its_claim_finishes_the_handoff_on_restart(
 /// just after a directory compare-and-swap and before the node recorded
 /// it. The returned strace ends with the process.
 fn crash_at_rename_from(pid: i32, tmp: &Path) -> common::KillOnDrop {
+    at_rename_from(pid, tmp, "signal=KILL")
+}
+
+/// strace's fault injection `inject` (e.g. `signal=KILL`,
+/// `delay_enter=MICROSECONDS`) on every rename by process `pid` whose
+/// first path is `from`; the returned strace ends with the process.
+fn at_rename_from(pid: i32, from: &Path, inject: &str) -> common::KillOnDrop {
     let strace = require("strace");
     let child = Command::new(strace)
         .args(["-qq", "-f", "-p", &pid.to_string(), "-P"])
-        .arg(tmp)
+        .arg(from)
         .args([
             "-e",
             "trace=rename,renameat,renameat2",
             "-e",
-            "inject=rename,renameat,renameat2:signal=KILL",
+            &format!("inject=rename,renameat,renameat2:{inject}"),
             "-o",
             "/dev/null",
         ])
@@ -1793,6 +1856,129 @@ fn crash_at_rename_from(pid: i32, tmp: &Path) -> common::KillOnDrop {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500)); // attached
     common::KillOnDrop(child)
+}
+
+/// `volume rm --force` at the owner racing its migration's handoff, held
+/// open at the worst point: the rm has read the directory record (n1's
+/// `--pause-at rm-after-read`) when the destination's first write fences
+/// n1 and claims the volume. The rm's compare-and-swap on the record then
+/// fails before it touches the copy: refused (409), nothing removed, and
+/// the new owner gets every byte from the copy it still needs. (The old
+/// order, copy then record, deleted that copy and then failed on the
+/// record: a volume in the directory whose data was gone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_rm_losing_a_race_with_a_handoff_removes_nothing() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node_with(
+        &tmp.path().join("n1"),
+        "n1",
+        &["--pause-at", "rm-after-read:3000"],
+    );
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    // Big enough that the copy is far from done when the rm goes on.
+    let (c1, mut model) = filled(&n1, "v", 32, 5).await;
+    drop(c1);
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let rm = {
+        let (api, flags) = (n1.api.clone(), n1.client_flags.clone());
+        std::thread::spawn(move || {
+            Command::new(common::DLSM)
+                .args(["--api", &api])
+                .args(&flags)
+                .args(["volume", "rm", "v", "--force"])
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await; // the rm is paused
+    let c2 = common::client(&n2, "v").await;
+    model.write(&c2, 4096, b"the claiming write").await;
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    let rm = rm.join().unwrap();
+    let err = String::from_utf8_lossy(&rm.stderr);
+    assert!(
+        !rm.status.success(),
+        "the rm of a volume that moved succeeded"
+    );
+    assert!(err.contains("changed while it was being removed"), "{err}");
+    assert!(
+        has_copy(&tmp.path().join("n1"), "v"),
+        "the rm deleted the copy the new owner still needs"
+    );
+    assert_eq!(record(&etcd, "v")["owner"], "n2");
+    cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
+    n2.wait_phase("v", "complete", 60);
+    model.check_as(&c2, "after the rm lost its race").await;
+}
+
+/// `volume rm --force` at the owner racing its migration's handoff, the
+/// rm's removal of the copy held up (strace delays its rename 5 s) while
+/// the destination's first write claims the volume. The record goes
+/// first, by compare-and-swap, so the remove wins whole: the claim finds
+/// no record and the destination acknowledges nothing. (The old order,
+/// copy then record, let the claim in: the new owner's source copy was
+/// then deleted under it, and the remove failed on the record.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_rm_racing_a_handoff_leaves_no_owner_without_its_data() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    let n2 = etcd.node(&tmp.path().join("n2"), "n2");
+    let (c1, _model) = filled(&n1, "v", 4, 3).await;
+    drop(c1);
+    cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
+    let delay = at_rename_from(
+        n1.pid(),
+        &tmp.path().join("n1").join("volumes").join("v"),
+        "delay_enter=5000000",
+    );
+    let rm = {
+        let (api, flags) = (n1.api.clone(), n1.client_flags.clone());
+        std::thread::spawn(move || {
+            Command::new(common::DLSM)
+                .args(["--api", &api])
+                .args(&flags)
+                .args(["volume", "rm", "v", "--force"])
+                .output()
+                .unwrap()
+        })
+    };
+    // The remove is now deleting the record (or, in the old order, stuck
+    // in its rename with the record still there).
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) && etcd_has(&etcd, "/dlsm/v1/volumes/v") {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c2 = common::client(&n2, "v").await;
+    let w = tokio::time::timeout(
+        Duration::from_secs(10),
+        c2.write(0, b"claiming write", false),
+    )
+    .await;
+    let rm = rm.join().unwrap();
+    drop(delay);
+    assert!(
+        rm.status.success(),
+        "rm failed: {}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert!(
+        !matches!(w, Ok(Ok(()))),
+        "n2 acknowledged a write for a volume removed from the cluster"
+    );
+    assert!(
+        !etcd_has(&etcd, "/dlsm/v1/volumes/v"),
+        "the record survived"
+    );
+    assert!(
+        index_of(&etcd, "v").is_empty(),
+        "{:?}",
+        index_of(&etcd, "v")
+    );
+    assert!(!has_copy(&tmp.path().join("n1"), "v"));
+    // n2's clone takes no write now either.
+    assert!(c2.write(0, b"later", false).await.is_err());
 }
 
 /// A takeover whose compare-and-swap was applied, the destination killed

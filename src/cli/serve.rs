@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// passes this crash point (see `dlsm::crash`).
     #[arg(long, hide = true)]
     pub crash_at: Option<String>,
+    /// Fault injection for tests: wait at this pause point, `NAME:MS`
+    /// (see `dlsm::crash`).
+    #[arg(long, hide = true)]
+    pub pause_at: Option<String>,
 }
 
 /// `dlsm serve`: `api` is where the API listens, `tls_dir` and `token`
@@ -94,6 +98,9 @@ pub fn run(
 ) -> anyhow::Result<()> {
     if let Some(p) = &a.crash_at {
         crate::crash::arm(p);
+    }
+    if let Some(p) = &a.pause_at {
+        crate::crash::arm_pause(p).map_err(anyhow::Error::msg)?;
     }
     if !a.cluster_etcd.is_empty() && !cfg!(feature = "cluster") {
         anyhow::bail!("{}", crate::cluster::NO_CLUSTER_BUILD);

@@ -776,9 +776,19 @@ mod cluster {
         peer.post(&path, req).await.map_err(|e| forwarded(&m.to, e))
     }
 
-    /// `DELETE /v1/volumes/{name}`: the copy here (with today's checks),
-    /// then the record if it names this node; a volume owned elsewhere is
-    /// removed by its owner.
+    /// `DELETE /v1/volumes/{name}`: at the owner, the checks, then the
+    /// record, then the copy; a volume owned elsewhere is removed by its
+    /// owner; a copy the directory does not give this node, only the copy.
+    ///
+    /// The record goes before the copy, by compare-and-swap on the record
+    /// read here: a claim that moved the volume meanwhile (a handoff or a
+    /// takeover by a migration's destination, which may still need this
+    /// copy's regions) makes the delete fail and the copy stays. The other
+    /// order could delete the copy and then fail on the record, leaving a
+    /// volume in the directory whose data is gone. Writes are held from
+    /// just before the delete: no write is acknowledged for a volume whose
+    /// record may be gone, and a copy left behind (a crash, a failed
+    /// delete of the files) is an orphan, held at startup.
     pub(super) async fn remove(
         s: &Arc<NodeState>,
         c: &Arc<Cluster>,
@@ -787,6 +797,7 @@ mod cluster {
     ) -> Result<StatusCode, ApiError> {
         let ops = c.directory_ops.lock().await;
         let rec = c.record(name).await?;
+        crate::crash::pause("rm-after-read").await;
         let here = s.store.get(name).is_ok();
         match rec {
             Some((r, _)) if !here && r.owner != c.name => {
@@ -799,10 +810,65 @@ mod cluster {
                 Ok(StatusCode::NO_CONTENT)
             }
             Some((r, rev)) if r.owner == c.name => {
-                if here {
-                    remove_local(s, name, force).await?;
+                let moved = || {
+                    ApiError(
+                        StatusCode::CONFLICT,
+                        format!(
+                            "volume {name:?}'s record changed while it was being removed (moved \
+                             by a migration?): nothing was removed; look again (`volume show \
+                             {name}`)"
+                        ),
+                    )
+                };
+                let Ok(vol) = s.store.get(name) else {
+                    return match c.delete_record(&r, rev).await {
+                        Ok(()) => Ok(StatusCode::NO_CONTENT),
+                        Err(ClusterError::Conflict(_)) => Err(moved()),
+                        Err(e) => Err(e.into()),
+                    };
+                };
+                // Refused (clients attached, a migration needs this copy):
+                // nothing changed.
+                s.store
+                    .check_removable(&vol, RemoveMode::Operator { force })?;
+                // Not held, or held by an earlier `volume rm` that did not
+                // finish: this one may hold and lift it.
+                let unconfirmed = format!(
+                    "writes refused: volume {name} is being removed and the cluster's \
+                     directory did not confirm the removal of its record (run `volume rm \
+                     {name}` again)"
+                );
+                vol.fence.swap_cluster_hold(
+                    |h| h.is_none_or(|h| h == REMOVING || h == unconfirmed),
+                    Some(REMOVING.into()),
+                );
+                let is_ours = |h: Option<&str>| h == Some(REMOVING);
+                match c.delete_record(&r, rev).await {
+                    Ok(()) => {}
+                    // Not applied: the record changed (a claim, a migration
+                    // recorded meanwhile). The copy stays, writable again.
+                    Err(ClusterError::Conflict(_)) => {
+                        // Unless something else held it meanwhile.
+                        vol.fence.swap_cluster_hold(is_ours, None);
+                        return Err(moved());
+                    }
+                    // Perhaps applied: the copy stays held until a retry
+                    // finds out.
+                    Err(e) => {
+                        vol.fence.swap_cluster_hold(is_ours, Some(unconfirmed));
+                        return Err(e.into());
+                    }
                 }
-                c.delete_record(&r, rev).await?;
+                // The record is gone: the copy goes whoever attached since.
+                if let Err(e) = remove_local(s, name, true).await {
+                    vol.fence.hold_stale(format!(
+                        "writes refused: volume {name}'s record was removed from the cluster but \
+                         removing this copy failed ({}); it is an orphan (`volume rm {name}` \
+                         again deletes it)",
+                        e.1
+                    ));
+                    return Err(e);
+                }
                 Ok(StatusCode::NO_CONTENT)
             }
             // A copy the directory does not give this node (made in peer
@@ -811,6 +877,10 @@ mod cluster {
         }
     }
 }
+
+/// The cluster hold a volume is under while `volume rm` deletes its record.
+#[cfg(feature = "cluster")]
+const REMOVING: &str = "writes refused: volume is being removed";
 
 /// A request body that may be left out (the defaults then apply); when it
 /// is there it must be JSON of the right shape, and a bad one gets the same

@@ -18,9 +18,13 @@
 //! deadline is ahead, and acknowledged only if it still is once the write
 //! has finished, so every write this node acknowledged took effect while
 //! etcd still counted the node as the owner's holder. A write that finished
-//! late is answered EIO: unacknowledged, free to be there or not. Reads and
-//! flushes are not gated (a flush makes durable only writes that were
-//! acknowledged in time).
+//! late is answered EIO: unacknowledged, free to be there or not. A write
+//! that *arrives* while the lease is unconfirmed waits for a renewal, up to
+//! one TTL and outside the in-flight count (so a fence never waits for it),
+//! before it is refused: an etcd leader election or a slow renewal then
+//! delays the guest's write instead of failing it. Reads and flushes are
+//! not gated (a flush makes durable only writes that were acknowledged in
+//! time).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::target::{BlockError, BlockResult, BlockTarget, Capabilities, Extent, ZeroFlags};
+
+/// How often a write waiting for the lease looks again: the renewal loop
+/// retries every 0.2 s after a failure.
+const LEASE_POLL: Duration = Duration::from_millis(20);
 
 /// The slots of [`Fence`]'s holds.
 const MIGRATION: usize = 0;
@@ -141,6 +149,25 @@ impl Fence {
         self.set_hold(CLUSTER, Some(why));
     }
 
+    /// Replaces the cluster directory's hold by `why` (None: lifts it),
+    /// only if `expected` accepts the present one (None: not held); says
+    /// whether it did. For a holder that must not lift or overwrite a hold
+    /// set by something else meanwhile (`volume rm`).
+    pub fn swap_cluster_hold(
+        &self,
+        expected: impl Fn(Option<&str>) -> bool,
+        why: Option<String>,
+    ) -> bool {
+        let mut held = self.held.lock().unwrap();
+        if !expected(held[CLUSTER].as_deref()) {
+            return false;
+        }
+        held[CLUSTER] = why;
+        self.is_held
+            .store(held.iter().any(Option::is_some), Ordering::SeqCst);
+        true
+    }
+
     /// Lifts the cluster directory's hold.
     pub fn release_cluster_hold(&self) {
         self.stale.store(false, Ordering::SeqCst);
@@ -200,6 +227,33 @@ impl Fence {
         target.flush().await
     }
 
+    /// [`Fence::enter`], but a write that finds only the lease
+    /// unconfirmed waits for it first (see the module docs): up to one
+    /// TTL, and not at all once the volume is fenced or held. It is not
+    /// counted in flight while it waits, and is admitted only by the
+    /// checks of `enter` itself, after the wait.
+    async fn admit(&self) -> BlockResult<InFlight<'_>> {
+        match self.enter() {
+            Err(_) if self.lease_lapsed() => {
+                let l = self.lease.get().expect("a lapsed lease is bound");
+                let until = tokio::time::Instant::now() + l.ttl();
+                while self.lease_lapsed() && tokio::time::Instant::now() < until {
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                self.enter()
+            }
+            r => r,
+        }
+    }
+
+    /// Bound to a lease that is not valid now, and neither fenced nor held
+    /// (those refuse at once: waiting could not change the answer).
+    fn lease_lapsed(&self) -> bool {
+        matches!(self.lease.get(), Some(l) if !l.valid_now())
+            && !self.is_fenced()
+            && !self.is_held.load(Ordering::SeqCst)
+    }
+
     fn enter(&self) -> BlockResult<InFlight<'_>> {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         let g = InFlight(self);
@@ -251,7 +305,7 @@ impl BlockTarget for FenceGate {
         self.inner.read(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
-        let _g = self.fence.enter()?;
+        let _g = self.fence.admit().await?;
         self.inner.write(offset, data, fua).await?;
         self.fence.check_lease()
     }
@@ -259,12 +313,12 @@ impl BlockTarget for FenceGate {
         self.inner.flush().await
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
-        let _g = self.fence.enter()?;
+        let _g = self.fence.admit().await?;
         self.inner.trim(offset, len, fua).await?;
         self.fence.check_lease()
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
-        let _g = self.fence.enter()?;
+        let _g = self.fence.admit().await?;
         self.inner.write_zeroes(offset, len, flags).await?;
         self.fence.check_lease()
     }
@@ -300,7 +354,8 @@ mod tests {
         assert!(!g.reopen("m1") && g.is_fenced());
     }
 
-    #[tokio::test]
+    // Paused time: a refused write waits out its TTL instantly.
+    #[tokio::test(start_paused = true)]
     async fn a_lease_bound_fence_acknowledges_writes_only_inside_the_lease() {
         use crate::cluster::{boottime_ns, LeaseClock};
         let dir = tempfile::tempdir().unwrap();
@@ -327,6 +382,69 @@ mod tests {
         gate.trim(512, 512, false).await.unwrap();
         clock.invalidate();
         assert!(gate.write(0, b"d", false).await.is_err());
+    }
+
+    /// A write that arrives while the lease is unconfirmed waits for the
+    /// renewal and is acknowledged after it, not refused; it is not in
+    /// flight while it waits (a fence does not wait for it, and it is then
+    /// refused); a held volume refuses at once, lapsed lease or not.
+    #[tokio::test]
+    async fn a_write_arriving_in_a_lapse_waits_for_the_renewal() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let gate = Arc::new(FenceGate::new(t.clone(), f.clone()));
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+
+        let w = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.write(0, b"w", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!w.is_finished(), "refused at once instead of waiting");
+        assert_eq!(
+            f.in_flight.load(Ordering::SeqCst),
+            0,
+            "counted while waiting"
+        );
+        clock.confirmed(boottime_ns());
+        tokio::time::timeout(Duration::from_secs(5), w)
+            .await
+            .expect("still waiting after the renewal")
+            .unwrap()
+            .unwrap();
+
+        // Waiting, then fenced: the fence does not wait for it, and it is
+        // refused (EPERM), not admitted.
+        clock.invalidate();
+        let w = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.write(0, b"x", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::timeout(Duration::from_secs(1), f.fence("b", "m1", &*t))
+            .await
+            .expect("the fence waited for a write that was not admitted")
+            .unwrap();
+        clock.confirmed(boottime_ns());
+        let e = w.await.unwrap().unwrap_err();
+        assert_eq!(e.nbd_errno(), crate::nbd::proto::errno::EPERM, "{e}");
+        let mut b = [0u8; 1];
+        t.read(0, &mut b).await.unwrap();
+        assert_eq!(&b, b"w");
+
+        // Held and lapsed: refused at once, with the hold's reason.
+        let f = Arc::new(Fence::default());
+        let gate = FenceGate::new(t.clone(), f.clone());
+        f.bind_lease(Arc::new(LeaseClock::new(Duration::from_secs(10))));
+        f.hold_cluster("stale: owned by n9".into());
+        let e = tokio::time::timeout(Duration::from_secs(1), gate.write(0, b"y", false))
+            .await
+            .expect("a held write waited for the lease")
+            .unwrap_err();
+        assert!(e.to_string().contains("owned by n9"), "{e}");
     }
 
     /// A target whose writes run `during` before they take effect.

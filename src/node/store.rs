@@ -670,6 +670,40 @@ impl VolumeStore {
         // `update_table`, which either comes first (and is seen here) or
         // finds the directory gone.
         let table = vol.table.lock().unwrap();
+        Self::refuse_removal(vol, &table, mode)?;
+        if let Some(c) = vol.clone_target() {
+            c.stop();
+        }
+        let doomed = self.root.join(format!(".tmp-rm-{name}"));
+        fs::rename(vol.dir(), &doomed).map_err(io_err(vol.dir()))?;
+        let mut table = table;
+        table.removed = true;
+        drop(table);
+        sync_dir(&self.root)?;
+        vols.remove(name);
+        drop(vols);
+        self.changes.send_modify(|n| *n += 1);
+        fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
+        tracing::info!(volume = name, ?mode, "volume removed");
+        Ok(())
+    }
+
+    /// Whether `volume rm` (without `--force`) would be refused for `vol`,
+    /// and why: checked before the cluster's record is deleted, so a
+    /// refusal leaves both the record and the copy. The removal itself
+    /// checks again under its own lock.
+    pub fn check_removable(&self, vol: &Volume, mode: RemoveMode) -> Result<(), StoreError> {
+        let table = vol.table.lock().unwrap();
+        Self::refuse_removal(vol, &table, mode)
+    }
+
+    /// What `mode` refuses about removing `vol` whose table is `table`.
+    fn refuse_removal(
+        vol: &Volume,
+        table: &VolumeTable,
+        mode: RemoveMode,
+    ) -> Result<(), StoreError> {
+        let name = vol.name.as_str();
         if mode == (RemoveMode::Operator { force: false }) {
             let n = vol.connections();
             if n > 0 {
@@ -736,20 +770,6 @@ impl VolumeStore {
                 }));
             }
         }
-        if let Some(c) = vol.clone_target() {
-            c.stop();
-        }
-        let doomed = self.root.join(format!(".tmp-rm-{name}"));
-        fs::rename(vol.dir(), &doomed).map_err(io_err(vol.dir()))?;
-        let mut table = table;
-        table.removed = true;
-        drop(table);
-        sync_dir(&self.root)?;
-        vols.remove(name);
-        drop(vols);
-        self.changes.send_modify(|n| *n += 1);
-        fs::remove_dir_all(&doomed).map_err(io_err(&doomed))?;
-        tracing::info!(volume = name, ?mode, "volume removed");
         Ok(())
     }
 

@@ -953,7 +953,11 @@ impl Run {
                 if w.reported || w.node.is_some_and(|n| n != a.node) {
                     continue;
                 }
-                if a.sent > w.from && w.to.is_none_or(|t| a.sent < t) {
+                // Sent once the lease could no longer be valid and
+                // acknowledged before the fault healed. A write sent in the
+                // window may wait for the lease (up to a TTL) and be
+                // acknowledged after the heal and a renewal: legitimate.
+                if a.sent > w.from && w.to.is_none_or(|t| a.acked < t) {
                     let msg = format!(
                         "{name}: n{} acknowledged a write of [{}, +{}) sent at {:.3} s, {:.3} s after its lease could last ({}; window [{:.3}, {}])",
                         a.node,
