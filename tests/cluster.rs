@@ -799,6 +799,56 @@ async fn an_orphan_copy_is_held_at_startup() {
     assert_eq!(x["node"], "n1", "n1's x is untouched: {list:?}");
 }
 
+/// A data directory records the cluster it first joined (etcd's `cluster`
+/// key, in `DATA_DIR/cluster-id`) and refuses an etcd holding another one,
+/// saying which and how to override: pointed at the wrong (or a fresh)
+/// etcd it would otherwise hold every copy as an orphan, and the orphan
+/// message invites `volume rm`. Every node of a cluster shares the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_refuses_the_etcd_of_another_cluster() {
+    let a = Etcd::start();
+    let b = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1");
+    let mut n1 = a.node(&dir, "n1");
+    let n2 = a.node(&tmp.path().join("n2"), "n2");
+    n1.create("v", "1M");
+    let info = |n: &NodeProc| -> Value {
+        serde_json::from_str(&n.cli_ok(&["node", "info", "--json"])).unwrap()
+    };
+    let id = info(&n1)["cluster"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 16, "{id}");
+    assert_eq!(info(&n2)["cluster"]["id"], id.as_str());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("cluster-id"))
+            .unwrap()
+            .trim(),
+        id
+    );
+    assert!(n1
+        .cli_ok(&["node", "info"])
+        .contains(&format!("cluster:     {id}")));
+    n1.kill();
+
+    let o = b.serve_refused(&dir, "n1", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("belongs to dlsm cluster {id}")) && err.contains("cluster-id"),
+        "{err}"
+    );
+    // Nothing was written to the other cluster.
+    assert!(
+        etcdctl(&b, &["get", "--prefix", "/dlsm/v1/nodes/", "--keys-only"])
+            .trim()
+            .is_empty()
+    );
+    // Its own cluster still takes it.
+    n1.restart();
+    let c = common::client(&n1, "v").await;
+    c.write(0, b"home", false).await.unwrap();
+}
+
 /// The `by-node/` index entries of `vol`, as `node=value`.
 fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
     let out = etcdctl(etcd, &["get", "--prefix", "/dlsm/v1/by-node/"]);

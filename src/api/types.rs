@@ -38,6 +38,9 @@ pub struct NodeInfo {
 /// What `node info` says of a node in a cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeClusterInfo {
+    /// The cluster's id (etcd's `cluster` key, also in `DATA_DIR/cluster-id`).
+    #[serde(default)]
+    pub id: String,
     /// The etcd endpoint the node uses now (the last that answered).
     pub etcd: String,
     /// Its lease (0: none, being replaced).

@@ -529,6 +529,7 @@ pub fn node_text(api: &str, n: &NodeInfo) -> String {
         } else {
             "NOT confirmed: writes to cluster volumes are refused"
         };
+        let _ = writeln!(o, "cluster:     {}", c.id);
         let _ = writeln!(o, "etcd:        {}", c.etcd);
         let _ = writeln!(
             o,

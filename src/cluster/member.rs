@@ -23,6 +23,8 @@ use crate::api::types::ClusterNode;
 /// [`Cluster::leave`].
 pub struct Cluster {
     pub name: String,
+    /// The cluster's id (see [`super::ClusterIdentity`]).
+    pub id: String,
     pub(super) etcd: Etcd,
     /// The data directory's id, in `members/` and `nodes/`: tells this
     /// node's previous run from another process using the same name.
@@ -56,8 +58,16 @@ impl Cluster {
     pub async fn join(
         cfg: &ClusterConfig,
         record: NodeRecord,
+        dir_cluster: Option<&str>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let etcd = Etcd::new(&cfg.endpoints, cfg.tls_dir.as_deref())?;
+        let id = identity(&etcd).await?;
+        if let Some(ours) = dir_cluster.filter(|ours| *ours != id) {
+            return Err(ClusterError::OtherCluster {
+                ours: ours.to_owned(),
+                theirs: id,
+            });
+        }
         let ttl_secs = cfg.lease_ttl.as_secs().max(1) as i64;
         let sent_at = boottime_ns();
         let grant = etcd
@@ -71,6 +81,7 @@ impl Cluster {
         let (stop, _) = watch::channel(false);
         let cluster = Arc::new(Cluster {
             name: record.name.clone(),
+            id,
             dir_id: record.dir_id.clone(),
             etcd,
             lease: AtomicI64::new(grant.id()),
@@ -123,6 +134,7 @@ impl Cluster {
     /// What `node info` says of this node's membership.
     pub fn info(&self) -> crate::api::types::NodeClusterInfo {
         crate::api::types::NodeClusterInfo {
+            id: self.id.clone(),
             etcd: self.etcd.pinned().to_owned(),
             lease: self.lease(),
             lease_ttl_seconds: self.clock.ttl().as_secs(),
@@ -547,6 +559,38 @@ async fn keep_alive(c: Arc<Cluster>) {
             }
         }
     }
+}
+
+/// The cluster's id: etcd's `cluster` key, made by this call (one create-only
+/// transaction) if no node made it before.
+async fn identity(etcd: &Etcd) -> Result<String, ClusterError> {
+    let key = super::cluster_key();
+    let mine = super::ClusterIdentity {
+        v: 1,
+        id: format!("{:016x}", rand::random::<u64>()),
+        created: super::now_rfc3339(),
+    };
+    let value = serde_json::to_string(&mine).expect("identity serialises");
+    let r = etcd
+        .call("read the cluster's id", CALL_TIMEOUT, |mut c| {
+            let (k, v) = (key.clone(), value.clone());
+            let txn = Txn::new()
+                .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(k.clone(), v, None)])
+                .or_else([TxnOp::get(k, None)]);
+            async move { c.txn(txn).await }
+        })
+        .await?;
+    if r.succeeded() {
+        info!(cluster = %mine.id, "made the cluster's identity (first node to join)");
+        return Ok(mine.id);
+    }
+    let (held, _) = first_kv(&r).ok_or_else(|| ClusterError::Corrupt {
+        key: key.clone(),
+        why: "neither created nor there".into(),
+    })?;
+    let theirs: super::ClusterIdentity = parse(&key, &held)?;
+    Ok(theirs.id)
 }
 
 /// The value and lease of the first key a transaction's `or_else` get read.

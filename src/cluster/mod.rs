@@ -48,6 +48,11 @@ pub use member::Cluster;
 /// later one can live beside it).
 pub const PREFIX: &str = "/dlsm/v1/";
 
+/// `cluster`: the cluster's identity, made once by the first node to join.
+pub fn cluster_key() -> String {
+    format!("{PREFIX}cluster")
+}
+
 /// `members/NAME`.
 pub fn member_key(name: &str) -> String {
     format!("{PREFIX}members/{name}")
@@ -149,6 +154,13 @@ pub enum ClusterError {
     /// The request names the wrong node (a stale address, a mistake).
     #[error("{0}")]
     WrongNode(String),
+    /// The data directory was made in another cluster (its `cluster-id`
+    /// file names another id than this etcd's `cluster` key).
+    #[error(
+        "this data directory belongs to dlsm cluster {ours}, but the etcd at the given \
+         endpoints holds cluster {theirs}"
+    )]
+    OtherCluster { ours: String, theirs: String },
     /// A call forwarded to another node failed there (its status kept).
     #[error("node {node}: {message}")]
     Forwarded {
@@ -156,6 +168,19 @@ pub enum ClusterError {
         status: Option<u16>,
         message: String,
     },
+}
+
+/// `cluster`: which cluster this etcd holds. A node records the id in its
+/// data directory at its first join and refuses, from then on, an etcd
+/// holding another one: pointed at the wrong etcd (or a fresh one after a
+/// disaster) it would find none of its records and hold every copy as an
+/// orphan, one `volume rm` away from deleting them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterIdentity {
+    pub v: u32,
+    /// 64 random bits, hex.
+    pub id: String,
+    pub created: String,
 }
 
 /// `members/NAME`: the node exists in the cluster (up or down). Written at

@@ -355,6 +355,7 @@ pub fn cluster_status(e: &crate::cluster::ClusterError) -> StatusCode {
         E::Unavailable(_) | E::NodeDown(_) | E::LeaseLost => StatusCode::SERVICE_UNAVAILABLE,
         E::NameTaken { .. }
         | E::MemberOfAnotherDir { .. }
+        | E::OtherCluster { .. }
         | E::VolumeExists { .. }
         | E::Conflict(_) => StatusCode::CONFLICT,
         E::WrongNode(_) => StatusCode::MISDIRECTED_REQUEST,

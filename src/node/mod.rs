@@ -412,6 +412,8 @@ impl Node {
         // After the store took the directory's lock: a `nodes/NAME` with
         // this directory's id can then only be our own previous run.
         #[cfg(feature = "cluster")]
+        let dir_cluster = store::cluster_id(&cfg.data_dir)?;
+        #[cfg(feature = "cluster")]
         let cluster = match &cfg.cluster {
             Some(c) => Some(
                 crate::cluster::Cluster::join(
@@ -432,12 +434,34 @@ impl Node {
                             .display()
                             .to_string(),
                     },
+                    dir_cluster.as_deref(),
                 )
                 .await
+                .map_err(|e| match e {
+                    crate::cluster::ClusterError::OtherCluster { ref ours, .. } => {
+                        anyhow::anyhow!(
+                            "{e}: point --cluster-etcd at the etcd of cluster {ours}. If that \
+                             etcd is lost for good and this node must join the other cluster, \
+                             delete {} (its cluster volumes are then held as orphans, never \
+                             served)",
+                            cfg.data_dir.join(store::CLUSTER_ID).display()
+                        )
+                    }
+                    e => anyhow::Error::new(e),
+                })
                 .context("cannot join the cluster")?,
             ),
             None => None,
         };
+        // The first join records the cluster (after it: a crash before
+        // this line joins the same etcd again and records it then).
+        #[cfg(feature = "cluster")]
+        if let (Some(c), None) = (&cluster, &dir_cluster) {
+            if let Err(e) = store::set_cluster_id(&cfg.data_dir, &c.id) {
+                c.leave().await;
+                return Err(anyhow::Error::new(e).context("cannot record the cluster's id"));
+            }
+        }
         #[cfg(feature = "cluster")]
         if let Some(c) = &cluster {
             let _ = cluster_slot.set(c.clone());

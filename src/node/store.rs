@@ -1196,6 +1196,25 @@ pub fn node_id(data_dir: &Path) -> Result<String, StoreError> {
     Ok(id)
 }
 
+/// The cluster this data directory joined first (`DATA_DIR/cluster-id`),
+/// if it ever joined one; see `cluster::ClusterIdentity`.
+pub fn cluster_id(data_dir: &Path) -> Result<Option<String>, StoreError> {
+    let path = data_dir.join(CLUSTER_ID);
+    match fs::read_to_string(&path) {
+        Ok(s) => Ok(Some(s.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Records, durably, that this data directory is in cluster `id`.
+pub fn set_cluster_id(data_dir: &Path, id: &str) -> Result<(), StoreError> {
+    write_atomic(&data_dir.join(CLUSTER_ID), format!("{id}\n").as_bytes())
+}
+
+/// The file [`cluster_id`] reads.
+pub const CLUSTER_ID: &str = "cluster-id";
+
 /// Writes `table.json` atomically and durably.
 pub fn write_table(dir: &Path, table: &VolumeTable) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec_pretty(table).expect("table serialises");
