@@ -736,7 +736,9 @@ async fn with_etcd_gone_writes_stop_at_the_lease_deadline_and_resume_after() {
 /// A write that arrives while the node's lease is unconfirmed (etcd frozen
 /// past the lease's trusted life) waits, and is acknowledged once etcd is
 /// back and the lease renewed, instead of failing the guest's I/O over a
-/// blip; it is not acknowledged before.
+/// blip; it is not acknowledged before. One waiting on a connection that
+/// breaks meanwhile never lands (its client may have resent it elsewhere
+/// and written on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_in_a_lease_lapse_waits_for_the_renewal() {
     use nix::sys::signal::Signal;
@@ -746,6 +748,7 @@ async fn a_write_in_a_lease_lapse_waits_for_the_renewal() {
     n1.create("v", "1M");
     let c = common::client(&n1, "v").await;
     c.write(0, &[1u8; 512], false).await.unwrap();
+    let doomed = common::client(&n1, "v").await;
 
     etcd.signal(0, Signal::SIGSTOP);
     wait_until("n1's lease lapses", TTL, || {
@@ -756,8 +759,11 @@ async fn a_write_in_a_lease_lapse_waits_for_the_renewal() {
         let c = c.clone();
         tokio::spawn(async move { c.write(0, &[2u8; 512], false).await })
     };
+    let z = tokio::spawn(async move { doomed.write(4096, &[9u8; 512], false).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let early = w.is_finished();
+    let early = w.is_finished() || z.is_finished();
+    z.abort(); // the last handle: the connection closes, its write waiting
+    tokio::time::sleep(Duration::from_millis(300)).await;
     etcd.signal(0, Signal::SIGCONT);
     assert!(!early, "answered while etcd was frozen: {:?}", w.await);
     tokio::time::timeout(Duration::from_secs(TTL + 2), w)
@@ -766,6 +772,12 @@ async fn a_write_in_a_lease_lapse_waits_for_the_renewal() {
         .unwrap()
         .expect("refused: the write should have waited for the renewal");
     assert_eq!(c.read(0, 512).await.unwrap(), vec![2u8; 512]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        c.read(4096, 512).await.unwrap(),
+        vec![0u8; 512],
+        "the write of a client that was gone landed after the renewal"
+    );
 }
 
 /// A cluster copy whose record is gone when its node restarts (deleted
@@ -1957,6 +1969,18 @@ async fn volume_rm_losing_a_race_with_a_handoff_removes_nothing() {
         "the rm deleted the copy the new owner still needs"
     );
     assert_eq!(record(&etcd, "v")["owner"], "n2");
+    // Asked again now that the directory names n2: still refused, --force
+    // or not, while n2 copies from this copy.
+    let e = cli_err(&n1, &["volume", "rm", "v", "--force"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("handed off to node n2"),
+        "{e}"
+    );
+    assert!(has_copy(&tmp.path().join("n1"), "v"));
     cli_ok(&n2, &["migration", "set-rate", "v", "0"]);
     n2.wait_phase("v", "complete", 60);
     model.check_as(&c2, "after the rm lost its race").await;

@@ -184,17 +184,23 @@ impl Etcd {
                     self.pinned.store(i, Ordering::Relaxed);
                     return Ok(v);
                 }
+                // The member answered, refusing ("no leader" during an
+                // election): it is alive, keep its connection and the pin.
+                Ok(Err(e)) if member_answered(&e) => {
+                    errors.push(format!("{ep}: {e}"));
+                    continue;
+                }
                 Ok(Err(e)) => errors.push(format!("{ep}: {e}")),
                 Err(_) => errors.push(format!("{ep}: no answer within {timeout:?}")),
             }
-            // A fresh connection next time: a channel whose connection
-            // failed may keep failing (or back off) after the member is
-            // back, and a hung one keeps hanging.
+            // No answer: a fresh connection next time (a channel whose
+            // connection failed may keep failing, or back off, after the
+            // member is back, and a hung one keeps hanging), and the next
+            // call starts elsewhere: a hung member would cost every call
+            // its whole timeout before the others are tried (a lease
+            // renewal cannot afford that twice). Only if no other call has
+            // moved the pin meanwhile.
             *self.clients[i].lock().expect("etcd client lock") = None;
-            // And the next call starts elsewhere: a hung member would cost
-            // every call its whole timeout before the others are tried (a
-            // lease renewal cannot afford that twice). Only if no other
-            // call has moved the pin meanwhile.
             let _ =
                 self.pinned
                     .compare_exchange(i, (i + 1) % n, Ordering::Relaxed, Ordering::Relaxed);
@@ -204,4 +210,10 @@ impl Etcd {
             errors.join("; ")
         )))
     }
+}
+
+/// Whether `e` is the member's own answer (etcd's errors read
+/// "etcdserver: ..."), not a failure to reach it.
+fn member_answered(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().starts_with("etcdserver:"))
 }

@@ -495,14 +495,14 @@ impl Cluster {
 /// etcd no longer knows (expired while the node was frozen or cut off, or
 /// revoked by hand) stops counting at once and is replaced.
 ///
-/// A failed renewal is retried after [`RETRY_AFTER_FAILURE`], not after a
-/// whole period: when the etcd leader freezes, the surviving members need
-/// an election (one to two election timeouts) before any renewal can
-/// succeed, and a round that first waited out the hung member can leave
-/// less than a period of the lease's trusted life.
-/// The pause before retrying a failed renewal.
-const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(200);
-
+/// A failed renewal is retried after [`RETRY_AFTER_FAILURE`] while the
+/// lease is still trusted, not after a whole period: when the etcd leader
+/// freezes, the surviving members need an election (one to two election
+/// timeouts) before any renewal can succeed, and a round that first
+/// waited out the hung member can leave less than a period of the lease's
+/// trusted life. Once the lease has lapsed anyway, retries back off
+/// (doubling, with jitter, up to a period), so a thousand nodes do not
+/// hammer an etcd that is coming back. A failed rejoin counts as a failure.
 async fn keep_alive(c: Arc<Cluster>) {
     let mut stop = c.stop.subscribe();
     let mut failures = 0u32;
@@ -512,11 +512,7 @@ async fn keep_alive(c: Arc<Cluster>) {
         if *stop.borrow_and_update() {
             return;
         }
-        let pause = if failures == 0 {
-            c.clock.renew_every()
-        } else {
-            c.clock.renew_every().min(RETRY_AFTER_FAILURE)
-        };
+        let pause = retry_pause(failures, c.lease_valid_now(), c.clock.renew_every());
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.changed() => return,
@@ -540,10 +536,14 @@ async fn keep_alive(c: Arc<Cluster>) {
                     lease,
                     "etcd no longer knows this node's lease: joining again"
                 );
-                if let Err(e) = c.rejoin().await {
-                    warn!("cannot join the cluster again (retrying): {e}");
-                    // Keep the old id so the next round finds it gone again.
-                    c.lease.store(lease, Ordering::Release);
+                match c.rejoin().await {
+                    Ok(()) => failures = 0,
+                    Err(e) => {
+                        failures += 1;
+                        warn!("cannot join the cluster again (retrying): {e}");
+                        // Keep the old id so the next round finds it gone again.
+                        c.lease.store(lease, Ordering::Release);
+                    }
                 }
             }
             Err(e) => {
@@ -593,6 +593,25 @@ async fn identity(etcd: &Etcd) -> Result<String, ClusterError> {
     Ok(theirs.id)
 }
 
+/// The pause before retrying a failed renewal while the lease is trusted.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(200);
+
+/// How long the keeper waits before its next renewal, after `failures`
+/// failed ones in a row (see [`keep_alive`]).
+fn retry_pause(failures: u32, lease_valid: bool, period: Duration) -> Duration {
+    if failures == 0 {
+        return period;
+    }
+    let quick = RETRY_AFTER_FAILURE.min(period);
+    if lease_valid {
+        return quick;
+    }
+    let backoff = quick
+        .saturating_mul(1 << (failures - 1).min(16))
+        .min(period);
+    backoff.mul_f64(0.75 + rand::random::<f64>() / 2.0)
+}
+
 /// The value and lease of the first key a transaction's `or_else` get read.
 fn first_kv(r: &etcd_client::TxnResponse) -> Option<(Vec<u8>, i64)> {
     r.op_responses().into_iter().find_map(|op| match op {
@@ -610,4 +629,20 @@ pub(super) fn parse<T: serde::de::DeserializeOwned>(
         key: key.to_owned(),
         why: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewals_retry_quickly_while_trusted_then_back_off() {
+        let p = Duration::from_secs(2);
+        assert_eq!(retry_pause(0, true, p), p);
+        assert_eq!(retry_pause(5, true, p), Duration::from_millis(200));
+        let lapsed: Vec<Duration> = (1..=6).map(|f| retry_pause(f, false, p)).collect();
+        assert!(lapsed[0] <= Duration::from_millis(250), "{lapsed:?}");
+        assert!(lapsed[5] >= Duration::from_millis(1500), "{lapsed:?}");
+        assert!(lapsed.iter().all(|d| *d <= p.mul_f64(1.25)), "{lapsed:?}");
+    }
 }

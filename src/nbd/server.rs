@@ -620,11 +620,18 @@ where
     let sink = Arc::new(ReplySink::new(wr));
     let budget = Arc::new(Semaphore::new(IN_FLIGHT_BUDGET as usize));
 
+    // Whether the connection ended by the protocol (NBD_CMD_DISC, after
+    // which every request sent before it must still be handled) or by the
+    // server stopping; otherwise the client is gone (EOF, an error).
+    let mut orderly = false;
     let result = loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
         tokio::select! {
             biased;
-            _ = stopped(&mut shutdown) => break Ok(()),
+            _ = stopped(&mut shutdown) => {
+                orderly = true;
+                break Ok(());
+            }
             r = rd.read_exact(&mut hdr[..4]) => match r {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
@@ -650,6 +657,7 @@ where
             Err(e) => break Err(e.into()),
         };
         if req.command == Command::Disc {
+            orderly = true;
             break Ok(());
         }
         // Check the request before reading its payload, so that a bad WRITE
@@ -720,6 +728,12 @@ where
             tokio::spawn(fut);
         }
     };
+    // A client that vanished may resend its unanswered requests on another
+    // connection, then write on: one of them still waiting here to start
+    // (a write waiting for the cluster lease) must not land after those.
+    if !orderly {
+        conn.target.client_gone();
+    }
     // Let every accepted request finish and its reply go out (or be dropped,
     // if the client is gone).
     let _all = budget.acquire_many(IN_FLIGHT_BUDGET).await;

@@ -839,9 +839,12 @@ mod cluster {
                      directory did not confirm the removal of its record (run `volume rm \
                      {name}` again)"
                 );
+                // If another hold is in place (not re-confirmed yet, say),
+                // it stays, and it refuses writes as well as this one would.
                 vol.fence.swap_cluster_hold(
                     |h| h.is_none_or(|h| h == REMOVING || h == unconfirmed),
                     Some(REMOVING.into()),
+                    false,
                 );
                 let is_ours = |h: Option<&str>| h == Some(REMOVING);
                 match c.delete_record(&r, rev).await {
@@ -850,18 +853,25 @@ mod cluster {
                     // recorded meanwhile). The copy stays, writable again.
                     Err(ClusterError::Conflict(_)) => {
                         // Unless something else held it meanwhile.
-                        vol.fence.swap_cluster_hold(is_ours, None);
+                        vol.fence.swap_cluster_hold(is_ours, None, false);
                         return Err(moved());
                     }
-                    // Perhaps applied: the copy stays held until a retry
+                    // Perhaps applied: the copy stays held, reads too (the
+                    // name may be made again elsewhere), until a retry
                     // finds out.
                     Err(e) => {
-                        vol.fence.swap_cluster_hold(is_ours, Some(unconfirmed));
+                        vol.fence
+                            .swap_cluster_hold(is_ours, Some(unconfirmed), true);
                         return Err(e.into());
                     }
                 }
                 // The record is gone: the copy goes whoever attached since.
                 if let Err(e) = remove_local(s, name, true).await {
+                    if s.store.get(name).is_err() {
+                        // Out of the store; only its files' deletion failed
+                        // (what is left is cleaned at the next start).
+                        return Err(e);
+                    }
                     vol.fence.hold_stale(format!(
                         "writes refused: volume {name}'s record was removed from the cluster but \
                          removing this copy failed ({}); it is an orphan (`volume rm {name}` \
@@ -871,6 +881,25 @@ mod cluster {
                     return Err(e);
                 }
                 Ok(StatusCode::NO_CONTENT)
+            }
+            // This node's copy is the source of a migration whose
+            // destination now owns the volume: the owner may still need
+            // its regions, so not even --force deletes it here (the old
+            // order, before the directory existed, could not tell).
+            Some((r, _))
+                if here
+                    && r.owner != c.name
+                    && r.migration.as_ref().is_some_and(|m| m.from == c.name) =>
+            {
+                Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "volume {name:?} was handed off to node {} (generation {}), which still \
+                         copies from this node's copy; the copy is released when that migration \
+                         completes. To delete the volume, run `volume rm {name}` on {}",
+                        r.owner, r.generation, r.owner
+                    ),
+                ))
             }
             // A copy the directory does not give this node (made in peer
             // mode, or stale): only the copy.

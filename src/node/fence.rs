@@ -22,7 +22,8 @@
 //! that *arrives* while the lease is unconfirmed waits for a renewal, up to
 //! one TTL and outside the in-flight count (so a fence never waits for it),
 //! before it is refused: an etcd leader election or a slow renewal then
-//! delays the guest's write instead of failing it. Reads and flushes are
+//! delays the guest's write instead of failing it. It gives up if its
+//! connection breaks meanwhile ([`BlockTarget::client_gone`]). Reads and flushes are
 //! not gated (a flush makes durable only writes that were acknowledged in
 //! time).
 
@@ -149,19 +150,22 @@ impl Fence {
         self.set_hold(CLUSTER, Some(why));
     }
 
-    /// Replaces the cluster directory's hold by `why` (None: lifts it),
-    /// only if `expected` accepts the present one (None: not held); says
+    /// Replaces the cluster directory's hold by `why` (None: lifts it;
+    /// `stale`: clients' reads refused too, as [`Fence::hold_stale`]), only
+    /// if `expected` accepts the present one (None: not held); says
     /// whether it did. For a holder that must not lift or overwrite a hold
     /// set by something else meanwhile (`volume rm`).
     pub fn swap_cluster_hold(
         &self,
         expected: impl Fn(Option<&str>) -> bool,
         why: Option<String>,
+        stale: bool,
     ) -> bool {
         let mut held = self.held.lock().unwrap();
         if !expected(held[CLUSTER].as_deref()) {
             return false;
         }
+        self.stale.store(stale && why.is_some(), Ordering::SeqCst);
         held[CLUSTER] = why;
         self.is_held
             .store(held.iter().any(Option::is_some), Ordering::SeqCst);
@@ -227,25 +231,6 @@ impl Fence {
         target.flush().await
     }
 
-    /// [`Fence::enter`], but a write that finds only the lease
-    /// unconfirmed waits for it first (see the module docs): up to one
-    /// TTL, and not at all once the volume is fenced or held. It is not
-    /// counted in flight while it waits, and is admitted only by the
-    /// checks of `enter` itself, after the wait.
-    async fn admit(&self) -> BlockResult<InFlight<'_>> {
-        match self.enter() {
-            Err(_) if self.lease_lapsed() => {
-                let l = self.lease.get().expect("a lapsed lease is bound");
-                let until = tokio::time::Instant::now() + l.ttl();
-                while self.lease_lapsed() && tokio::time::Instant::now() < until {
-                    tokio::time::sleep(LEASE_POLL).await;
-                }
-                self.enter()
-            }
-            r => r,
-        }
-    }
-
     /// Bound to a lease that is not valid now, and neither fenced nor held
     /// (those refuse at once: waiting could not change the answer).
     fn lease_lapsed(&self) -> bool {
@@ -284,11 +269,49 @@ impl Drop for InFlight<'_> {
 pub struct FenceGate {
     inner: Arc<dyn BlockTarget>,
     fence: Arc<Fence>,
+    /// The connection broke ([`BlockTarget::client_gone`]): a write still
+    /// waiting for the lease gives up instead of starting.
+    gone: AtomicBool,
 }
 
 impl FenceGate {
     pub fn new(inner: Arc<dyn BlockTarget>, fence: Arc<Fence>) -> Self {
-        Self { inner, fence }
+        Self {
+            inner,
+            fence,
+            gone: AtomicBool::new(false),
+        }
+    }
+
+    /// [`Fence::enter`], but a write that finds only the lease unconfirmed
+    /// waits for it first (see the module docs): up to one TTL, not at all
+    /// once the volume is fenced or held, and not past its connection's
+    /// end (its client may have resent it on another connection and
+    /// written on since: starting it then could overwrite newer data). It
+    /// is not counted in flight while it waits, and is admitted only by the
+    /// checks of `enter` itself, after the wait.
+    async fn admit(&self) -> BlockResult<InFlight<'_>> {
+        let f = &*self.fence;
+        match f.enter() {
+            Err(_) if f.lease_lapsed() => {
+                let l = f.lease.get().expect("a lapsed lease is bound");
+                let until = tokio::time::Instant::now() + l.ttl();
+                while f.lease_lapsed()
+                    && !self.gone.load(Ordering::SeqCst)
+                    && tokio::time::Instant::now() < until
+                {
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                if self.gone.load(Ordering::SeqCst) {
+                    return Err(BlockError::Io(std::io::Error::other(
+                        "write not started: its client's connection ended while it waited \
+                         for the cluster lease",
+                    )));
+                }
+                f.enter()
+            }
+            r => r,
+        }
     }
 }
 
@@ -305,7 +328,7 @@ impl BlockTarget for FenceGate {
         self.inner.read(offset, buf).await
     }
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
-        let _g = self.fence.admit().await?;
+        let _g = self.admit().await?;
         self.inner.write(offset, data, fua).await?;
         self.fence.check_lease()
     }
@@ -313,12 +336,12 @@ impl BlockTarget for FenceGate {
         self.inner.flush().await
     }
     async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
-        let _g = self.fence.admit().await?;
+        let _g = self.admit().await?;
         self.inner.trim(offset, len, fua).await?;
         self.fence.check_lease()
     }
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> BlockResult<()> {
-        let _g = self.fence.admit().await?;
+        let _g = self.admit().await?;
         self.inner.write_zeroes(offset, len, flags).await?;
         self.fence.check_lease()
     }
@@ -329,6 +352,9 @@ impl BlockTarget for FenceGate {
     async fn cache(&self, offset: u64, len: u64) -> BlockResult<()> {
         self.fence.check_fresh()?;
         self.inner.cache(offset, len).await
+    }
+    fn client_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
     }
     fn allocated_bytes(&self) -> u64 {
         self.inner.allocated_bytes()
@@ -445,6 +471,36 @@ mod tests {
             .expect("a held write waited for the lease")
             .unwrap_err();
         assert!(e.to_string().contains("owned by n9"), "{e}");
+    }
+
+    /// A write waiting for the lease on a connection that broke never
+    /// starts: its client resent it on another connection and wrote on,
+    /// and the old one landing late would overwrite that.
+    #[tokio::test]
+    async fn a_waiting_write_of_a_gone_client_never_lands() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+        let old = Arc::new(FenceGate::new(t.clone(), f.clone()));
+        let w = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(0, b"a", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        old.client_gone();
+        clock.confirmed(boottime_ns());
+        let new = FenceGate::new(t.clone(), f.clone());
+        new.write(0, b"a", false).await.unwrap(); // the resent write
+        new.write(0, b"b", false).await.unwrap(); // and a newer one
+        let e = w.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("connection ended"), "{e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut b = [0u8; 1];
+        t.read(0, &mut b).await.unwrap();
+        assert_eq!(&b, b"b", "the gone client's write landed after a newer one");
     }
 
     /// A target whose writes run `during` before they take effect.

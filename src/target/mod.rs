@@ -179,6 +179,12 @@ pub trait BlockTarget: Send + Sync + 'static {
     async fn cache(&self, _offset: u64, _len: u64) -> BlockResult<()> {
         Ok(())
     }
+    /// The client this target was opened for is gone (its connection
+    /// broke, without an orderly disconnect): requests of that client that
+    /// have not started yet must not start, since the client may resend them
+    /// elsewhere and write on. Only a target opened per connection acts on
+    /// it (the fence gate, whose writes can wait for the cluster lease).
+    fn client_gone(&self) {}
     /// Bytes actually stored for this volume on this node (for status).
     fn allocated_bytes(&self) -> u64 {
         0
