@@ -533,6 +533,24 @@ fn etcdctl(etcd: &Etcd, args: &[&str]) -> String {
     )
 }
 
+/// Runs a CLI command against `at` on a thread of its own (while the
+/// test drives the other side of a race); join for its output.
+fn cli_in_background(
+    at: &NodeProc,
+    args: &[&str],
+) -> std::thread::JoinHandle<std::process::Output> {
+    let (api, flags) = (at.api.clone(), at.client_flags.clone());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        Command::new(common::DLSM)
+            .args(["--api", &api])
+            .args(&flags)
+            .args(&args)
+            .output()
+            .unwrap()
+    })
+}
+
 /// Whether etcd has `key`.
 fn etcd_has(etcd: &Etcd, key: &str) -> bool {
     !etcdctl(etcd, &["get", key, "--keys-only"])
@@ -861,6 +879,33 @@ async fn a_data_directory_refuses_the_etcd_of_another_cluster() {
     c.write(0, b"home", false).await.unwrap();
 }
 
+/// etcd wiped under a running node (its keys and its lease gone): the
+/// node does not register again in an etcd that holds no dlsm cluster,
+/// where it would find no record for any of its copies; it stays out,
+/// takes no write, and `volume rm` refuses to act on what that etcd says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_does_not_rejoin_a_wiped_etcd() {
+    let etcd = Etcd::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let n1 = etcd.node(&tmp.path().join("n1"), "n1");
+    n1.create("v", "1M");
+    let lease = record(&etcd, "v")["owner_lease"].as_i64().unwrap();
+    etcdctl(&etcd, &["del", "--prefix", "/dlsm/"]);
+    etcdctl(&etcd, &["lease", "revoke", &format!("{lease:x}")]);
+    wait_until("n1's lease lapses", TTL + 2, || {
+        let info: Value = serde_json::from_str(&n1.cli_ok(&["node", "info", "--json"])).unwrap();
+        info["cluster"]["lease_valid"] == false
+    });
+    std::thread::sleep(Duration::from_secs(2)); // its rejoin attempts
+    assert!(
+        !etcd_has(&etcd, "/dlsm/v1/nodes/n1"),
+        "n1 registered in an etcd without its cluster"
+    );
+    let e = cli_err(&n1, &["volume", "rm", "v"]);
+    assert_eq!(e["http_status"], 503, "{e}");
+    assert!(has_copy(&tmp.path().join("n1"), "v"));
+}
+
 /// The `by-node/` index entries of `vol`, as `node=value`.
 fn index_of(etcd: &Etcd, vol: &str) -> Vec<String> {
     let out = etcdctl(etcd, &["get", "--prefix", "/dlsm/v1/by-node/"]);
@@ -1002,6 +1047,18 @@ async fn cluster_migrations_refuse_force_and_a_cancel_disarms_the_clone() {
     let e = cli_err(&n2, &["migration", "handoff", "v", "--force"]);
     assert_eq!(e["http_status"], 400, "{e}");
     assert!(e["error"].as_str().unwrap().contains("lease"), "{e}");
+    // The clone may claim the volume at any moment: not removed at the
+    // destination, even with --force; a cancel is the way.
+    let e = cli_err(&n2, &["volume", "rm", "v", "--force"]);
+    assert_eq!(e["http_status"], 409, "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("cancel the migration"),
+        "{e}"
+    );
+    assert!(has_copy(&tmp.path().join("n2"), "v"));
 
     cli_ok(&n1, &["migration", "cancel", "v"]);
     assert!(record(&etcd, "v")["migration"].is_null());
@@ -1942,17 +1999,7 @@ async fn volume_rm_losing_a_race_with_a_handoff_removes_nothing() {
     let (c1, mut model) = filled(&n1, "v", 32, 5).await;
     drop(c1);
     cli_ok(&n1, &["migrate", "v", "--to", "n2", "--rate", "64K"]);
-    let rm = {
-        let (api, flags) = (n1.api.clone(), n1.client_flags.clone());
-        std::thread::spawn(move || {
-            Command::new(common::DLSM)
-                .args(["--api", &api])
-                .args(&flags)
-                .args(["volume", "rm", "v", "--force"])
-                .output()
-                .unwrap()
-        })
-    };
+    let rm = cli_in_background(&n1, &["volume", "rm", "v", "--force"]);
     tokio::time::sleep(Duration::from_millis(700)).await; // the rm is paused
     let c2 = common::client(&n2, "v").await;
     model.write(&c2, 4096, b"the claiming write").await;
@@ -1986,13 +2033,12 @@ async fn volume_rm_losing_a_race_with_a_handoff_removes_nothing() {
     model.check_as(&c2, "after the rm lost its race").await;
 }
 
-/// `volume rm --force` at the owner racing its migration's handoff, the
-/// rm's removal of the copy held up (strace delays its rename 5 s) while
-/// the destination's first write claims the volume. The record goes
-/// first, by compare-and-swap, so the remove wins whole: the claim finds
-/// no record and the destination acknowledges nothing. (The old order,
-/// copy then record, let the claim in: the new owner's source copy was
-/// then deleted under it, and the remove failed on the record.)
+/// `volume rm --force` at the owner racing its migration's handoff the
+/// other way round: the rm's removal of the copy held up (strace delays
+/// its rename 5 s) while the destination's first write tries to claim the
+/// volume. The record went first, so the remove wins whole: the claim
+/// finds no record and the destination acknowledges nothing. (The race
+/// the old order lost is `volume_rm_losing_a_race_with_a_handoff_...`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn volume_rm_racing_a_handoff_leaves_no_owner_without_its_data() {
     let etcd = Etcd::start();
@@ -2007,17 +2053,7 @@ async fn volume_rm_racing_a_handoff_leaves_no_owner_without_its_data() {
         &tmp.path().join("n1").join("volumes").join("v"),
         "delay_enter=5000000",
     );
-    let rm = {
-        let (api, flags) = (n1.api.clone(), n1.client_flags.clone());
-        std::thread::spawn(move || {
-            Command::new(common::DLSM)
-                .args(["--api", &api])
-                .args(&flags)
-                .args(["volume", "rm", "v", "--force"])
-                .output()
-                .unwrap()
-        })
-    };
+    let rm = cli_in_background(&n1, &["volume", "rm", "v", "--force"]);
     // The remove is now deleting the record (or, in the old order, stuck
     // in its rename with the record still there).
     let t = Instant::now();

@@ -61,13 +61,12 @@ impl Cluster {
         dir_cluster: Option<&str>,
     ) -> Result<Arc<Cluster>, ClusterError> {
         let etcd = Etcd::new(&cfg.endpoints, cfg.tls_dir.as_deref())?;
-        let id = identity(&etcd).await?;
-        if let Some(ours) = dir_cluster.filter(|ours| *ours != id) {
-            return Err(ClusterError::OtherCluster {
-                ours: ours.to_owned(),
-                theirs: id,
-            });
-        }
+        let id = match dir_cluster {
+            Some(ours) => check_identity(&etcd, ours).await?,
+            None => identity(&etcd, true)
+                .await?
+                .expect("made or read when asked to create"),
+        };
         let ttl_secs = cfg.lease_ttl.as_secs().max(1) as i64;
         let sent_at = boottime_ns();
         let grant = etcd
@@ -422,6 +421,10 @@ impl Cluster {
     /// After the lease was lost: a new lease, `nodes/NAME` under it, and
     /// this node's records rebound to it; only then do writes flow again.
     async fn rejoin(&self) -> Result<(), ClusterError> {
+        // The etcd may have been replaced (wiped, restored, another one
+        // behind the same endpoints) while the node ran: it would find none
+        // of its records there and hold every copy as an orphan.
+        check_identity(&self.etcd, &self.id).await?;
         let ttl_secs = self.clock.ttl().as_secs() as i64;
         let sent_at = boottime_ns();
         let g = self
@@ -561,9 +564,10 @@ async fn keep_alive(c: Arc<Cluster>) {
     }
 }
 
-/// The cluster's id: etcd's `cluster` key, made by this call (one create-only
-/// transaction) if no node made it before.
-async fn identity(etcd: &Etcd) -> Result<String, ClusterError> {
+/// The cluster's id: etcd's `cluster` key. With `create`, made by this
+/// call (one create-only transaction) if no node made it before; without,
+/// only read (None: this etcd holds no dlsm cluster).
+async fn identity(etcd: &Etcd, create: bool) -> Result<Option<String>, ClusterError> {
     let key = super::cluster_key();
     let mine = super::ClusterIdentity {
         v: 1,
@@ -574,23 +578,42 @@ async fn identity(etcd: &Etcd) -> Result<String, ClusterError> {
     let r = etcd
         .call("read the cluster's id", CALL_TIMEOUT, |mut c| {
             let (k, v) = (key.clone(), value.clone());
-            let txn = Txn::new()
-                .when([Compare::version(k.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(k.clone(), v, None)])
-                .or_else([TxnOp::get(k, None)]);
+            let mut txn = Txn::new().when([Compare::version(k.clone(), CompareOp::Equal, 0)]);
+            if create {
+                txn = txn.and_then([TxnOp::put(k.clone(), v, None)]);
+            }
+            let txn = txn.or_else([TxnOp::get(k, None)]);
             async move { c.txn(txn).await }
         })
         .await?;
     if r.succeeded() {
+        if !create {
+            return Ok(None);
+        }
         info!(cluster = %mine.id, "made the cluster's identity (first node to join)");
-        return Ok(mine.id);
+        return Ok(Some(mine.id));
     }
     let (held, _) = first_kv(&r).ok_or_else(|| ClusterError::Corrupt {
         key: key.clone(),
         why: "neither created nor there".into(),
     })?;
     let theirs: super::ClusterIdentity = parse(&key, &held)?;
-    Ok(theirs.id)
+    Ok(Some(theirs.id))
+}
+
+/// Checks that the etcd holds cluster `ours` (read only: an etcd without
+/// the key is not made ours).
+async fn check_identity(etcd: &Etcd, ours: &str) -> Result<String, ClusterError> {
+    match identity(etcd, false).await? {
+        Some(id) if id == ours => Ok(id),
+        Some(theirs) => Err(ClusterError::OtherCluster {
+            ours: ours.to_owned(),
+            theirs,
+        }),
+        None => Err(ClusterError::NoCluster {
+            ours: ours.to_owned(),
+        }),
+    }
 }
 
 /// The pause before retrying a failed renewal while the lease is trusted.

@@ -161,6 +161,13 @@ pub enum ClusterError {
          endpoints holds cluster {theirs}"
     )]
     OtherCluster { ours: String, theirs: String },
+    /// The data directory was made in a cluster, and this etcd holds none
+    /// (empty, or restored without dlsm's keys).
+    #[error(
+        "this data directory belongs to dlsm cluster {ours}, but the etcd at the given \
+         endpoints holds no dlsm cluster (empty, or not the cluster's etcd)"
+    )]
+    NoCluster { ours: String },
     /// A call forwarded to another node failed there (its status kept).
     #[error("node {node}: {message}")]
     Forwarded {

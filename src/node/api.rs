@@ -356,6 +356,7 @@ pub fn cluster_status(e: &crate::cluster::ClusterError) -> StatusCode {
         E::NameTaken { .. }
         | E::MemberOfAnotherDir { .. }
         | E::OtherCluster { .. }
+        | E::NoCluster { .. }
         | E::VolumeExists { .. }
         | E::Conflict(_) => StatusCode::CONFLICT,
         E::WrongNode(_) => StatusCode::MISDIRECTED_REQUEST,
@@ -797,6 +798,12 @@ mod cluster {
         force: bool,
     ) -> Result<StatusCode, ApiError> {
         let ops = c.directory_ops.lock().await;
+        // Not confirmed in the cluster (etcd unreachable, or one that does
+        // not hold this node's cluster): what the directory says cannot be
+        // trusted to decide what a copy here is.
+        if !c.lease_valid_now() {
+            return Err(ClusterError::LeaseLost.into());
+        }
         let rec = c.record(name).await?;
         crate::crash::pause("rm-after-read").await;
         let here = s.store.get(name).is_ok();
@@ -898,6 +905,27 @@ mod cluster {
                          copies from this node's copy; the copy is released when that migration \
                          completes. To delete the volume, run `volume rm {name}` on {}",
                         r.owner, r.generation, r.owner
+                    ),
+                ))
+            }
+            // This node is the destination of the migration the directory
+            // records, not handed off yet: its clone may claim the volume
+            // at any moment (a handoff, a takeover), and removing the copy
+            // could then delete the new owner's copy. A cancel clears the
+            // directory first, so the clone can never claim, then drops it.
+            Some((r, _))
+                if here
+                    && r.owner != c.name
+                    && r.migration.as_ref().is_some_and(|m| m.to == c.name) =>
+            {
+                Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "volume {name:?} is migrating here from node {} (not handed off yet), \
+                         and this copy may take the volume over at any moment: cancel the \
+                         migration instead (`dlsm migration cancel {name}`, here or on {}), \
+                         which makes sure it never does and then drops this copy",
+                        r.owner, r.owner
                     ),
                 ))
             }

@@ -70,6 +70,15 @@ pub struct Fence {
     stale: AtomicBool,
     /// Cluster mode: the node's lease, which every write must be inside.
     lease: std::sync::OnceLock<Arc<crate::cluster::LeaseClock>>,
+    /// Writes waiting for the lease, on every connection, line up here and
+    /// are admitted in the order they arrived (tokio's mutex is FIFO): a
+    /// write its client resent on another connection, or any newer write,
+    /// can never be admitted before the first copy still waiting, which
+    /// would then land late over it.
+    lapse_line: tokio::sync::Mutex<()>,
+    /// How many writes are in (or joining) that line. While any are, new
+    /// writes join it too instead of taking the direct path.
+    waiting: AtomicUsize,
 }
 
 impl Fence {
@@ -286,32 +295,61 @@ impl FenceGate {
     /// [`Fence::enter`], but a write that finds only the lease unconfirmed
     /// waits for it first (see the module docs): up to one TTL, not at all
     /// once the volume is fenced or held, and not past its connection's
-    /// end (its client may have resent it on another connection and
-    /// written on since: starting it then could overwrite newer data). It
-    /// is not counted in flight while it waits, and is admitted only by the
-    /// checks of `enter` itself, after the wait.
+    /// end. Waiting writes are admitted in their order of arrival, across
+    /// connections, and while any wait every new write lines up behind
+    /// them: a client whose connection broke may resend a waiting write on
+    /// another connection and, once that is acknowledged, write newer data
+    /// at the same place; the first copy must not start after that (the
+    /// connection's end is not always seen in time: a reader blocked on its
+    /// in-flight budget does not read the socket). A waiting write is not
+    /// counted in flight, and is admitted only by the checks of `enter`
+    /// itself, after the wait.
     async fn admit(&self) -> BlockResult<InFlight<'_>> {
         let f = &*self.fence;
-        match f.enter() {
-            Err(_) if f.lease_lapsed() => {
-                let l = f.lease.get().expect("a lapsed lease is bound");
-                let until = tokio::time::Instant::now() + l.ttl();
-                while f.lease_lapsed()
-                    && !self.gone.load(Ordering::SeqCst)
-                    && tokio::time::Instant::now() < until
-                {
-                    tokio::time::sleep(LEASE_POLL).await;
-                }
-                if self.gone.load(Ordering::SeqCst) {
-                    return Err(BlockError::Io(std::io::Error::other(
-                        "write not started: its client's connection ended while it waited \
-                         for the cluster lease",
-                    )));
-                }
-                f.enter()
+        let Some(l) = f.lease.get() else {
+            return f.enter(); // peer mode: no lease, nothing to wait for
+        };
+        if f.waiting.load(Ordering::SeqCst) == 0 {
+            match f.enter() {
+                Err(_) if f.lease_lapsed() => {}
+                r => return r,
             }
-            r => r,
         }
+        f.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&f.waiting);
+        let until = tokio::time::Instant::now() + l.ttl();
+        let Ok(_turn) = tokio::time::timeout_at(until, f.lapse_line.lock()).await else {
+            return Err(lease_wait_expired());
+        };
+        while f.lease_lapsed()
+            && !self.gone.load(Ordering::SeqCst)
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(BlockError::Io(std::io::Error::other(
+                "write not started: its client's connection ended while it waited for the \
+                 cluster lease",
+            )));
+        }
+        f.enter()
+    }
+}
+
+/// A write that waited its whole TTL in line for the lease.
+fn lease_wait_expired() -> BlockError {
+    BlockError::Io(std::io::Error::other(
+        "write not acknowledged: this node's cluster lease was not confirmed within a TTL \
+         (etcd unreachable, or the node was frozen); writes resume once it is renewed",
+    ))
+}
+
+/// Counts a write in [`Fence::waiting`] until it is admitted or gives up.
+struct Waiting<'a>(&'a AtomicUsize);
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -501,6 +539,37 @@ mod tests {
         let mut b = [0u8; 1];
         t.read(0, &mut b).await.unwrap();
         assert_eq!(&b, b"b", "the gone client's write landed after a newer one");
+    }
+
+    /// Waiting writes are admitted in arrival order, and a write arriving
+    /// once the lease is back lines up behind them: the client's resent
+    /// copy (on another connection) and the newer write it sends after
+    /// that one's acknowledgement both land after the first copy, never
+    /// before it, whatever becomes of the first copy's connection.
+    #[tokio::test]
+    async fn a_write_after_the_renewal_never_lands_before_one_that_waited() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+        let old = Arc::new(FenceGate::new(t.clone(), f.clone()));
+        let w = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(0, b"a", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.confirmed(boottime_ns());
+        // At once, before the waiting write's next look at the lease.
+        let new = FenceGate::new(t.clone(), f.clone());
+        new.write(0, b"a", false).await.unwrap(); // the resent copy
+        new.write(0, b"b", false).await.unwrap(); // and a newer write
+        w.await.unwrap().unwrap();
+        let mut b = [0u8; 1];
+        t.read(0, &mut b).await.unwrap();
+        assert_eq!(&b, b"b", "the write that waited landed after a newer one");
+        assert_eq!(f.waiting.load(Ordering::SeqCst), 0);
     }
 
     /// A target whose writes run `during` before they take effect.

@@ -438,7 +438,8 @@ impl Node {
                 )
                 .await
                 .map_err(|e| match e {
-                    crate::cluster::ClusterError::OtherCluster { ref ours, .. } => {
+                    crate::cluster::ClusterError::OtherCluster { ref ours, .. }
+                    | crate::cluster::ClusterError::NoCluster { ref ours } => {
                         anyhow::anyhow!(
                             "{e}: point --cluster-etcd at the etcd of cluster {ours}. If that \
                              etcd is lost for good and this node must join the other cluster, \
