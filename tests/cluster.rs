@@ -860,19 +860,35 @@ async fn a_data_directory_refuses_the_etcd_of_another_cluster() {
         .contains(&format!("cluster:     {id}")));
     n1.kill();
 
+    // An etcd with no dlsm cluster in it (empty, or restored from a backup
+    // older than the id): refused, and not made ours.
     let o = b.serve_refused(&dir, "n1", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
     assert!(
-        err.contains(&format!("belongs to dlsm cluster {id}")) && err.contains("cluster-id"),
+        err.contains(&format!("belongs to dlsm cluster {id}"))
+            && err.contains("holds no dlsm cluster")
+            && err.contains("etcdctl put /dlsm/v1/cluster"),
         "{err}"
     );
-    // Nothing was written to the other cluster.
+    assert!(etcdctl(&b, &["get", "--prefix", "/dlsm/", "--keys-only"])
+        .trim()
+        .is_empty());
+    // An etcd holding another cluster.
+    let other = b.node(&tmp.path().join("m1"), "m1");
+    let other_id = info(&other)["cluster"]["id"].as_str().unwrap().to_owned();
+    assert_ne!(other_id, id);
+    let o = b.serve_refused(&dir, "n1", &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
     assert!(
-        etcdctl(&b, &["get", "--prefix", "/dlsm/v1/nodes/", "--keys-only"])
-            .trim()
-            .is_empty()
+        err.contains(&format!("belongs to dlsm cluster {id}"))
+            && err.contains(&format!("holds cluster {other_id}"))
+            && err.contains("cluster-id"),
+        "{err}"
     );
+    // Nothing of n1 was written to the other cluster.
+    assert!(!etcd_has(&b, "/dlsm/v1/nodes/n1"));
     // Its own cluster still takes it.
     n1.restart();
     let c = common::client(&n1, "v").await;

@@ -896,7 +896,9 @@ mod cluster {
             Some((r, _))
                 if here
                     && r.owner != c.name
-                    && r.migration.as_ref().is_some_and(|m| m.from == c.name) =>
+                    && r.migration
+                        .as_ref()
+                        .is_some_and(|m| m.from == c.name && source_of(s, name, &m.id)) =>
             {
                 Err(ApiError(
                     StatusCode::CONFLICT,
@@ -916,7 +918,9 @@ mod cluster {
             Some((r, _))
                 if here
                     && r.owner != c.name
-                    && r.migration.as_ref().is_some_and(|m| m.to == c.name) =>
+                    && r.migration
+                        .as_ref()
+                        .is_some_and(|m| m.to == c.name && unclaimed_clone_of(s, name, &m.id)) =>
             {
                 Err(ApiError(
                     StatusCode::CONFLICT,
@@ -934,6 +938,24 @@ mod cluster {
             _ => remove_local(s, name, force).await,
         }
     }
+}
+
+/// Whether this node's copy of `name` is the source of migration `id`.
+#[cfg(feature = "cluster")]
+fn source_of(s: &NodeState, name: &str, id: &str) -> bool {
+    s.store
+        .get(name)
+        .is_ok_and(|v| v.table().outgoing.is_some_and(|o| o.id == id))
+}
+
+/// Whether this node's copy of `name` is migration `id`'s clone, not
+/// handed off yet (the only copy that can claim the volume for it).
+#[cfg(feature = "cluster")]
+fn unclaimed_clone_of(s: &NodeState, name: &str, id: &str) -> bool {
+    s.store.get(name).is_ok_and(|v| {
+        v.clone_target()
+            .is_some_and(|c| c.migration_id() == id && !c.is_handed_off())
+    })
 }
 
 /// The cluster hold a volume is under while `volume rm` deletes its record.

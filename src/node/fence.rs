@@ -70,15 +70,18 @@ pub struct Fence {
     stale: AtomicBool,
     /// Cluster mode: the node's lease, which every write must be inside.
     lease: std::sync::OnceLock<Arc<crate::cluster::LeaseClock>>,
-    /// Writes waiting for the lease, on every connection, line up here and
-    /// are admitted in the order they arrived (tokio's mutex is FIFO): a
-    /// write its client resent on another connection, or any newer write,
-    /// can never be admitted before the first copy still waiting, which
-    /// would then land late over it.
+    /// Cluster mode: every write takes its turn here (tokio's mutex is
+    /// FIFO, and `try_lock` fails while anyone waits in it), so writes are
+    /// admitted in the order they arrived. One that has to wait for the
+    /// lease keeps the turn until it has landed: a copy its client resent
+    /// on another connection, or any newer write, can then never land
+    /// before it (it would land late over them). A write that does not
+    /// wait lets go as soon as it is admitted.
     lapse_line: tokio::sync::Mutex<()>,
-    /// How many writes are in (or joining) that line. While any are, new
-    /// writes join it too instead of taking the direct path.
-    waiting: AtomicUsize,
+    /// Odd while the line's holder waits for the lease; bumped when it
+    /// starts and when it stops. A write that arrived during a lapse, or
+    /// saw one start before its turn came, is treated as having waited.
+    lapses: std::sync::atomic::AtomicU64,
 }
 
 impl Fence {
@@ -292,48 +295,91 @@ impl FenceGate {
         }
     }
 
-    /// [`Fence::enter`], but a write that finds only the lease unconfirmed
-    /// waits for it first (see the module docs): up to one TTL, not at all
-    /// once the volume is fenced or held, and not past its connection's
-    /// end. Waiting writes are admitted in their order of arrival, across
-    /// connections, and while any wait every new write lines up behind
-    /// them: a client whose connection broke may resend a waiting write on
-    /// another connection and, once that is acknowledged, write newer data
-    /// at the same place; the first copy must not start after that (the
-    /// connection's end is not always seen in time: a reader blocked on its
-    /// in-flight budget does not read the socket). A waiting write is not
-    /// counted in flight, and is admitted only by the checks of `enter`
-    /// itself, after the wait.
-    async fn admit(&self) -> BlockResult<InFlight<'_>> {
+    /// [`Fence::enter`], but in cluster mode a write that finds only the
+    /// lease unconfirmed waits for it first (see the module docs): up to
+    /// one TTL, not at all once the volume is fenced or held, and not past
+    /// its connection's end. Writes take their turn in
+    /// [`Fence::lapse_line`], in their order of arrival across
+    /// connections; one that waited keeps the turn until it has landed (the
+    /// returned [`Admitted`]). A client whose connection broke may resend a
+    /// waiting write on another connection and, once that is
+    /// acknowledged, write newer data at the same place: the first copy
+    /// must not land after that, and the connection's end is not always
+    /// seen in time (a reader blocked on its in-flight budget does not read
+    /// the socket). A waiting write is not counted in flight, and is
+    /// admitted only by the checks of `enter` itself.
+    async fn admit(&self) -> BlockResult<Admitted<'_>> {
         let f = &*self.fence;
         let Some(l) = f.lease.get() else {
-            return f.enter(); // peer mode: no lease, nothing to wait for
+            // Peer mode: no lease, nothing to wait for.
+            return f.enter().map(|g| Admitted { _g: g, _turn: None });
         };
-        if f.waiting.load(Ordering::SeqCst) == 0 {
+        let until = tokio::time::Instant::now() + l.ttl();
+        let arrived = f.lapses.load(Ordering::SeqCst);
+        // The place in line is taken in one step: `try_lock` fails while
+        // writes wait in it (a release hands the lock to the first).
+        let (turn, queued) = match f.lapse_line.try_lock() {
+            Ok(t) => (t, false),
+            Err(_) => match tokio::time::timeout_at(until, f.lapse_line.lock()).await {
+                Ok(t) => (t, true),
+                Err(_) => return Err(lease_wait_expired()),
+            },
+        };
+        // Queued through a lapse counts as waiting: this write must keep
+        // its turn until it lands, and give up if its connection ended,
+        // as the one it queued behind. (Queued in normal operation, it
+        // lets go at admission: writes stay concurrent.)
+        let mut waited = queued && (arrived % 2 == 1 || f.lapses.load(Ordering::SeqCst) != arrived);
+        let mut lapse: Option<LapseMark<'_>> = None;
+        let mut retried = false;
+        loop {
+            if waited && self.gone.load(Ordering::SeqCst) {
+                return Err(BlockError::Io(std::io::Error::other(
+                    "write not started: its client's connection ended while it waited for the \
+                     cluster lease",
+                )));
+            }
             match f.enter() {
-                Err(_) if f.lease_lapsed() => {}
-                r => return r,
+                Ok(g) => {
+                    return Ok(Admitted {
+                        _g: g,
+                        _turn: waited.then_some(turn),
+                    })
+                }
+                Err(e) if f.lease_lapsed() => {
+                    if tokio::time::Instant::now() >= until {
+                        return Err(e);
+                    }
+                    waited = true;
+                    if lapse.is_none() {
+                        f.lapses.fetch_add(1, Ordering::SeqCst); // odd: in a lapse
+                        lapse = Some(LapseMark(&f.lapses));
+                    }
+                    tokio::time::sleep(LEASE_POLL).await;
+                }
+                // Refused on the lease, renewed just after: once more.
+                Err(_) if !retried && !f.is_fenced() && !f.is_held.load(Ordering::SeqCst) => {
+                    retried = true;
+                }
+                Err(e) => return Err(e),
             }
         }
-        f.waiting.fetch_add(1, Ordering::SeqCst);
-        let _waiting = Waiting(&f.waiting);
-        let until = tokio::time::Instant::now() + l.ttl();
-        let Ok(_turn) = tokio::time::timeout_at(until, f.lapse_line.lock()).await else {
-            return Err(lease_wait_expired());
-        };
-        while f.lease_lapsed()
-            && !self.gone.load(Ordering::SeqCst)
-            && tokio::time::Instant::now() < until
-        {
-            tokio::time::sleep(LEASE_POLL).await;
-        }
-        if self.gone.load(Ordering::SeqCst) {
-            return Err(BlockError::Io(std::io::Error::other(
-                "write not started: its client's connection ended while it waited for the \
-                 cluster lease",
-            )));
-        }
-        f.enter()
+    }
+}
+
+/// A write admitted by [`FenceGate::admit`]: counted in flight, and, if it
+/// had to wait for the lease, holding its turn in line until it has landed.
+struct Admitted<'a> {
+    _g: InFlight<'a>,
+    _turn: Option<tokio::sync::MutexGuard<'a, ()>>,
+}
+
+/// Ends the line holder's lapse (the count goes even again), however its
+/// wait ends: admitted, refused, or its future dropped.
+struct LapseMark<'a>(&'a std::sync::atomic::AtomicU64);
+impl Drop for LapseMark<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -343,14 +389,6 @@ fn lease_wait_expired() -> BlockError {
         "write not acknowledged: this node's cluster lease was not confirmed within a TTL \
          (etcd unreachable, or the node was frozen); writes resume once it is renewed",
     ))
-}
-
-/// Counts a write in [`Fence::waiting`] until it is admitted or gives up.
-struct Waiting<'a>(&'a AtomicUsize);
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 #[async_trait]
@@ -541,6 +579,39 @@ mod tests {
         assert_eq!(&b, b"b", "the gone client's write landed after a newer one");
     }
 
+    /// A write queued behind one that waits for the lease waits too: if
+    /// its connection ends meanwhile, it never lands.
+    #[tokio::test]
+    async fn a_write_queued_in_a_lapse_of_a_gone_client_never_lands() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 8192).unwrap());
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+        let head = Arc::new(FenceGate::new(t.clone(), f.clone()));
+        let doomed = Arc::new(FenceGate::new(t.clone(), f.clone()));
+        let h = tokio::spawn({
+            let head = head.clone();
+            async move { head.write(0, b"h", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let d = tokio::spawn({
+            let doomed = doomed.clone();
+            async move { doomed.write(4096, b"d", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        doomed.client_gone();
+        clock.confirmed(boottime_ns());
+        h.await.unwrap().unwrap();
+        let e = d.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("connection ended"), "{e}");
+        let mut b = [0u8; 1];
+        t.read(4096, &mut b).await.unwrap();
+        assert_eq!(b, [0], "the gone client's queued write landed");
+        assert_eq!(f.lapses.load(Ordering::SeqCst) % 2, 0, "a lapse left open");
+    }
+
     /// Waiting writes are admitted in arrival order, and a write arriving
     /// once the lease is back lines up behind them: the client's resent
     /// copy (on another connection) and the newer write it sends after
@@ -569,7 +640,60 @@ mod tests {
         let mut b = [0u8; 1];
         t.read(0, &mut b).await.unwrap();
         assert_eq!(&b, b"b", "the write that waited landed after a newer one");
-        assert_eq!(f.waiting.load(Ordering::SeqCst), 0);
+        assert!(f.lapse_line.try_lock().is_ok(), "the line was left held");
+    }
+
+    /// A write that waited keeps its turn until it has landed, not just
+    /// until it was admitted: its inner write may be slow (a clone fetching
+    /// the region), and the client's resent copy and newer write must not
+    /// land during it.
+    #[tokio::test]
+    async fn a_write_that_waited_lands_before_the_next_one_starts() {
+        use crate::cluster::{boottime_ns, LeaseClock};
+        struct SlowFirst(Arc<dyn BlockTarget>, AtomicBool);
+        #[async_trait]
+        impl BlockTarget for SlowFirst {
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn capabilities(&self) -> Capabilities {
+                self.0.capabilities()
+            }
+            async fn read(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+                self.0.read(offset, buf).await
+            }
+            async fn write(&self, offset: u64, data: &[u8], fua: bool) -> BlockResult<()> {
+                if self.1.swap(false, Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                self.0.write(offset, data, fua).await
+            }
+            async fn flush(&self) -> BlockResult<()> {
+                self.0.flush().await
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let t: Arc<dyn BlockTarget> =
+            Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
+        let slow: Arc<dyn BlockTarget> = Arc::new(SlowFirst(t.clone(), AtomicBool::new(true)));
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+        let old = Arc::new(FenceGate::new(slow.clone(), f.clone()));
+        let w = tokio::spawn({
+            let old = old.clone();
+            async move { old.write(0, b"a", false).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        clock.confirmed(boottime_ns());
+        tokio::time::sleep(Duration::from_millis(100)).await; // admitted, landing slowly
+        let new = FenceGate::new(slow, f.clone());
+        new.write(0, b"a", false).await.unwrap();
+        new.write(0, b"b", false).await.unwrap();
+        w.await.unwrap().unwrap();
+        let mut b = [0u8; 1];
+        t.read(0, &mut b).await.unwrap();
+        assert_eq!(&b, b"b", "the write that waited landed after a newer one");
     }
 
     /// A target whose writes run `during` before they take effect.

@@ -438,8 +438,13 @@ impl Node {
                 )
                 .await
                 .map_err(|e| match e {
-                    crate::cluster::ClusterError::OtherCluster { ref ours, .. }
-                    | crate::cluster::ClusterError::NoCluster { ref ours } => {
+                    crate::cluster::ClusterError::NoCluster { ref ours } => anyhow::anyhow!(
+                        "{e}. If it is the cluster's etcd, restored from a backup made before \
+                         the cluster had an id, put the id back: etcdctl put /dlsm/v1/cluster \
+                         '{{\"v\":1,\"id\":\"{ours}\",\"created\":\"restored\"}}'. \
+                         Otherwise point --cluster-etcd at the etcd of cluster {ours}"
+                    ),
+                    crate::cluster::ClusterError::OtherCluster { ref ours, .. } => {
                         anyhow::anyhow!(
                             "{e}: point --cluster-etcd at the etcd of cluster {ours}. If that \
                              etcd is lost for good and this node must join the other cluster, \

@@ -1076,7 +1076,17 @@ impl Run {
                 "rm-accepted",
                 format!("{name}: `volume rm` at its owner n{k} accepted with the client attached"),
             );
-        } else if migrating {
+        } else if migrating
+            && self.vols[v]
+                .mig
+                .as_ref()
+                .is_some_and(|m| m.src == k || m.dst == k)
+        {
+            // A node outside the migration may hold a copy kept by an
+            // earlier one (`--keep-source`): whether a chain still reads
+            // from it only that node knows (its outgoing migration), and
+            // it refuses if so; were that wrong, the byte model's checks
+            // would see the loss.
             let m = self.vols[v].mig.as_ref().unwrap();
             let msg = format!(
                 "{name}: `volume rm` at n{k} accepted while the volume migrates n{} -> n{} (not complete): a copy the migration needs",

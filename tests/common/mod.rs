@@ -372,11 +372,24 @@ pub fn errno_of(e: dlsm::nbd::client::ClientError) -> u32 {
 /// A loopback port free now (the caller binds it soon after; another
 /// process may take it in between, which callers that care retry).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    // Below the kernel's ephemeral range (32768 and up by default): a
+    // process binding port 0 can never be handed one of these while the
+    // caller is not listening on it (an etcd member being restarted on
+    // its old ports). A counter keeps this process's picks apart; cargo
+    // runs one test binary at a time.
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n * 7) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN);
 }
 
 /// Waits up to `timeout` for `dlsm serve`'s first stdout line, which must
