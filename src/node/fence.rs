@@ -486,6 +486,35 @@ mod tests {
         assert!(gate.write(0, b"d", false).await.is_err());
     }
 
+    /// A lease-bound fence whose lease is not confirmed yet (a lapse), over
+    /// a local target of `size` bytes: (its directory, the target, the
+    /// fence, the lease's clock).
+    fn lapsed(
+        size: u64,
+    ) -> (
+        tempfile::TempDir,
+        Arc<LocalTarget>,
+        Arc<Fence>,
+        Arc<crate::cluster::LeaseClock>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), size).unwrap());
+        let f = Arc::new(Fence::default());
+        let clock = Arc::new(crate::cluster::LeaseClock::new(Duration::from_secs(10)));
+        f.bind_lease(clock.clone());
+        (dir, t, f, clock)
+    }
+
+    /// `data` written at `offset` through `gate`, in a task of its own.
+    fn spawn_write(
+        gate: &Arc<FenceGate>,
+        offset: u64,
+        data: &'static [u8],
+    ) -> tokio::task::JoinHandle<BlockResult<()>> {
+        let gate = gate.clone();
+        tokio::spawn(async move { gate.write(offset, data, false).await })
+    }
+
     /// A write that arrives while the lease is unconfirmed waits for the
     /// renewal and is acknowledged after it, not refused; it is not in
     /// flight while it waits (a fence does not wait for it, and it is then
@@ -554,17 +583,10 @@ mod tests {
     /// and the old one landing late would overwrite that.
     #[tokio::test]
     async fn a_waiting_write_of_a_gone_client_never_lands() {
-        use crate::cluster::{boottime_ns, LeaseClock};
-        let dir = tempfile::tempdir().unwrap();
-        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
-        let f = Arc::new(Fence::default());
-        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
-        f.bind_lease(clock.clone());
+        use crate::cluster::boottime_ns;
+        let (_dir, t, f, clock) = lapsed(4096);
         let old = Arc::new(FenceGate::new(t.clone(), f.clone()));
-        let w = tokio::spawn({
-            let old = old.clone();
-            async move { old.write(0, b"a", false).await }
-        });
+        let w = spawn_write(&old, 0, b"a");
         tokio::time::sleep(Duration::from_millis(100)).await;
         old.client_gone();
         clock.confirmed(boottime_ns());
@@ -583,23 +605,13 @@ mod tests {
     /// its connection ends meanwhile, it never lands.
     #[tokio::test]
     async fn a_write_queued_in_a_lapse_of_a_gone_client_never_lands() {
-        use crate::cluster::{boottime_ns, LeaseClock};
-        let dir = tempfile::tempdir().unwrap();
-        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 8192).unwrap());
-        let f = Arc::new(Fence::default());
-        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
-        f.bind_lease(clock.clone());
+        use crate::cluster::boottime_ns;
+        let (_dir, t, f, clock) = lapsed(8192);
         let head = Arc::new(FenceGate::new(t.clone(), f.clone()));
         let doomed = Arc::new(FenceGate::new(t.clone(), f.clone()));
-        let h = tokio::spawn({
-            let head = head.clone();
-            async move { head.write(0, b"h", false).await }
-        });
+        let h = spawn_write(&head, 0, b"h");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let d = tokio::spawn({
-            let doomed = doomed.clone();
-            async move { doomed.write(4096, b"d", false).await }
-        });
+        let d = spawn_write(&doomed, 4096, b"d");
         tokio::time::sleep(Duration::from_millis(50)).await;
         doomed.client_gone();
         clock.confirmed(boottime_ns());
@@ -619,17 +631,10 @@ mod tests {
     /// before it, whatever becomes of the first copy's connection.
     #[tokio::test]
     async fn a_write_after_the_renewal_never_lands_before_one_that_waited() {
-        use crate::cluster::{boottime_ns, LeaseClock};
-        let dir = tempfile::tempdir().unwrap();
-        let t = Arc::new(LocalTarget::create(&dir.path().join("d"), 4096).unwrap());
-        let f = Arc::new(Fence::default());
-        let clock = Arc::new(LeaseClock::new(Duration::from_secs(10)));
-        f.bind_lease(clock.clone());
+        use crate::cluster::boottime_ns;
+        let (_dir, t, f, clock) = lapsed(4096);
         let old = Arc::new(FenceGate::new(t.clone(), f.clone()));
-        let w = tokio::spawn({
-            let old = old.clone();
-            async move { old.write(0, b"a", false).await }
-        });
+        let w = spawn_write(&old, 0, b"a");
         tokio::time::sleep(Duration::from_millis(100)).await;
         clock.confirmed(boottime_ns());
         // At once, before the waiting write's next look at the lease.
